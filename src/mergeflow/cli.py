@@ -1,0 +1,137 @@
+"""The `mergeflow` command line: one sub-command per pipeline step, usable without DVC.
+
+    mergeflow grams    --model DIR --data FILE.jsonl --out DIR
+    mergeflow merge    --method regmean --alpha 0.1 --model A --model B --gram GA --gram GB --out DIR
+    mergeflow evaluate --model DIR --task toy_math --out metrics.json
+    mergeflow submit   --model DIR --test data/test.csv --out submission.csv
+    mergeflow methods
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .logs import setup_logging
+
+PATH = click.Path(path_type=Path)
+EXISTING_DIR = click.Path(path_type=Path, exists=True, file_okay=False)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging (per-module solver residuals, ...).")
+@click.version_option(package_name="mergeflow")
+def main(verbose: bool) -> None:
+    """Merge fine-tuned LLM experts (RegMean, averaging), evaluate them and write a submission.
+
+    In the DVC pipeline these run as stages (`dvc repro`); each is also a command of its own.
+    """
+    setup_logging(verbose)
+
+
+@main.command()
+@click.option("--model", required=True, type=EXISTING_DIR, help="Expert: a Hugging Face model directory.")
+@click.option("--data", required=True, type=PATH, help="Calibration data: JSONL with a `text` field per row.")
+@click.option("--out", required=True, type=PATH, help="Gram directory to write (grams.json + safetensors).")
+@click.option("--max-length", default=64, show_default=True, type=click.IntRange(min=1), help="Truncate each text to this many tokens.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Texts per forward pass (sorted by length to limit padding).")
+@click.option("--num-samples", default=None, type=click.IntRange(min=1), help="Use only the first N rows [default: all].")
+@click.option("--device", default="cpu", show_default=True, help="torch device for the forward passes (e.g. cuda).")
+def grams(model: Path, data: Path, out: Path, max_length: int, batch_size: int, num_samples: int | None, device: str) -> None:
+    """Compute RegMean grams: the sum of x x^T of every block Linear's input over non-padding tokens.
+
+    Accumulated in float32; q/k/v (and gate/up), which see the same input, share one tensor.
+    """
+    from .grams.collect import compute_grams
+
+    compute_grams(model, data, out, max_length=max_length, batch_size=batch_size, num_samples=num_samples, device=device)
+
+
+@main.command()
+@click.option("--method", required=True, help="Merge method: see `mergeflow methods`.")
+@click.option("--alpha", default=1.0, show_default=True, type=float, help="RegMean: scale of the grams' off-diagonals, in [0, 1].")
+@click.option("--model", "models", required=True, multiple=True, type=EXISTING_DIR, help="An expert directory; repeat for each expert.")
+@click.option("--gram", "grams_", multiple=True, type=EXISTING_DIR, help="Gram directory of each expert, in --model order (RegMean).")
+@click.option("--out", required=True, type=PATH, help="Output model directory (written atomically).")
+@click.option("--solver-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64"]), help="dtype of RegMean's linear solves.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 500MB, 5GB.")
+@click.option("--force", is_flag=True, help="Replace --out if it already holds a model.")
+def merge(method: str, alpha: float, models: tuple[Path, ...], grams_: tuple[Path, ...], out: Path, solver_dtype: str, max_shard_size: str, force: bool) -> None:
+    """Merge experts tensor by tensor into one Hugging Face model directory."""
+    import torch
+
+    from .merge import merge_models
+    from .methods import get_method
+
+    instance = get_method(method)(alpha=alpha, solver_dtype=getattr(torch, solver_dtype))
+    merge_models(models, instance, out, grams=grams_, max_shard_size=parse_size(max_shard_size), overwrite=force)
+
+
+@main.command()
+@click.option("--model", required=True, type=EXISTING_DIR, help="Model directory to evaluate.")
+@click.option("--task", "tasks", required=True, multiple=True, help="lm-eval task; repeat for several (shipped: toy_math, toy_code).")
+@click.option("--out", required=True, type=PATH, help="Metrics JSON to write ({task: {metric: value}}).")
+@click.option("--data-root", default=".", show_default=True, type=PATH, help="Folder the shipped tasks' data_files are relative to.")
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="Evaluate only the first N documents per task.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model repo's own Python code (off by default).")
+def evaluate(model: Path, tasks: tuple[str, ...], out: Path, data_root: Path, limit: int | None, batch_size: int, device: str, trust_remote_code: bool) -> None:
+    """Evaluate a model with lm-eval (HF backend) and write flattened metrics."""
+    from .evaluation.harness import evaluate_model
+
+    evaluate_model(model, tasks, out, data_root=data_root, limit=limit, batch_size=batch_size, device=device, trust_remote_code=trust_remote_code)
+
+
+@main.command()
+@click.option("--model", required=True, type=EXISTING_DIR, help="The merged model directory.")
+@click.option("--test", "test_csv", required=True, type=PATH, help="The competition's test.csv (id,input,eval_type,answer_choices).")
+@click.option("--out", required=True, type=PATH, help="submission.csv to write (id,prediction,dummy_field).")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--stop", multiple=True, default=["\n"], show_default=True, help="Stop sequence for generation rows; repeatable.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default="cpu", show_default=True)
+def submit(model: Path, test_csv: Path, out: Path, max_new_tokens: int, stop: tuple[str, ...], batch_size: int, device: str) -> None:
+    """Answer every row of test.csv and write the Kaggle submission.csv."""
+    from .submission import write_submission
+
+    write_submission(model, test_csv, out, max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size, device=device)
+
+
+@main.command()
+def methods() -> None:
+    """List the registered merge methods."""
+    from .methods import available, get_method
+
+    for name in available():
+        doc = (sys.modules[get_method(name).__module__].__doc__ or "").strip().splitlines()[0]
+        click.echo(f"{name:12s} {doc}")
+
+
+def parse_size(text: str) -> int:
+    """'500MB' -> 500_000_000; '5GiB' -> 5 * 2**30; a bare number is bytes."""
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    upper = text.strip().upper()
+    for unit, factor in units.items():
+        if upper.endswith(unit):
+            return int(float(upper[: -len(unit)]) * factor)
+    try:
+        return int(upper)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size such as 500MB or 5GB") from None
+
+
+def run() -> None:
+    """Entry point that turns expected errors into one clear line and exit code 1."""
+    try:
+        main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+        click.echo(f"mergeflow: error: {err}", err=True)
+        sys.exit(1)

@@ -1,0 +1,130 @@
+"""Typed, validated pipeline parameters (`params.yaml` and recipes).
+
+Every group is a pydantic model that refuses unknown keys and wrong types, so a typo in
+`params.yaml` fails at the start of a stage with the key's path instead of deep in a run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ToyZooParams(Strict):
+    """Size and training budget of the embedded toy zoo."""
+
+    seed: int = 0
+    hidden_size: int = Field(128, ge=8)
+    intermediate_size: int = Field(256, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    batch_size: int = Field(64, ge=1)
+    base_steps: int = Field(200, ge=1)
+    expert_steps: int = Field(400, ge=1)
+    base_lr: float = Field(3e-3, gt=0)
+    expert_lr: float = Field(3e-3, gt=0)
+    calib_samples: int = Field(256, ge=1)
+    eval_samples: int = Field(100, ge=1)
+    test_rows: int = Field(20, ge=2)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ToyZooParams":
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("models.toy: hidden_size must be divisible by num_heads, and num_heads by num_kv_heads")
+        return self
+
+
+class HubModel(Strict):
+    repo_id: str
+    revision: str = "main"
+
+
+class HubParams(Strict):
+    base: Optional[HubModel] = None
+    experts: dict[str, HubModel] = {}
+
+
+class LocalParams(Strict):
+    base: Optional[str] = None
+    experts: dict[str, str] = {}
+
+
+class ModelsParams(Strict):
+    source: Literal["toy", "hub", "local"] = "toy"
+    toy: ToyZooParams = ToyZooParams()
+    hub: HubParams = HubParams()
+    local: LocalParams = LocalParams()
+
+
+class DataParams(Strict):
+    """Data files copied into `data/` when the models do not come from the toy zoo."""
+
+    calib: dict[str, str] = {}
+    eval: dict[str, str] = {}
+    test_csv: Optional[str] = None
+
+
+class GramParams(Strict):
+    max_length: int = Field(64, ge=1)
+    batch_size: int = Field(32, ge=1)
+    num_samples: Optional[int] = Field(None, ge=1)
+
+
+class MergeParams(Strict):
+    solver_dtype: Literal["float32", "float64"] = "float32"
+
+
+class EvalParams(Strict):
+    tasks: list[str] = ["toy_math", "toy_code"]
+    limit: Optional[int] = Field(None, ge=1)
+    batch_size: int = Field(32, ge=1)
+    device: str = "cpu"
+    trust_remote_code: bool = False
+
+
+class SubmitParams(Strict):
+    max_new_tokens: int = Field(16, ge=1)
+    stop: list[str] = ["\n"]
+    batch_size: int = Field(32, ge=1)
+    device: str = "cpu"
+
+
+class Params(Strict):
+    """The whole `params.yaml`: the two knobs users sweep on top, then one group per stage."""
+
+    alpha: float = Field(0.1, ge=0.0, le=1.0)
+    method: str = "regmean"
+    experts: list[str] = Field(["math", "code"], min_length=1)
+    models: ModelsParams = ModelsParams()
+    data: DataParams = DataParams()
+    gram: GramParams = GramParams()
+    merge: MergeParams = MergeParams()
+    eval: EvalParams = EvalParams()
+    submit: SubmitParams = SubmitParams()
+
+    @model_validator(mode="after")
+    def _experts_unique(self) -> "Params":
+        if len(set(self.experts)) != len(self.experts):
+            raise ValueError(f"experts must be distinct names, got {self.experts}")
+        return self
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; errors name the file and every offending key."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such params file (run from the repository root, or pass --params)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        lines = [f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors()]
+        raise ValueError(f"{path}: invalid parameters:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,23 @@
+"""What every DVC stage script shares: logging, params, and one clear line for expected errors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from .logs import setup_logging
+from .params import Params, load_params
+
+
+def run_stage(description: str, add_arguments: Callable[[argparse.ArgumentParser], None], body: Callable[[argparse.Namespace, Params], None]) -> None:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default="params.yaml", help="parameters file [default: params.yaml]")
+    add_arguments(parser)
+    args = parser.parse_args()
+    setup_logging()
+    try:
+        body(args, load_params(args.params))
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        sys.exit(1)

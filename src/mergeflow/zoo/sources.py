@@ -1,0 +1,101 @@
+"""Materialising the base model, the experts and their data under `models/` and `data/`.
+
+- `toy`: the embedded toy zoo is built (see `toy.py`).
+- `hub`: `huggingface_hub.snapshot_download` of each repo at its revision (config, tokenizer and
+  safetensors files only), through the user's cache (`HF_HOME` / `HF_HUB_CACHE`); `HF_TOKEN` is read
+  by huggingface_hub itself and never printed; `HF_HUB_OFFLINE=1` uses the cache alone.
+- `local`: directories on disk.
+Hub and local models are hard-linked into place where the file system allows (no copy of a
+16 GB expert), else copied. Their data files come from the `data` params group.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from ..io import atomic_dir, atomic_file
+from ..params import DataParams, HubModel, Params
+
+log = logging.getLogger(__name__)
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
+
+
+def link_or_copy_tree(src: Path, dst: Path) -> None:
+    """Place the files of model directory `src` at `dst` (atomically), hard-linking when possible."""
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src}: no config.json; expected a Hugging Face model directory")
+    with atomic_dir(dst) as tmp:
+        for item in sorted(src.rglob("*")):
+            if item.is_dir() or ".cache" in item.relative_to(src).parts:
+                continue
+            target = tmp / item.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            real = item.resolve()  # hub snapshots are symlinks into blobs/
+            try:
+                os.link(real, target)
+            except OSError:
+                shutil.copy2(real, target)
+
+
+def hub_snapshot(model: HubModel) -> Path:
+    """The local snapshot directory of `model`, downloaded (or found in the cache when offline)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(model.repo_id, revision=model.revision, allow_patterns=HUB_PATTERNS))
+    except LocalEntryNotFoundError as err:
+        raise FileNotFoundError(
+            f"{model.repo_id}@{model.revision} is not in the Hugging Face cache and the hub cannot be reached ({type(err).__name__}). "
+            f"Fetch it where the hub is reachable: `hf download {model.repo_id} --revision {model.revision}` "
+            "(with HF_HOME pointing at the same cache), or set models.source: local"
+        ) from None
+
+
+def copy_data(data: DataParams, experts: list[str], data_dir: Path) -> None:
+    """Copy each expert's calibration and evaluation files and the test CSV into `data_dir`."""
+    for group, suffix in (("calib", ".jsonl"), ("eval", ".jsonl")):
+        files = getattr(data, group)
+        for expert in experts:
+            if expert not in files:
+                raise ValueError(f"params.yaml: data.{group}.{expert} is not set; give the {group} file of expert {expert!r}")
+            _copy_file(Path(files[expert]), data_dir / group / f"{expert}{suffix}", f"data.{group}.{expert}")
+    if not data.test_csv:
+        raise ValueError("params.yaml: data.test_csv is not set; give the competition's test.csv")
+    _copy_file(Path(data.test_csv), data_dir / "test.csv", "data.test_csv")
+
+
+def _copy_file(src: Path, dst: Path, param: str) -> None:
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: not found (params.yaml: {param})")
+    with atomic_file(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def materialise(params: Params, models_dir: Path, data_dir: Path) -> dict:
+    """Put `base/`, `experts/<name>/` under `models_dir` and the data under `data_dir`."""
+    source, experts = params.models.source, params.experts
+    if source == "toy":
+        from .toy import build_toy_zoo
+
+        return {"source": "toy", "final_loss": build_toy_zoo(params.models.toy, experts, models_dir, data_dir)}
+    if source == "hub":
+        hub = params.models.hub
+        missing = [e for e in experts if e not in hub.experts]
+        if hub.base is None or missing:
+            raise ValueError(f"params.yaml: models.hub needs a base and every expert; missing: {(['base'] if hub.base is None else []) + missing}")
+        dirs = {"base": hub_snapshot(hub.base), **{e: hub_snapshot(hub.experts[e]) for e in experts}}
+    else:
+        local = params.models.local
+        missing = [e for e in experts if e not in local.experts]
+        if local.base is None or missing:
+            raise ValueError(f"params.yaml: models.local needs a base and every expert; missing: {(['base'] if local.base is None else []) + missing}")
+        dirs = {"base": Path(local.base), **{e: Path(local.experts[e]) for e in experts}}
+    copy_data(params.data, experts, data_dir)
+    for name, src in dirs.items():
+        link_or_copy_tree(src, models_dir / "base" if name == "base" else models_dir / "experts" / name)
+        log.info("%s: %s -> %s", name, src, models_dir)
+    return {"source": source, "models": {k: str(v) for k, v in dirs.items()}}

@@ -1,0 +1,125 @@
+"""The embedded toy zoo: a tiny Llama base model and two experts built on CPU in about a minute.
+
+The base is pretrained on copying strings (`copy`); the experts start from it and are fine-tuned on
+one skill each (`math`: addition, `code`: string reversal). All randomness flows from `seed`, so
+the same parameters give the same weights and data on the same machine. Next to the models it
+writes each skill's calibration data (for grams), disjoint evaluation data and a toy `test.csv`
+in the LLM-Merging competition's format.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ..io import atomic_dir, write_jsonl
+from ..params import ToyZooParams
+from . import skills
+from .tokenizer import build_tokenizer
+from .train import train
+
+log = logging.getLogger(__name__)
+MAX_LENGTH = 32
+
+
+def toy_config(p: ToyZooParams, vocab_size: int, tokenizer) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=p.hidden_size,
+        intermediate_size=p.intermediate_size,
+        num_hidden_layers=p.num_layers,
+        num_attention_heads=p.num_heads,
+        num_key_value_heads=p.num_kv_heads,
+        max_position_embeddings=MAX_LENGTH * 2,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _save(model: LlamaForCausalLM, tokenizer, out: Path) -> None:
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+
+def build_models(p: ToyZooParams, experts: list[str], models_dir: Path, held_out: dict[str, set[str]]) -> dict[str, float]:
+    """Train the base and one expert per skill; save them as `base/` and `experts/<skill>/`."""
+    torch.manual_seed(p.seed)
+    tokenizer = build_tokenizer(MAX_LENGTH * 2)
+    model = LlamaForCausalLM(toy_config(p, len(tokenizer), tokenizer))
+    log.info("toy base: %.2fM parameters", sum(t.numel() for t in model.parameters()) / 1e6)
+    losses = {}
+    copy_data = skills.sample("copy", p.base_steps * p.batch_size, p.seed)
+    losses["base"] = train(model, tokenizer, copy_data, batch_size=p.batch_size, lr=p.base_lr, seed=p.seed, desc="base (copy)")
+    _save(model, tokenizer, models_dir / "base")
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    for i, skill in enumerate(experts):
+        model.load_state_dict(base_state)
+        data = skills.sample(skill, p.expert_steps * p.batch_size, p.seed + 1 + i, exclude=held_out[skill])
+        losses[skill] = train(model, tokenizer, data, batch_size=p.batch_size, lr=p.expert_lr, seed=p.seed + 1 + i, desc=f"expert {skill}")
+        _save(model, tokenizer, models_dir / "experts" / skill)
+    return losses
+
+
+def write_data(p: ToyZooParams, experts: list[str], data_dir: Path) -> dict[str, set[str]]:
+    """Write calibration and evaluation JSONL per skill and a toy `test.csv`; return held-out prompts."""
+    held_out: dict[str, set[str]] = {}
+    test_rows: list[tuple[str, str, list[str] | None]] = []
+    for i, skill in enumerate(experts):
+        evaluation = skills.sample(skill, p.eval_samples + p.test_rows, p.seed + 100 + i, unique=True)
+        held_out[skill] = {ex.prompt for ex in evaluation}
+        calib = skills.sample(skill, p.calib_samples, p.seed + 200 + i, exclude=held_out[skill])
+        write_jsonl(data_dir / "eval" / f"{skill}.jsonl", [{"prompt": ex.prompt, "answer": ex.answer} for ex in evaluation[: p.eval_samples]])
+        write_jsonl(data_dir / "calib" / f"{skill}.jsonl", [{"text": ex.text} for ex in calib])
+        test_rows += _test_rows(evaluation[p.eval_samples :], skill, random.Random(p.seed + 300 + i))
+    random.Random(p.seed).shuffle(test_rows)
+    _write_test_csv(data_dir / "test.csv", test_rows)
+    return held_out
+
+
+def _test_rows(examples: list[skills.Example], skill: str, rng: random.Random) -> list[tuple[str, str, list[str] | None]]:
+    """Half generation rows, half multiple choice with the right answer among wrong ones."""
+    rows = []
+    for j, ex in enumerate(examples):
+        if j % 2 == 0:
+            rows.append((ex.prompt, "generation", None))
+            continue
+        choices = {ex.answer}
+        while len(choices) < (4 if j % 4 == 1 else 2):
+            choices.add(skills.SKILLS[skill](rng).answer)
+        ordered = sorted(choices)
+        rng.shuffle(ordered)
+        rows.append((ex.prompt, "multiple_choice", ordered))
+    return rows
+
+
+def _write_test_csv(path: Path, rows: list[tuple[str, str, list[str] | None]]) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        {
+            "id": range(len(rows)),
+            "input": [r[0] for r in rows],
+            "eval_type": [r[1] for r in rows],
+            "answer_choices": [repr(r[2]) if r[2] is not None else "" for r in rows],
+        }
+    )
+    from ..io import atomic_file
+
+    with atomic_file(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def build_toy_zoo(p: ToyZooParams, experts: list[str], models_dir: Path, data_dir: Path) -> dict[str, float]:
+    """Build the whole toy zoo: data first (so training can avoid the held-out prompts), then models."""
+    unknown = sorted(set(experts) - {"math", "code"})
+    if unknown:
+        raise ValueError(f"params.yaml: experts {unknown} have no toy skill; with models.source: toy, experts must be among ['code', 'math']")
+    held_out = write_data(p, experts, data_dir)
+    return build_models(p, experts, models_dir, held_out)

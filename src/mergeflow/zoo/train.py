@@ -1,0 +1,74 @@
+"""Short, deterministic CPU training of tiny causal LMs on (prompt, answer) examples."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .skills import Example
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+def _batch(prompts: list[list[int]], full: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch whose labels cover only the answers (the prompts are random noise)."""
+    width = max(len(ids) for ids in full)
+    input_ids = torch.full((len(full), width), pad_id)
+    labels = torch.full((len(full), width), IGNORE)
+    mask = torch.zeros((len(full), width), dtype=torch.long)
+    for row, (p, ids) in enumerate(zip(prompts, full)):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, len(p) : len(ids)] = torch.tensor(ids[len(p) :])
+        mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def train(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    *,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    desc: str,
+) -> float:
+    """Train `model` in place for one pass over `examples`; return the mean loss of the last 10%.
+
+    Warm-up then cosine decay of the learning rate; a fixed seed makes the run repeatable.
+    """
+    torch.manual_seed(seed)
+    steps = len(examples) // batch_size
+    if steps < 1:
+        raise ValueError(f"{desc}: need at least one batch of {batch_size} examples, got {len(examples)}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
+    )
+    prompts = tokenizer([ex.prompt for ex in examples])["input_ids"]
+    full = tokenizer([ex.text for ex in examples])["input_ids"]
+    model.train()
+    tail: list[float] = []
+    for step in tqdm(range(steps), desc=desc, unit="step", mininterval=2):
+        rows = slice(step * batch_size, (step + 1) * batch_size)
+        batch = _batch(prompts[rows], full[rows], tokenizer.pad_token_id)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= steps - max(1, steps // 10):
+            tail.append(loss.item())
+    model.eval()
+    final = sum(tail) / len(tail)
+    log.info("%s: %d steps, final loss %.4f", desc, steps, final)
+    return final

@@ -1,0 +1,21 @@
+"""DVC stage `submit`: answer data/test.csv with the merged model into submission.csv (params: submit)."""
+
+from pathlib import Path
+
+from mergeflow.stage import run_stage
+from mergeflow.submission import write_submission
+
+
+def add_arguments(parser):
+    parser.add_argument("--model", type=Path, required=True, help="the merged model directory")
+    parser.add_argument("--test", type=Path, required=True, help="the competition's test.csv")
+    parser.add_argument("--out", type=Path, required=True, help="submission.csv to write")
+
+
+def main(args, params):
+    s = params.submit
+    write_submission(args.model, args.test, args.out, max_new_tokens=s.max_new_tokens, stop=s.stop, batch_size=s.batch_size, device=s.device)
+
+
+if __name__ == "__main__":
+    run_stage(__doc__, add_arguments, main)
