@@ -1,0 +1,44 @@
+"""Shared fixtures: offline Hugging Face, tiny random Llama experts built once per session."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Never touch the network or the user's caches from the tests.
+_HF_HOME = tempfile.mkdtemp(prefix="mergeflow-test-hf-")
+os.environ.update(HF_HOME=_HF_HOME, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+
+from helpers import make_tiny_llama  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def experts(tmp_path_factory) -> list[Path]:
+    """Two tiny random Llamas of one architecture (different seeds), saved as HF directories."""
+    root = tmp_path_factory.mktemp("experts")
+    return [make_tiny_llama(root / f"expert{i}", seed=i) for i in range(2)]
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory) -> Path:
+    """Calibration JSONL whose texts differ in length, so batches carry padding."""
+    import json
+
+    path = tmp_path_factory.mktemp("data") / "calib.jsonl"
+    texts = ["12+5=17", "rev(abc)=cba", "cp(x)=x", "9+9=18 and more text here", "a", "hello world 123", "rev(hgfedcba)=abcdefgh"]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+@pytest.fixture(scope="session")
+def gram_dirs(experts, calib_file, tmp_path_factory) -> list[Path]:
+    from mergeflow.grams.collect import compute_grams
+
+    root = tmp_path_factory.mktemp("grams")
+    outs = [root / f"g{i}" for i in range(len(experts))]
+    for expert, out in zip(experts, outs):
+        compute_grams(expert, calib_file, out, max_length=16, batch_size=3)
+    return outs

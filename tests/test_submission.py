@@ -1,0 +1,102 @@
+"""test.csv -> submission.csv: parsing the competition's format, choosing, validating, writing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mergeflow.submission import EMPTY_PREDICTION, predict, read_test_csv, validate_submission, write_submission
+
+SEED_TEST = Path(__file__).resolve().parents[2] / "shared" / "seed-data" / "llm-merging" / "data" / "test.csv"
+
+
+class FakeLM:
+    """An lm-eval-style LM whose log-likelihood prefers the continuation equal to `favourite`."""
+
+    def __init__(self, favourite: str, generation: str):
+        self.favourite, self.generation = favourite, generation
+        self.requests: list = []
+
+    def loglikelihood(self, requests):
+        self.requests += requests
+        return [(0.0 if r.args[1] == self.favourite else -5.0 - len(r.args[1]), False) for r in requests]
+
+    def generate_until(self, requests):
+        self.requests += requests
+        return [self.generation for _ in requests]
+
+
+def write_csv(path: Path, rows: list[tuple]) -> Path:
+    pd.DataFrame(rows, columns=["id", "input", "eval_type", "answer_choices"]).to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.skipif(not SEED_TEST.is_file(), reason="../shared/seed-data is not beside this checkout")
+def test_reads_the_real_competition_test_csv():
+    test = read_test_csv(SEED_TEST)
+    assert len(test) == 807 and test["id"].tolist() == list(range(807))
+    mc = test[test["eval_type"] == "multiple_choice"]
+    assert len(mc) == 457
+    assert sorted(mc["choices"].map(len).value_counts().to_dict().items()) == [(2, 100), (4, 307), (8, 50)]  # 50 generation rows also carry 2 choices
+    assert test[test["eval_type"] == "generation"]["choices"].isna().all()
+
+
+def test_predict_picks_the_most_likely_choice_and_generates(tmp_path):
+    test = read_test_csv(write_csv(tmp_path / "t.csv", [(0, "1+1=", "multiple_choice", "['3', '2', '11']"), (1, "rev(ab)=", "generation", ""), (2, "q", "multiple_choice", "['x', 'y']")]))
+    lm = FakeLM(favourite="2", generation=" ba ")
+    assert predict(lm, test, max_new_tokens=4, stop=["\n"]) == ["1", "ba", "0"]
+    contexts = [(r.request_type, r.args[0], r.args[1]) for r in lm.requests if r.request_type == "loglikelihood"]
+    assert contexts[:3] == [("loglikelihood", "1+1=", "3"), ("loglikelihood", "1+1=", "2"), ("loglikelihood", "1+1=", "11")]
+    gen = [r for r in lm.requests if r.request_type == "generate_until"][0]
+    assert gen.args == ("rev(ab)=", {"until": ["\n"], "max_gen_toks": 4, "do_sample": False})
+
+
+def test_empty_generation_gets_a_visible_placeholder(tmp_path):
+    test = read_test_csv(write_csv(tmp_path / "t.csv", [(0, "x", "generation", "")]))
+    assert predict(FakeLM("", "  "), test, max_new_tokens=4, stop=["\n"]) == [EMPTY_PREDICTION]
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([(0, "x", "ranking", "")], r"unknown eval_type values \['ranking'\]"),
+        ([(0, "x", "multiple_choice", "not a list")], r"row id=0: answer_choices 'not a list' is not a list"),
+        ([(0, "x", "multiple_choice", "['only one']")], r"at least two choices"),
+    ],
+)
+def test_bad_test_csv_is_refused(tmp_path, rows, message):
+    with pytest.raises(ValueError, match=message):
+        read_test_csv(write_csv(tmp_path / "t.csv", rows))
+
+
+def test_missing_columns_and_file_are_refused(tmp_path):
+    (tmp_path / "t.csv").write_text("id,input\n0,x\n")
+    with pytest.raises(ValueError, match=r"missing columns \['eval_type', 'answer_choices'\]"):
+        read_test_csv(tmp_path / "t.csv")
+    with pytest.raises(FileNotFoundError, match="nope.csv: test file not found"):
+        read_test_csv(tmp_path / "nope.csv")
+
+
+def test_validation_refuses_reordered_ids_and_bad_indices(tmp_path):
+    test = read_test_csv(write_csv(tmp_path / "t.csv", [(0, "a", "multiple_choice", "['x', 'y']"), (1, "b", "generation", "")]))
+    good = pd.DataFrame({"id": [0, 1], "prediction": ["1", "text"], "dummy_field": 0})
+    validate_submission(good, test)
+    with pytest.raises(ValueError, match="ids differ"):
+        validate_submission(good.iloc[::-1].reset_index(drop=True), test)
+    with pytest.raises(ValueError, match="choice index 2 out of range"):
+        validate_submission(good.assign(prediction=["2", "text"]), test)
+    with pytest.raises(ValueError, match=r"empty predictions for ids \[1\]"):
+        validate_submission(good.assign(prediction=["1", " "]), test)
+
+
+def test_write_submission_with_a_real_model(experts, tmp_path):
+    csv = write_csv(tmp_path / "test.csv", [(0, "12+5=", "multiple_choice", "['17', '18', '7', '1']"), (1, "rev(abc)=", "generation", ""), (2, "1+1=", "multiple_choice", "['2', '3']")])
+    write_submission(experts[0], csv, tmp_path / "submission.csv", max_new_tokens=4, batch_size=2)
+    out = pd.read_csv(tmp_path / "submission.csv", dtype=str, keep_default_na=False)
+    assert list(out.columns) == ["id", "prediction", "dummy_field"]
+    assert out["id"].tolist() == ["0", "1", "2"] and out["dummy_field"].tolist() == ["0", "0", "0"]
+    assert out["prediction"][0] in {"0", "1", "2", "3"} and out["prediction"][2] in {"0", "1"}
+    assert out["prediction"][1].strip() != ""
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
