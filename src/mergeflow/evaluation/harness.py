@@ -51,8 +51,10 @@ def evaluate_model(
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: no config.json; expected a Hugging Face model directory")
+    # Indexing lm-eval's ~13k built-in task YAMLs takes ~25 s on 2 cores: only do it when asked for one.
+    builtin_needed = not set(tasks) <= set(shipped_tasks())
     with tempfile.TemporaryDirectory(prefix="mergeflow-tasks-") as tmp:
-        manager = TaskManager(include_path=str(render_tasks(Path(tmp), Path(data_root))))
+        manager = TaskManager(include_path=str(render_tasks(Path(tmp), Path(data_root))), include_defaults=builtin_needed)
         unknown = [t for t in tasks if t not in manager.all_tasks]
         if unknown:
             raise ValueError(f"unknown lm-eval tasks {unknown} (params.yaml: eval.tasks); shipped: {shipped_tasks()}, or any lm-eval task name")

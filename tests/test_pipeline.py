@@ -1,0 +1,128 @@
+"""The whole DVC pipeline on a reduced toy zoo, in a temporary copy of the repository.
+
+Checks what a user relies on: `dvc repro` produces every output; a second `dvc repro` does nothing;
+`dvc exp run -S alpha=0.3` and `-S method=average` rerun merge, evaluate and submit only; a gram
+parameter reruns the grams; `dvc metrics diff` reads the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+AFTER_MERGE = {"merge", "evaluate", "submit"}
+ALL_STAGES = {"download", "gram@math", "gram@code", "merge", "evaluate-base", "evaluate-expert@math", "evaluate-expert@code", "evaluate", "submit"}
+
+
+def run(cmd: list[str], cwd: Path, env: dict) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+def ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def skipped(output: str) -> set[str]:
+    return set(re.findall(r"Stage '([^']+)' didn't change, skipping", output))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A git+DVC copy of the tracked files with a small toy zoo, its own cache and site cache."""
+    dest = tmp_path_factory.mktemp("repo")
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if (ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["models"]["toy"].update(hidden_size=32, intermediate_size=64, num_layers=1, batch_size=16, base_steps=10, expert_steps=10, calib_samples=32, eval_samples=8, test_rows=4)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    run(["git", "init", "-q"], dest, env)
+    run(["dvc", "config", "--local", "core.site_cache_dir", str(tmp_path_factory.mktemp("site-cache"))], dest, env)
+    run(["dvc", "config", "--local", "core.analytics", "false"], dest, env)
+    run(["git", "add", "-A"], dest, env)
+    run(["git", "commit", "-qm", "copy"], dest, env)
+    return dest, env
+
+
+@pytest.fixture(scope="module")
+def first_repro(repo):
+    dest, env = repo
+    out = run(["dvc", "repro"], dest, env)
+    run(["git", "add", "-A"], dest, env)
+    run(["git", "commit", "-qm", "repro"], dest, env)
+    return out
+
+
+def test_repro_builds_every_output(repo, first_repro):
+    dest, _ = repo
+    assert ran(first_repro) == ALL_STAGES
+    for model in ("base", "experts/math", "experts/code", "merged"):
+        assert (dest / "models" / model / "model.safetensors").is_file(), model
+    for expert in ("math", "code"):
+        assert json.loads((dest / "models/grams" / expert / "grams.json").read_text())["num_tokens"] > 0
+    for name in ("base", "expert-math", "expert-code", "merged"):
+        metrics = json.loads((dest / "metrics" / f"{name}.json").read_text())
+        assert set(metrics) == {"toy_math", "toy_code"} and all(0 <= m["exact_match"] <= 1 for m in metrics.values())
+    merge_config = json.loads((dest / "models/merged/mergeflow_merge.json").read_text())
+    assert merge_config["method"] == "regmean" and merge_config["alpha"] == 0.1 and merge_config["solved_modules"] == 7
+    test = pd.read_csv(dest / "data/test.csv")
+    submission = pd.read_csv(dest / "submission.csv")
+    assert len(test) == 8 and submission["id"].tolist() == test["id"].tolist()
+    tracked = [f for f in subprocess.run(["git", "ls-files"], cwd=dest, capture_output=True, text=True).stdout.split() if not f.endswith(".gitignore")]
+    assert not [f for f in tracked if f.startswith(("models/base", "models/experts", "models/merged", "models/grams/", "data/calib")) or f == "submission.csv"]
+
+
+def test_second_repro_is_up_to_date(repo, first_repro):
+    dest, env = repo
+    out = run(["dvc", "repro"], dest, env)
+    assert ran(out) == set() and skipped(out) == ALL_STAGES
+    assert "Data and pipelines are up to date." in run(["dvc", "status"], dest, env)
+
+
+def test_alpha_experiment_reruns_only_merge_and_after(repo, first_repro):
+    dest, env = repo
+    out = run(["dvc", "exp", "run", "-S", "alpha=0.3"], dest, env)
+    assert ran(out) == AFTER_MERGE
+    assert skipped(out) == ALL_STAGES - AFTER_MERGE
+    assert json.loads((dest / "models/merged/mergeflow_merge.json").read_text())["alpha"] == 0.3
+    diff = json.loads(run(["dvc", "metrics", "diff", "--json"], dest, env) or "{}")
+    assert set(diff) <= {"metrics/merged.json"}  # only the merged model's metrics can change
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], dest, env))
+    assert any("params.yaml" in json.dumps(e) for e in shown)
+
+
+def test_method_experiment_reruns_only_merge_and_after(repo, first_repro):
+    dest, env = repo
+    out = run(["dvc", "exp", "run", "-S", "method=average"], dest, env)
+    assert ran(out) == AFTER_MERGE
+    assert json.loads((dest / "models/merged/mergeflow_merge.json").read_text())["method"] == "average"
+
+
+def test_gram_parameter_reruns_grams_not_download(repo, first_repro):
+    dest, env = repo
+    out = run(["dvc", "exp", "run", "-S", "gram.max_length=8"], dest, env)
+    assert ran(out) >= {"gram@math", "gram@code"} and "download" in skipped(out)
+    assert {"evaluate-base", "evaluate-expert@math", "evaluate-expert@code"} <= skipped(out)
+
+
+def test_eval_parameter_reruns_only_evaluation(repo, first_repro):
+    dest, env = repo
+    out = run(["dvc", "exp", "run", "-S", "eval.limit=4"], dest, env)
+    assert ran(out) == {"evaluate-base", "evaluate-expert@math", "evaluate-expert@code", "evaluate"}
+    assert json.loads((dest / "metrics/base.json").read_text())  # metrics rewritten from 4 documents
