@@ -14,7 +14,10 @@ def add_arguments(parser):
 
 def main(args, params):
     g = params.gram
-    compute_grams(args.model, args.data, args.out, max_length=g.max_length, batch_size=g.batch_size, num_samples=g.num_samples)
+    compute_grams(
+        args.model, args.data, args.out,
+        max_length=g.max_length, batch_size=g.batch_size, num_samples=g.num_samples, device=g.device, include_lm_head=g.include_lm_head,
+    )
 
 
 if __name__ == "__main__":

@@ -11,12 +11,12 @@ import torch
 from helpers import make_tiny_llama, state
 from mergeflow.grams import GramDir
 from mergeflow.merge import MERGE_CONFIG, merge_models
-from mergeflow.methods import get_method
+from mergeflow.methods import MergeOptions, get_method
 from mergeflow.methods.regmean import RegMean
 
 
 def regmean(alpha: float, **kw):
-    return get_method("regmean")(alpha=alpha, **kw)
+    return get_method("regmean")(MergeOptions(alpha=alpha, **kw))
 
 
 def test_average_is_the_exact_mean(experts, tmp_path):
@@ -29,10 +29,18 @@ def test_average_is_the_exact_mean(experts, tmp_path):
     assert config["method"] == "average" and len(config["experts"]) == 2
 
 
-@pytest.mark.parametrize("method", ["average", "regmean"])
-def test_identical_experts_give_back_the_expert(experts, gram_dirs, tmp_path, method):
-    m = get_method(method)(alpha=0.5)
-    merge_models([experts[0], experts[0]], m, tmp_path / "out", grams=[gram_dirs[0], gram_dirs[0]])
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("average", MergeOptions()),
+        ("regmean", MergeOptions(alpha=0.5)),
+        ("task_arithmetic", MergeOptions(weights=(0.5, 0.5))),  # the mean task vector
+        ("ties", MergeOptions(density=1.0)),  # nothing trimmed: the agreeing mean is the task vector
+    ],
+)
+def test_identical_experts_give_back_the_expert(experts, gram_dirs, tmp_path, method, options):
+    m = get_method(method)(options)
+    merge_models([experts[0], experts[0]], m, tmp_path / "out", grams=[gram_dirs[0], gram_dirs[0]], base=experts[1])
     merged, original = state(tmp_path / "out"), state(experts[0])
     for name in original:
         torch.testing.assert_close(merged[name], original[name], rtol=1e-4, atol=1e-5)
@@ -81,17 +89,17 @@ def test_regmean_alpha0_is_a_diagonal_weighted_average(experts, gram_dirs, tmp_p
 
 
 def test_regmean_falls_back_to_least_squares_on_singular_grams():
-    m = RegMean(alpha=1.0)
+    m = RegMean(MergeOptions(alpha=1.0))
     w = [torch.randn(3, 4), torch.randn(3, 4)]
     singular = torch.zeros(4, 4)
     singular[:2, :2] = torch.eye(2)
-    out = m.merge("x.weight", w, [singular, singular])
+    out = m.merge("x.weight", w, grams=[singular.clone, singular.clone])
     assert m.fell_back == ["x.weight"] and torch.isfinite(out).all()
     torch.testing.assert_close(out[:, :2], (w[0][:, :2] + w[1][:, :2]) / 2)
 
 
 def test_unknown_method_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown merge method 'regmaen'.*average, regmean.*Did you mean 'regmean'"):
+    with pytest.raises(ValueError, match=r"unknown merge method 'regmaen'.*average, regmean, task_arithmetic, ties.*Did you mean 'regmean'"):
         get_method("regmaen")
 
 
@@ -140,7 +148,7 @@ def test_failed_merge_keeps_the_previous_output(experts, gram_dirs, tmp_path):
     out = tmp_path / "out"
     merge_models(experts, get_method("average")(), out)
     before = state(out)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="needs one gram directory per expert"):
         merge_models(experts, regmean(0.1), out, grams=[gram_dirs[0]])
     after = state(out)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -1,24 +1,59 @@
-"""Lazy reading of (sharded) safetensors checkpoints and atomic, sharded writing of merged ones.
+"""Lazy reading of (sharded) safetensors checkpoints and streaming, sharded writing of merged ones.
 
-Reading goes through `safe_open`, one tensor at a time, via `model.safetensors.index.json` when
-the checkpoint is sharded; shapes and dtypes come from the headers without loading data. Writing
-flushes a shard whenever `max_shard_size` bytes are buffered, so peak memory is bounded by a shard,
-not by the model.
+Reading goes through `safe_open`, one tensor (or one block of rows) at a time, via
+`model.safetensors.index.json` when the checkpoint is sharded; shapes and dtypes come from the
+headers without loading data.
+
+Writing streams too. safetensors' own `save_file` needs every tensor of a file in memory at once,
+which for a 128256 x 4096 embedding alone is 2 GiB; but the format is simple and documented (an
+8-byte little-endian header length, a JSON header of dtypes, shapes and byte offsets padded to 8
+bytes, then the raw little-endian data), and every tensor's shape and dtype is known before the
+merge starts. So the shards are planned up front, each file's header is written first, and tensors
+are appended block by block: memory is bounded by one block, not by a tensor or a shard. Files are
+read back with `safe_open` like any other.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import struct
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Sequence
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".safetensors.index.json", ".bin.index.json")
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+CODES = {dtype: code for code, dtype in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _open(path: Path):
+    try:
+        return safe_open(path, framework="pt")
+    except SafetensorError as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err}); it may be truncated or corrupt, download or recompute it") from None
 
 
 class CheckpointReader:
@@ -29,65 +64,98 @@ class CheckpointReader:
         if (self.path / INDEX).is_file():
             weight_map = json.loads((self.path / INDEX).read_text())["weight_map"]
         elif (self.path / SINGLE).is_file():
-            with safe_open(self.path / SINGLE, framework="pt") as f:
+            with _open(self.path / SINGLE) as f:
                 weight_map = {name: SINGLE for name in f.keys()}
         else:
             raise FileNotFoundError(f"{self.path}: neither {SINGLE} nor {INDEX}; expected a safetensors model directory")
         self.weight_map: dict[str, str] = dict(weight_map)
-        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
+        self.specs: dict[str, TensorSpec] = {}
         for file in sorted(set(self.weight_map.values())):
             if not (self.path / file).is_file():
                 raise FileNotFoundError(f"{self.path / file}: shard listed in {INDEX} is missing")
-            with safe_open(self.path / file, framework="pt") as f:
+            with _open(self.path / file) as f:
                 for name in f.keys():
                     sl = f.get_slice(name)
-                    self._meta[name] = (tuple(sl.get_shape()), sl.get_dtype())
+                    self.specs[name] = TensorSpec(name, tuple(sl.get_shape()), DTYPES[sl.get_dtype()])
 
     def names(self) -> list[str]:
         return list(self.weight_map)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._meta[name][0]
+        return self.specs[name].shape
 
-    def get(self, name: str) -> torch.Tensor:
-        with safe_open(self.path / self.weight_map[name], framework="pt") as f:
-            return f.get_tensor(name)
+    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """The tensor `name`, or only its block of rows `rows` (first dimension)."""
+        with _open(self.path / self.weight_map[name]) as f:
+            if rows is None:
+                return f.get_tensor(name)
+            return f.get_slice(name)[rows]
+
+
+def plan_shards(specs: Sequence[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:
+    """Greedy, in order: a new shard starts when the next tensor would pass `max_shard_size`."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
 
 
 class ShardedWriter:
-    """Accumulates tensors and writes HF-style shards (`model-0000i-of-0000n.safetensors` + index)."""
+    """Writes the tensors of `specs`, in that order and block by block, into HF-style shards."""
 
-    def __init__(self, out: Path, max_shard_size: int = 5 * 2**30):
-        self.out, self.max_shard_size = Path(out), max_shard_size
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffered = 0
-        self._shards: list[list[str]] = []
+    def __init__(self, out: str | Path, specs: Sequence[TensorSpec], max_shard_size: int = 5 * 2**30):
+        self.out = Path(out)
+        self.shards = plan_shards(specs, max_shard_size)
+        n = len(self.shards)
+        self.files = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._queue = [(i, spec) for i, shard in enumerate(self.shards) for spec in shard]
+        self._pos = 0  # index into _queue of the tensor being written
+        self._left = self._queue[0][1].nbytes if self._queue else 0
+        self._file: BinaryIO | None = None
+        self._open_shard(0)
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self._buffer and self._buffered + size > self.max_shard_size:
-            self._flush()
-        self._buffer[name] = tensor.contiguous()
-        self._buffered += size
+    def _open_shard(self, i: int) -> None:
+        if self._file:
+            self._file.close()
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for spec in self.shards[i]:
+            header[spec.name] = {"dtype": CODES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+            offset += spec.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-(8 + len(raw)) % 8)
+        self._file = open(self.out / self.files[i], "wb")
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
 
-    def _flush(self) -> None:
-        save_file(self._buffer, str(self.out / f".part-{len(self._shards):05d}.safetensors"), metadata={"format": "pt"})
-        self._shards.append(list(self._buffer))
-        self._buffer, self._buffered = {}, 0
+    def write(self, name: str, block: torch.Tensor) -> None:
+        """Append `block` (the whole tensor, or its next rows) to tensor `name`."""
+        shard, spec = self._queue[self._pos]
+        if name != spec.name or block.dtype != spec.dtype:
+            raise RuntimeError(f"writer expected {spec.name} ({spec.dtype}) next, got {name} ({block.dtype})")
+        data = block.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        if data.nbytes > self._left:
+            raise RuntimeError(f"{name}: {data.nbytes} bytes written past the tensor's end")
+        self._file.write(memoryview(data))
+        self._left -= data.nbytes
+        if self._left == 0 and self._pos + 1 < len(self._queue):
+            self._pos += 1
+            next_shard, next_spec = self._queue[self._pos]
+            self._left = next_spec.nbytes
+            if next_shard != shard:
+                self._open_shard(next_shard)
 
     def close(self) -> None:
-        if self._buffer or not self._shards:
-            self._flush()
-        n = len(self._shards)
-        if n == 1:
-            (self.out / ".part-00000.safetensors").rename(self.out / SINGLE)
-            return
-        weight_map = {}
-        for i, names in enumerate(self._shards):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            (self.out / f".part-{i:05d}.safetensors").rename(self.out / final)
-            weight_map.update({name: final for name in names})
-        (self.out / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n")
+        if self._pos + 1 != len(self._queue) or self._left:
+            raise RuntimeError(f"writer closed before {self._queue[self._pos][1].name} and the tensors after it were written")
+        self._file.close()
+        if len(self.files) > 1:
+            weight_map = {spec.name: self.files[i] for i, shard in enumerate(self.shards) for spec in shard}
+            total = sum(spec.nbytes for shard in self.shards for spec in shard)
+            (self.out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
 
 
 def copy_model_files(src: str | Path, dst: str | Path) -> list[str]:

@@ -2,6 +2,7 @@
 
     mergeflow grams    --model DIR --data FILE.jsonl --out DIR
     mergeflow merge    --method regmean --alpha 0.1 --model A --model B --gram GA --gram GB --out DIR
+    mergeflow merge    --method ties --base BASE --model A --model B --density 0.2 --out DIR
     mergeflow evaluate --model DIR --task toy_math --out metrics.json
     mergeflow submit   --model DIR --test data/test.csv --out submission.csv
     mergeflow methods
@@ -50,23 +51,32 @@ def grams(model: Path, data: Path, out: Path, max_length: int, batch_size: int, 
 
 
 @main.command()
-@click.option("--method", required=True, help="Merge method: see `mergeflow methods`.")
-@click.option("--alpha", default=1.0, show_default=True, type=float, help="RegMean: scale of the grams' off-diagonals, in [0, 1].")
+@click.option("--method", required=True, help="Merge method: a name from `mergeflow methods`, or path/to/file.py:ClassName.")
 @click.option("--model", "models", required=True, multiple=True, type=EXISTING_DIR, help="An expert directory; repeat for each expert.")
-@click.option("--gram", "grams_", multiple=True, type=EXISTING_DIR, help="Gram directory of each expert, in --model order (RegMean).")
 @click.option("--out", required=True, type=PATH, help="Output model directory (written atomically).")
+@click.option("--gram", "grams_", multiple=True, type=EXISTING_DIR, help="Gram directory of each expert, in --model order (regmean).")
+@click.option("--base", type=EXISTING_DIR, help="The experts' base model (task_arithmetic, ties).")
+@click.option("--alpha", default=1.0, show_default=True, type=float, help="regmean: scale of the grams' off-diagonals, in [0, 1].")
+@click.option("--weight", "weights", multiple=True, type=float, help="Weight of each expert, in --model order [default: equal].")
+@click.option("--scaling", default=1.0, show_default=True, type=float, help="task_arithmetic, ties: lambda on the merged task vector.")
+@click.option("--density", default=0.2, show_default=True, type=float, help="ties: fraction of each task vector kept.")
+@click.option("--lm-head", is_flag=True, help="regmean: solve lm_head too (needs its grams; skipped when tied to the embeddings).")
 @click.option("--solver-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64"]), help="dtype of RegMean's linear solves.")
+@click.option("--device", default="cpu", show_default=True, help="Where RegMean solves (cuda: CUDA_VISIBLE_DEVICES picks the GPU).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 500MB, 5GB.")
 @click.option("--force", is_flag=True, help="Replace --out if it already holds a model.")
-def merge(method: str, alpha: float, models: tuple[Path, ...], grams_: tuple[Path, ...], out: Path, solver_dtype: str, max_shard_size: str, force: bool) -> None:
-    """Merge experts tensor by tensor into one Hugging Face model directory."""
+def merge(method, models, out, grams_, base, alpha, weights, scaling, density, lm_head, solver_dtype, device, max_shard_size, force) -> None:
+    """Merge experts tensor by tensor into one Hugging Face model directory.
+
+    Memory stays bounded by a few tensors (huge ones in blocks of rows) plus one Linear's grams.
+    """
     import torch
 
     from .merge import merge_models
-    from .methods import get_method
+    from .methods import MergeOptions, get_method
 
-    instance = get_method(method)(alpha=alpha, solver_dtype=getattr(torch, solver_dtype))
-    merge_models(models, instance, out, grams=grams_, max_shard_size=parse_size(max_shard_size), overwrite=force)
+    options = MergeOptions(alpha=alpha, weights=tuple(weights) or None, scaling=scaling, density=density, solver_dtype=getattr(torch, solver_dtype), device=device)
+    merge_models(models, get_method(method)(options), out, grams=grams_, base=base, lm_head=lm_head, max_shard_size=parse_size(max_shard_size), overwrite=force)
 
 
 @main.command()
@@ -107,7 +117,7 @@ def methods() -> None:
 
     for name in available():
         doc = (sys.modules[get_method(name).__module__].__doc__ or "").strip().splitlines()[0]
-        click.echo(f"{name:12s} {doc}")
+        click.echo(f"{name:16s} {doc}")
 
 
 def parse_size(text: str) -> int:

@@ -73,13 +73,23 @@ class DataParams(Strict):
 
 
 class GramParams(Strict):
+    include_lm_head: bool = False
     max_length: int = Field(64, ge=1)
     batch_size: int = Field(32, ge=1)
     num_samples: Optional[int] = Field(None, ge=1)
+    device: str = "cpu"
 
 
 class MergeParams(Strict):
+    """Options of the merge methods besides the two top-level knobs (see methods.base.MergeOptions)."""
+
+    weights: Optional[list[float]] = None
+    scaling: float = 1.0
+    density: float = Field(0.2, gt=0.0, le=1.0)
+    regmean_lm_head: bool = False
     solver_dtype: Literal["float32", "float64"] = "float32"
+    device: str = "cpu"
+    max_shard_size: str = "5GB"
 
 
 class EvalParams(Strict):
@@ -114,6 +124,10 @@ class Params(Strict):
     def _experts_unique(self) -> "Params":
         if len(set(self.experts)) != len(self.experts):
             raise ValueError(f"experts must be distinct names, got {self.experts}")
+        if self.merge.weights is not None and len(self.merge.weights) != len(self.experts):
+            raise ValueError(f"merge.weights has {len(self.merge.weights)} values for {len(self.experts)} experts {self.experts}")
+        if self.merge.regmean_lm_head and not self.gram.include_lm_head:
+            raise ValueError("merge.regmean_lm_head needs grams of lm_head: set gram.include_lm_head: true as well")
         return self
 
 

@@ -25,9 +25,14 @@ log = logging.getLogger(__name__)
 _IN_BLOCK = re.compile(r"(^|\.)layers\.\d+\.")
 
 
-def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """The Linears inside the transformer blocks, by qualified name (`model.layers.0.mlp.up_proj`)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and _IN_BLOCK.search(name)}
+def block_linears(model: nn.Module, include_lm_head: bool = False) -> dict[str, nn.Linear]:
+    """The Linears inside the transformer blocks, by qualified name (`model.layers.0.mlp.up_proj`),
+    and the output layer `lm_head` when asked for."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and (_IN_BLOCK.search(name) or (include_lm_head and name == "lm_head"))
+    }
 
 
 class GramAccumulator:
@@ -108,6 +113,7 @@ def compute_grams(
     batch_size: int = 32,
     num_samples: int | None = None,
     device: str = "cpu",
+    include_lm_head: bool = False,
 ) -> int:
     """Compute and write the grams of `model_dir` on `data`; return the number of tokens seen."""
     if max_length < 1 or batch_size < 1:
@@ -116,7 +122,7 @@ def compute_grams(
     model, tokenizer = load_causal_lm(model_dir, device=device)
     encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    acc = GramAccumulator(block_linears(model))
+    acc = GramAccumulator(block_linears(model, include_lm_head))
     if not acc.linears:
         raise ValueError(f"{model_dir}: no nn.Linear inside transformer blocks (`layers.N.`) to compute grams for")
     try:

@@ -76,6 +76,11 @@ class GramDir:
                 raise ValueError(f"{path / file}: lacks tensors {missing[:3]} that {index} points to")
         return cls(path, num_tokens, str(meta.get("model", "")), modules)
 
+    def shape(self, module: str) -> tuple[int, ...]:
+        ref = self.modules[module]
+        with safe_open(self.path / ref.file, framework="pt") as f:
+            return tuple(f.get_slice(ref.key).get_shape())
+
     def load(self, module: str) -> torch.Tensor:
         """The summed gram of `module` as float32 `[in, in]`."""
         if module not in self.modules:

@@ -1,12 +1,24 @@
-"""The one registry of merge methods: `@register` adds a class, `get_method` looks one up by name."""
+"""The one registry of merge methods.
+
+Built-in methods register with `@register`; `get_method` looks one up by name and also accepts a
+plugin of the user's own, without editing mergeflow:
+
+- `path/to/file.py:ClassName`: a file defining a `MergeMethod` subclass (the LLM-Merging
+  competition's style: a class with `__init__` and `merge`);
+- the name of a Python entry point in the group `mergeflow.methods` of an installed package.
+"""
 
 from __future__ import annotations
 
 import difflib
+import importlib.util
+from importlib.metadata import entry_points
+from pathlib import Path
 
-from .base import MergeMethod
+from .base import MergeMethod, MergeOptions
 
 _REGISTRY: dict[str, type[MergeMethod]] = {}
+ENTRY_POINT_GROUP = "mergeflow.methods"
 
 
 def register(cls: type[MergeMethod]) -> type[MergeMethod]:
@@ -21,15 +33,36 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _from_file(spec: str) -> type[MergeMethod]:
+    path_text, _, class_name = spec.rpartition(":")
+    path = Path(path_text)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: merge method plugin file not found (method: {spec})")
+    module_spec = importlib.util.spec_from_file_location(f"mergeflow_plugin_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, MergeMethod)):
+        raise ValueError(f"{path}: {class_name!r} is not a subclass of mergeflow.methods.base.MergeMethod (method: {spec})")
+    return cls
+
+
 def get_method(name: str) -> type[MergeMethod]:
-    """The class registered as `name`; an unknown name is answered with the known ones."""
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, _REGISTRY, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown merge method {name!r}; available: {', '.join(available())}.{hint} (params.yaml: method, or --method)")
-    return _REGISTRY[name]
+    """The method class for `name`: a registered name, `file.py:Class`, or an entry point."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name.rpartition(":")[0].endswith(".py"):
+        return _from_file(name)
+    found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+    if found:
+        return found[0].load()
+    close = difflib.get_close_matches(name, _REGISTRY, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(
+        f"unknown merge method {name!r}; available: {', '.join(available())}, or path/to/file.py:ClassName.{hint} (params.yaml: method, or --method)"
+    )
 
 
-from . import average, regmean  # noqa: E402,F401  (registers the built-in methods)
+from . import average, regmean, task_arithmetic, ties  # noqa: E402,F401  (registers the built-in methods)
 
-__all__ = ["MergeMethod", "available", "get_method", "register"]
+__all__ = ["MergeMethod", "MergeOptions", "available", "get_method", "register"]

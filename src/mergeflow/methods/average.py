@@ -1,4 +1,4 @@
-"""Weight averaging: the plain mean of the experts' tensors (model soups, Wortsman et al. 2022)."""
+"""Weight averaging: the (weighted) mean of the experts' tensors (model soups, Wortsman et al. 2022)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,12 @@ from typing import Optional, Sequence
 import torch
 
 from . import register
-from .base import MergeMethod
+from .base import GramLoader, MergeMethod, weighted_sum
 
 
 @register
 class Average(MergeMethod):
     name = "average"
 
-    def merge(self, name: str, tensors: Sequence[torch.Tensor], grams: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
-        return torch.stack([t.to(torch.float32) for t in tensors]).mean(dim=0)
-
-    def config(self) -> dict:
-        return {"method": self.name}
+    def merge(self, name: str, tensors: Sequence[torch.Tensor], *, grams: Optional[Sequence[GramLoader]] = None, base: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return weighted_sum(tensors, self.expert_weights(len(tensors), normalise=True))

@@ -1,13 +1,17 @@
 """RegMean: Dataless Knowledge Fusion by Merging Weights of Language Models (Jin et al., ICLR 2023).
 
 For a Linear with weights `W_i` (out x in) and per-token mean grams `G_i` of its inputs, the merged
-weight minimises `sum_i ||X_i W^T - X_i W_i^T||^2`, i.e. solves
+weight minimises `sum_i w_i ||X_i W^T - X_i W_i^T||^2`, i.e. solves
 
-    (sum_i G~_i) W^T = sum_i G~_i W_i^T,   G~_i = alpha * G_i + (1 - alpha) * diag(G_i)
+    (sum_i w_i G~_i) W^T = sum_i w_i G~_i W_i^T,   G~_i = alpha * G_i + (1 - alpha) * diag(G_i)
 
-(alpha shrinks the off-diagonals: 1 is full RegMean, 0 a diagonal-weighted average). The system is
-solved by Cholesky, and by least squares where it is not positive definite. Every other tensor
-(embeddings, norms, an untied `lm_head` without grams) is averaged.
+(alpha shrinks the off-diagonals: 1 is full RegMean, 0 a diagonal-weighted average; the weights
+`w_i` default to equal). The system is factored once per Linear by Cholesky, or solved by least
+squares where it is not positive definite; every other tensor is (weighted-)averaged.
+
+Memory: grams are loaded one at a time (an 8B model's down_proj gram is 14336^2 floats, 822 MB),
+the left-hand side is built in place, and a tensor streamed in blocks of rows (`lm_head`) reuses
+the factorisation for every block.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import register
-from .base import MergeMethod
+from .base import GramLoader, MergeMethod, MergeOptions, weighted_sum
 
 log = logging.getLogger(__name__)
 
@@ -27,29 +31,57 @@ log = logging.getLogger(__name__)
 class RegMean(MergeMethod):
     name = "regmean"
     uses_grams = True
+    reads = ("alpha", "weights", "solver_dtype")
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, options: MergeOptions = MergeOptions()):
+        super().__init__(options)
         self.fell_back: list[str] = []
+        self._factored: tuple[str, torch.Tensor, bool] | None = None  # (name, factor or lhs, is_cholesky)
 
-    def shrink(self, gram: torch.Tensor) -> torch.Tensor:
-        """`alpha * G + (1 - alpha) * diag(G)`: off-diagonals scaled by alpha, diagonal kept."""
-        return self.alpha * gram + (1.0 - self.alpha) * torch.diag(torch.diagonal(gram))
-
-    def merge(self, name: str, tensors: Sequence[torch.Tensor], grams: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
-        if grams is None:
-            return torch.stack([t.to(torch.float32) for t in tensors]).mean(dim=0)
-        dtype = self.solver_dtype
-        lhs = sum(self.shrink(g.to(dtype)) for g in grams)
-        rhs = sum(self.shrink(g.to(dtype)) @ w.to(dtype).T for g, w in zip(grams, tensors))
+    def _factor(self, name: str, grams: Sequence[GramLoader], weights: list[float]) -> tuple[torch.Tensor, bool]:
+        """Cholesky factor of `sum_i w_i G~_i` (or the matrix itself when not positive definite)."""
+        if self._factored and self._factored[0] == name:
+            return self._factored[1], self._factored[2]
+        self._factored = None
+        alpha, lhs = self.options.alpha, None
+        for load, w in zip(grams, weights):
+            g = load()
+            diag = torch.diagonal(g).clone()
+            g.mul_(alpha * w)
+            torch.diagonal(g).add_(diag, alpha=(1.0 - alpha) * w)
+            lhs = g if lhs is None else lhs.add_(g)
+            del g
         chol, info = torch.linalg.cholesky_ex(lhs)
         if int(info) == 0:
-            solution = torch.cholesky_solve(rhs, chol)
+            del lhs
+            self._factored = (name, chol, True)
         else:
+            del chol
             self.fell_back.append(name)
-            log.warning("%s: gram sum is not positive definite; solved by least squares", name)
-            solution = torch.linalg.lstsq(lhs, rhs).solution
+            log.warning("%s: gram sum is not positive definite; solving by least squares", name)
+            self._factored = (name, lhs, False)
+        return self._factored[1], self._factored[2]
+
+    def merge(self, name: str, tensors: Sequence[torch.Tensor], *, grams: Optional[Sequence[GramLoader]] = None, base: Optional[torch.Tensor] = None) -> torch.Tensor:
+        weights = self.expert_weights(len(tensors), normalise=True)
+        if grams is None:
+            return weighted_sum(tensors, weights)
+        dtype, device, alpha = self.options.solver_dtype, self.options.device, self.options.alpha
+        factor, is_cholesky = self._factor(name, grams, weights)
+        rhs = None
+        for load, w, t in zip(grams, weights, tensors):
+            g = load()
+            wt = t.to(device=device, dtype=dtype).T  # [in, rows]
+            part = (g @ wt).mul_(alpha * w)  # alpha G W^T + (1 - alpha) diag(G) W^T, without forming G~
+            part.add_(torch.diagonal(g)[:, None] * wt, alpha=(1.0 - alpha) * w)
+            rhs = part if rhs is None else rhs.add_(part)
+            del g, wt, part
+        if is_cholesky:
+            solution = torch.cholesky_solve(rhs, factor)
+        else:
+            solution = torch.linalg.lstsq(factor, rhs).solution
         if log.isEnabledFor(logging.DEBUG):
+            lhs = factor @ factor.T if is_cholesky else factor
             residual = torch.linalg.matrix_norm(lhs @ solution - rhs) / torch.linalg.matrix_norm(rhs).clamp_min(1e-30)
             log.debug("%s: relative residual %.3e", name, float(residual))
-        return solution.T
+        return solution.T.cpu()

@@ -75,6 +75,14 @@ def _copy_file(src: Path, dst: Path, param: str) -> None:
         shutil.copyfile(src, tmp)
 
 
+def _require_all(group, experts: list[str], name: str):
+    """`group` (models.hub or models.local) must name a base and every expert."""
+    missing = (["base"] if group.base is None else []) + [e for e in experts if e not in group.experts]
+    if missing:
+        raise ValueError(f"params.yaml: models.{name} needs a base and every expert; missing: {missing}")
+    return group
+
+
 def materialise(params: Params, models_dir: Path, data_dir: Path) -> dict:
     """Put `base/`, `experts/<name>/` under `models_dir` and the data under `data_dir`."""
     source, experts = params.models.source, params.experts
@@ -83,16 +91,10 @@ def materialise(params: Params, models_dir: Path, data_dir: Path) -> dict:
 
         return {"source": "toy", "final_loss": build_toy_zoo(params.models.toy, experts, models_dir, data_dir)}
     if source == "hub":
-        hub = params.models.hub
-        missing = [e for e in experts if e not in hub.experts]
-        if hub.base is None or missing:
-            raise ValueError(f"params.yaml: models.hub needs a base and every expert; missing: {(['base'] if hub.base is None else []) + missing}")
+        hub = _require_all(params.models.hub, experts, "hub")
         dirs = {"base": hub_snapshot(hub.base), **{e: hub_snapshot(hub.experts[e]) for e in experts}}
     else:
-        local = params.models.local
-        missing = [e for e in experts if e not in local.experts]
-        if local.base is None or missing:
-            raise ValueError(f"params.yaml: models.local needs a base and every expert; missing: {(['base'] if local.base is None else []) + missing}")
+        local = _require_all(params.models.local, experts, "local")
         dirs = {"base": Path(local.base), **{e: Path(local.experts[e]) for e in experts}}
     copy_data(params.data, experts, data_dir)
     for name, src in dirs.items():

@@ -1,0 +1,28 @@
+"""Task arithmetic: Editing Models with Task Arithmetic (Ilharco et al., ICLR 2023).
+
+`merged = base + scaling * sum_i w_i (W_i - base)`: the experts' task vectors, weighted (1 each
+by default, not normalised) and scaled by lambda (`scaling`), added back to the base model.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import register
+from .base import GramLoader, MergeMethod
+
+
+@register
+class TaskArithmetic(MergeMethod):
+    name = "task_arithmetic"
+    uses_base = True
+    reads = ("weights", "scaling")
+
+    def merge(self, name: str, tensors: Sequence[torch.Tensor], *, grams: Optional[Sequence[GramLoader]] = None, base: Optional[torch.Tensor] = None) -> torch.Tensor:
+        base32 = base.to(torch.float32, copy=True)  # never modify the caller's tensor in place
+        delta = torch.zeros_like(base32)
+        for t, w in zip(tensors, self.expert_weights(len(tensors), normalise=False)):
+            delta.add_(t.to(torch.float32) - base32, alpha=w)
+        return base32.add_(delta, alpha=self.options.scaling)
