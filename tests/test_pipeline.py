@@ -107,11 +107,13 @@ def test_alpha_experiment_reruns_only_merge_and_after(repo, first_repro):
     assert any("params.yaml" in json.dumps(e) for e in shown)
 
 
-def test_method_experiment_reruns_only_merge_and_after(repo, first_repro):
+@pytest.mark.parametrize("method", ["average", "task_arithmetic", "ties"])
+def test_method_experiment_reruns_only_merge_and_after(repo, first_repro, method):
     dest, env = repo
-    out = run(["dvc", "exp", "run", "-S", "method=average"], dest, env)
+    out = run(["dvc", "exp", "run", "-S", f"method={method}"], dest, env)
     assert ran(out) == AFTER_MERGE
-    assert json.loads((dest / "models/merged/mergeflow_merge.json").read_text())["method"] == "average"
+    config = json.loads((dest / "models/merged/mergeflow_merge.json").read_text())
+    assert config["method"] == method and config["base"] == ("models/base" if method != "average" else None)
 
 
 def test_gram_parameter_reruns_grams_not_download(repo, first_repro):

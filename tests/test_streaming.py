@@ -177,3 +177,17 @@ def test_merge_killed_midway_leaves_nothing_or_the_previous_model(experts, tmp_p
         assert json.loads((out / "mergeflow_merge.json").read_text())["method"] == "average"
     else:
         assert not out.exists()
+
+
+def test_huge_finite_values_are_not_mistaken_for_inf():
+    from mergeflow.merge import check_finite
+
+    big = torch.full((1000,), 3e38)  # finite, but its float32 sum overflows
+    assert check_finite(big, "big") is big
+    big[500] = float("nan")
+    with pytest.raises(ValueError, match="big: holds NaN or infinite"):
+        check_finite(big, "big", chunk=64)
+    mixed = torch.zeros(10)
+    mixed[1], mixed[2] = float("inf"), -float("inf")  # sums to NaN, not to a finite number
+    with pytest.raises(ValueError):
+        check_finite(mixed, "mixed")

@@ -40,14 +40,15 @@ def main(verbose: bool) -> None:
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Texts per forward pass (sorted by length to limit padding).")
 @click.option("--num-samples", default=None, type=click.IntRange(min=1), help="Use only the first N rows [default: all].")
 @click.option("--device", default="cpu", show_default=True, help="torch device for the forward passes (e.g. cuda).")
-def grams(model: Path, data: Path, out: Path, max_length: int, batch_size: int, num_samples: int | None, device: str) -> None:
+@click.option("--lm-head", is_flag=True, help="Also the output layer's input (for RegMean on lm_head).")
+def grams(model: Path, data: Path, out: Path, max_length: int, batch_size: int, num_samples: int | None, device: str, lm_head: bool) -> None:
     """Compute RegMean grams: the sum of x x^T of every block Linear's input over non-padding tokens.
 
     Accumulated in float32; q/k/v (and gate/up), which see the same input, share one tensor.
     """
     from .grams.collect import compute_grams
 
-    compute_grams(model, data, out, max_length=max_length, batch_size=batch_size, num_samples=num_samples, device=device)
+    compute_grams(model, data, out, max_length=max_length, batch_size=batch_size, num_samples=num_samples, device=device, include_lm_head=lm_head)
 
 
 @main.command()
@@ -62,7 +63,7 @@ def grams(model: Path, data: Path, out: Path, max_length: int, batch_size: int, 
 @click.option("--density", default=0.2, show_default=True, type=float, help="ties: fraction of each task vector kept.")
 @click.option("--lm-head", is_flag=True, help="regmean: solve lm_head too (needs its grams; skipped when tied to the embeddings).")
 @click.option("--solver-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64"]), help="dtype of RegMean's linear solves.")
-@click.option("--device", default="cpu", show_default=True, help="Where RegMean solves (cuda: CUDA_VISIBLE_DEVICES picks the GPU).")
+@click.option("--device", default="cpu", show_default=True, help="Where RegMean solves: cpu, cuda or auto (cuda when visible; CUDA_VISIBLE_DEVICES picks the GPU).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 500MB, 5GB.")
 @click.option("--force", is_flag=True, help="Replace --out if it already holds a model.")
 def merge(method, models, out, grams_, base, alpha, weights, scaling, density, lm_head, solver_dtype, device, max_shard_size, force) -> None:

@@ -31,7 +31,8 @@ class MergeOptions:
         arithmetic and TIES use them as given); None means equal weights.
     scaling: task arithmetic and TIES: lambda, the factor on the merged task vector.
     density: TIES: the fraction of each task vector's entries kept (largest magnitudes).
-    solver_dtype, device: where and in what precision RegMean solves.
+    solver_dtype, device: where and in what precision RegMean solves; device `auto` is CUDA
+        when a GPU is visible (CUDA_VISIBLE_DEVICES decides which), else the CPU.
     """
 
     alpha: float = 1.0
@@ -42,6 +43,8 @@ class MergeOptions:
     device: str = "cpu"
 
     def __post_init__(self):
+        if self.device == "auto":
+            object.__setattr__(self, "device", "cuda" if torch.cuda.is_available() else "cpu")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha} (params.yaml: alpha, or --alpha)")
         if not 0.0 < self.density <= 1.0:
@@ -101,7 +104,8 @@ class MergeMethod(ABC):
 
 
 def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    out = torch.zeros_like(tensors[0], dtype=torch.float32)
-    for t, w in zip(tensors, weights):
+    """`sum_i w_i t_i` in float32, as a new tensor."""
+    out = tensors[0].to(torch.float32).mul(weights[0])
+    for t, w in zip(tensors[1:], weights[1:]):
         out.add_(t.to(torch.float32), alpha=w)
     return out

@@ -68,14 +68,23 @@ class RegMean(MergeMethod):
             return weighted_sum(tensors, weights)
         dtype, device, alpha = self.options.solver_dtype, self.options.device, self.options.alpha
         factor, is_cholesky = self._factor(name, grams, weights)
-        rhs = None
-        for load, w, t in zip(grams, weights, tensors):
+        # With A = sum_i w_i G~_i:  sum_i w_i G~_i W_i^T = A R^T + sum_i w_i G~_i (W_i - R)^T for any R,
+        # so W = R + (A^-1 sum_i w_i G~_i (W_i - R)^T)^T. R = the last expert drops one [in x in] @
+        # [in x rows] product (a third of the work for two experts); where A is singular, R = the
+        # average keeps never-seen input directions averaged.
+        if is_cholesky:
+            ref = tensors[-1].to(device=device, dtype=dtype, copy=True)  # returned, so never the caller's tensor
+            terms = list(zip(grams[:-1], weights[:-1], tensors[:-1]))
+        else:
+            ref = weighted_sum(tensors, weights).to(device=device, dtype=dtype)
+            terms = list(zip(grams, weights, tensors))
+        rhs = torch.zeros(ref.shape[1], ref.shape[0], dtype=dtype, device=device)
+        for load, w, t in terms:
             g = load()
-            wt = t.to(device=device, dtype=dtype).T  # [in, rows]
-            part = (g @ wt).mul_(alpha * w)  # alpha G W^T + (1 - alpha) diag(G) W^T, without forming G~
-            part.add_(torch.diagonal(g)[:, None] * wt, alpha=(1.0 - alpha) * w)
-            rhs = part if rhs is None else rhs.add_(part)
-            del g, wt, part
+            delta = (t.to(device=device, dtype=dtype) - ref).T  # [in, rows]
+            rhs.add_(g @ delta, alpha=alpha * w)  # alpha G dW^T + (1 - alpha) diag(G) dW^T, without forming G~
+            rhs.addcmul_(torch.diagonal(g)[:, None], delta, value=(1.0 - alpha) * w)
+            del g, delta
         if is_cholesky:
             solution = torch.cholesky_solve(rhs, factor)
         else:
@@ -84,4 +93,4 @@ class RegMean(MergeMethod):
             lhs = factor @ factor.T if is_cholesky else factor
             residual = torch.linalg.matrix_norm(lhs @ solution - rhs) / torch.linalg.matrix_norm(rhs).clamp_min(1e-30)
             log.debug("%s: relative residual %.3e", name, float(residual))
-        return solution.T.cpu()
+        return ref.add_(solution.T).cpu()
