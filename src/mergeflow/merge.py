@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -105,10 +105,28 @@ def check_finite(tensor: torch.Tensor, where: str, chunk: int = 2**24) -> torch.
     return tensor
 
 
-def load_gram(g: GramDir, module: str, dtype: torch.dtype, device: str) -> torch.Tensor:
-    """The per-token mean gram of `module`, checked finite, in `dtype` on `device`."""
-    gram = check_finite(g.load(module), f"{g.path / g.modules[module].file} (gram of {module})")
-    return gram.to(device=device, dtype=dtype).div_(g.num_tokens)
+@dataclass(frozen=True)
+class GramLoader:
+    """Loads one expert's per-token mean gram of one module, checked finite, in `dtype` on `device`.
+
+    `key` names the stored tensor: modules that see the same input (q/k/v, gate/up) share it, so
+    a method can reuse work done for one of them (RegMean factors each gram sum once).
+    """
+
+    grams: GramDir
+    module: str
+    dtype: torch.dtype
+    device: str
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        ref = self.grams.modules[self.module]
+        return (str(self.grams.path), ref.file, ref.key)
+
+    def __call__(self) -> torch.Tensor:
+        gram = check_finite(self.grams.load(self.module), f"{self.grams.path / self.grams.modules[self.module].file} (gram of {self.module})")
+        # out of place: the loaded tensor maps the file lazily, and writing into it faults every page
+        return torch.div(gram.to(device=self.device, dtype=self.dtype), self.grams.num_tokens)
 
 
 def merge_models(
@@ -153,7 +171,7 @@ def merge_models(
             module = spec.name.removesuffix(".weight")
             loaders = None
             if spec.name.endswith(".weight") and module in solved:
-                loaders = [partial(load_gram, g, module, dtype, device) for g in gram_dirs]
+                loaders = [GramLoader(g, module, dtype, device) for g in gram_dirs]
             for rows in row_blocks(spec, method.row_separable, block_bytes):
                 tensors = [check_finite(r.get(spec.name, rows), f"{r.path}: {spec.name}") for r in readers]
                 base_tensor = check_finite(base_reader.get(spec.name, rows), f"{base_reader.path}: {spec.name}") if base_reader else None

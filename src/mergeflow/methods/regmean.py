@@ -36,11 +36,19 @@ class RegMean(MergeMethod):
     def __init__(self, options: MergeOptions = MergeOptions()):
         super().__init__(options)
         self.fell_back: list[str] = []
-        self._factored: tuple[str, torch.Tensor, bool] | None = None  # (name, factor or lhs, is_cholesky)
+        self._factored: tuple[object, torch.Tensor, bool] | None = None  # (cache key, factor or lhs, is_cholesky)
 
     def _factor(self, name: str, grams: Sequence[GramLoader], weights: list[float]) -> tuple[torch.Tensor, bool]:
-        """Cholesky factor of `sum_i w_i G~_i` (or the matrix itself when not positive definite)."""
-        if self._factored and self._factored[0] == name:
+        """Cholesky factor of `sum_i w_i G~_i` (or the matrix itself when not positive definite).
+
+        Cached for the next call with the same grams: the row blocks of one tensor, and modules
+        sharing one input (q/k/v, gate/up) when the loaders name their stored tensor (`key`).
+        """
+        keys = [getattr(load, "key", None) for load in grams]
+        cache_key = (tuple(keys), tuple(weights)) if None not in keys else name
+        if self._factored and self._factored[0] == cache_key:
+            if not self._factored[2]:
+                self.fell_back.append(name)
             return self._factored[1], self._factored[2]
         self._factored = None
         alpha, lhs = self.options.alpha, None
@@ -54,12 +62,12 @@ class RegMean(MergeMethod):
         chol, info = torch.linalg.cholesky_ex(lhs)
         if int(info) == 0:
             del lhs
-            self._factored = (name, chol, True)
+            self._factored = (cache_key, chol, True)
         else:
             del chol
             self.fell_back.append(name)
             log.warning("%s: gram sum is not positive definite; solving by least squares", name)
-            self._factored = (name, lhs, False)
+            self._factored = (cache_key, lhs, False)
         return self._factored[1], self._factored[2]
 
     def merge(self, name: str, tensors: Sequence[torch.Tensor], *, grams: Optional[Sequence[GramLoader]] = None, base: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -85,8 +93,10 @@ class RegMean(MergeMethod):
             rhs.add_(g @ delta, alpha=alpha * w)  # alpha G dW^T + (1 - alpha) diag(G) dW^T, without forming G~
             rhs.addcmul_(torch.diagonal(g)[:, None], delta, value=(1.0 - alpha) * w)
             del g, delta
-        if is_cholesky:
-            solution = torch.cholesky_solve(rhs, factor)
+        if is_cholesky:  # two triangular solves: the same as cholesky_solve, and faster on CPU
+            lower = torch.linalg.solve_triangular(factor, rhs, upper=False)
+            solution = torch.linalg.solve_triangular(factor.mT, lower, upper=True)
+            del lower
         else:
             solution = torch.linalg.lstsq(factor, rhs).solution
         if log.isEnabledFor(logging.DEBUG):
