@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--skip-mergekit", action="store_true")
     parser.add_argument("--cold", action="store_true", help="evict the inputs from the page cache before every measured run")
+    parser.add_argument("--device", default="cpu", help="where mergeflow's RegMean solves: cpu, cuda or auto")
     args = parser.parse_args()
     lm_head = args.case == "llama3-shapes"
     paths = ensure_case(args.workdir, args.case, lm_head=lm_head)
@@ -113,8 +114,8 @@ def main() -> None:
     model_args = [a for e in experts for a in ("--model", str(e))]
     gram_args = [a for g in grams for a in ("--gram", str(g))]
     prepare()
-    regmean = measure([py, "-m", "mergeflow", "merge", "--method", "regmean", "--alpha", "0.1", *model_args, *gram_args, "--out", str(work / "out-regmean"), "--force", *(["--lm-head"] if lm_head else [])])
-    results["runs"].append(row("mergeflow regmean (streaming)" + (" + lm_head" if lm_head else ""), regmean, inputs, floor.seconds))
+    regmean = measure([py, "-m", "mergeflow", "merge", "--method", "regmean", "--alpha", "0.1", *model_args, *gram_args, "--out", str(work / "out-regmean"), "--force", "--device", args.device, *(["--lm-head"] if lm_head else [])])
+    results["runs"].append(row(f"mergeflow regmean (streaming, {args.device})" + (" + lm_head" if lm_head else ""), regmean, inputs, floor.seconds))
 
     if not args.skip_naive and args.case == "small":
         prepare()

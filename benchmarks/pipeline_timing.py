@@ -55,7 +55,7 @@ def main() -> None:
         noop = timed(["dvc", "repro"], repo, env)
         subprocess.run(["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qam", "bench"], cwd=repo, env=env, capture_output=True)
         alpha = timed(["dvc", "exp", "run", "-S", "alpha=0.3"], repo, env)
-    print(f"| stage | seconds |\n|---|---|")
+    print("| stage | seconds |\n|---|---|")
     for stage, t in rows:
         print(f"| {stage} | {t:.1f} |")
     print(f"| **full pipeline** | **{total:.1f}** |")

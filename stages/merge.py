@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from mergeflow.cli import parse_size
+from mergeflow.checkpoint import parse_size
 from mergeflow.merge import merge_models
 from mergeflow.methods import MergeOptions, get_method
 from mergeflow.stage import run_stage

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 from mergeflow.grams import FORMAT, GramDir
 from mergeflow.grams.collect import block_linears, compute_grams, read_texts

@@ -191,3 +191,17 @@ def test_huge_finite_values_are_not_mistaken_for_inf():
     mixed[1], mixed[2] = float("inf"), -float("inf")  # sums to NaN, not to a finite number
     with pytest.raises(ValueError):
         check_finite(mixed, "mixed")
+
+
+@pytest.mark.parametrize(("text", "size"), [("500MB", 500_000_000), ("5GiB", 5 * 2**30), ("1.5GB", 1_500_000_000), ("4096", 4096)])
+def test_parse_size(text, size):
+    from mergeflow.checkpoint import parse_size
+
+    assert parse_size(text) == size
+
+
+def test_parse_size_refuses_nonsense():
+    from mergeflow.checkpoint import parse_size
+
+    with pytest.raises(ValueError, match=r"'lots' is not a size such as 500MB.*merge\.max_shard_size"):
+        parse_size("lots")

@@ -92,6 +92,25 @@ class CheckpointReader:
             return f.get_slice(name)[rows]
 
 
+def parse_size(text: str) -> int:
+    """'500MB' -> 500_000_000; '5GiB' -> 5 * 2**30; a bare number is bytes."""
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    upper = str(text).strip().upper()
+    for unit, factor in units.items():
+        if upper.endswith(unit):
+            upper, scale = upper[: -len(unit)], factor
+            break
+    else:
+        scale = 1
+    try:
+        size = int(float(upper) * scale)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise ValueError(f"{text!r} is not a size such as 500MB or 5GB (merge.max_shard_size, or --max-shard-size)")
+    return size
+
+
 def plan_shards(specs: Sequence[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:
     """Greedy, in order: a new shard starts when the next tensor would pass `max_shard_size`."""
     shards: list[list[TensorSpec]] = [[]]

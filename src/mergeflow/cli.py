@@ -73,6 +73,7 @@ def merge(method, models, out, grams_, base, alpha, weights, scaling, density, l
     """
     import torch
 
+    from .checkpoint import parse_size
     from .merge import merge_models
     from .methods import MergeOptions, get_method
 
@@ -119,19 +120,6 @@ def methods() -> None:
     for name in available():
         doc = (sys.modules[get_method(name).__module__].__doc__ or "").strip().splitlines()[0]
         click.echo(f"{name:16s} {doc}")
-
-
-def parse_size(text: str) -> int:
-    """'500MB' -> 500_000_000; '5GiB' -> 5 * 2**30; a bare number is bytes."""
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    upper = text.strip().upper()
-    for unit, factor in units.items():
-        if upper.endswith(unit):
-            return int(float(upper[: -len(unit)]) * factor)
-    try:
-        return int(upper)
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a size such as 500MB or 5GB") from None
 
 
 def run() -> None:

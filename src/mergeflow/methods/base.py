@@ -14,7 +14,7 @@ your own passed as `method: path/to/file.py:ClassName` (see `methods/__init__.py
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, ClassVar, Optional, Sequence
 
 import torch
