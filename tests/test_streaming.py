@@ -4,6 +4,7 @@ and a merge killed midway."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -110,7 +111,7 @@ def test_tied_embeddings_stay_tied_and_equal(tied, tmp_path, method):
 
 def test_non_finite_weight_is_refused_naming_tensor(experts, tmp_path):
     bad = tmp_path / "bad"
-    subprocess.run(["cp", "-r", str(experts[1]), str(bad)], check=True)
+    shutil.copytree(experts[1], bad)
     tensors = load_file(bad / "model.safetensors")
     tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
     save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
@@ -121,7 +122,7 @@ def test_non_finite_weight_is_refused_naming_tensor(experts, tmp_path):
 
 def test_non_finite_gram_is_refused_naming_file(experts, gram_dirs, tmp_path):
     bad = tmp_path / "g"
-    subprocess.run(["cp", "-r", str(gram_dirs[1]), str(bad)], check=True)
+    shutil.copytree(gram_dirs[1], bad)
     tensors = load_file(bad / "layer_000.safetensors")
     key = "model.layers.0.mlp.down_proj"
     tensors[key][1, 1] = float("inf")
@@ -133,7 +134,7 @@ def test_non_finite_gram_is_refused_naming_file(experts, gram_dirs, tmp_path):
 
 def test_truncated_safetensors_is_refused_naming_file(experts, tmp_path):
     bad = tmp_path / "bad"
-    subprocess.run(["cp", "-r", str(experts[1]), str(bad)], check=True)
+    shutil.copytree(experts[1], bad)
     data = (bad / "model.safetensors").read_bytes()
     (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"bad/model\.safetensors: not a readable safetensors file .*truncated or corrupt"):

@@ -106,7 +106,7 @@ def check_finite(tensor: torch.Tensor, where: str, chunk: int = 2**24) -> torch.
 
 
 @dataclass(frozen=True)
-class GramLoader:
+class DiskGramLoader:
     """Loads one expert's per-token mean gram of one module, checked finite, in `dtype` on `device`.
 
     `key` names the stored tensor: modules that see the same input (q/k/v, gate/up) share it, so
@@ -171,7 +171,7 @@ def merge_models(
             module = spec.name.removesuffix(".weight")
             loaders = None
             if spec.name.endswith(".weight") and module in solved:
-                loaders = [GramLoader(g, module, dtype, device) for g in gram_dirs]
+                loaders = [DiskGramLoader(g, module, dtype, device) for g in gram_dirs]
             for rows in row_blocks(spec, method.row_separable, block_bytes):
                 tensors = [check_finite(r.get(spec.name, rows), f"{r.path}: {spec.name}") for r in readers]
                 base_tensor = check_finite(base_reader.get(spec.name, rows), f"{base_reader.path}: {spec.name}") if base_reader else None

@@ -13,10 +13,11 @@ import logging
 import random
 from pathlib import Path
 
+import pandas as pd
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ..io import atomic_dir, write_jsonl
+from ..io import atomic_dir, atomic_file, write_jsonl
 from ..params import ToyZooParams
 from . import skills
 from .tokenizer import build_tokenizer
@@ -100,8 +101,6 @@ def _test_rows(examples: list[skills.Example], skill: str, rng: random.Random) -
 
 
 def _write_test_csv(path: Path, rows: list[tuple[str, str, list[str] | None]]) -> None:
-    import pandas as pd
-
     frame = pd.DataFrame(
         {
             "id": range(len(rows)),
@@ -110,8 +109,6 @@ def _write_test_csv(path: Path, rows: list[tuple[str, str, list[str] | None]]) -
             "answer_choices": [repr(r[2]) if r[2] is not None else "" for r in rows],
         }
     )
-    from ..io import atomic_file
-
     with atomic_file(path) as tmp:
         frame.to_csv(tmp, index=False)
 
