@@ -91,3 +91,32 @@ def test_empty_data_file_is_a_clear_error(experts, tmp_path):
     data.write_text("")
     with pytest.raises(ValueError, match=r"holds no rows|not valid JSON lines"):
         compute_grams(experts[0], data, tmp_path / "g")
+
+
+def test_text_is_read_verbatim_and_missing_values_refused(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "007"}\n{"text": "1.50"}\n')
+    assert read_texts(data) == ["007", "1.50"]
+    data.write_text('{"text": "a"}\n{"other": "b"}\n')
+    with pytest.raises(ValueError, match=r"rows \[2\] have no 'text' value"):
+        read_texts(data)
+
+
+def test_corrupt_gram_file_is_a_clear_error(gram_dirs, tmp_path):
+    import shutil
+
+    bad = tmp_path / "g"
+    shutil.copytree(gram_dirs[0], bad)
+    (bad / "layer_000.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"layer_000\.safetensors: not a readable safetensors file"):
+        GramDir.open(bad)
+
+
+def test_outputs_follow_the_umask(gram_dirs):
+    import os
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(os.stat(gram_dirs[0]).st_mode) == 0o777 & ~mask
+    assert stat.S_IMODE(os.stat(gram_dirs[0] / "grams.json").st_mode) == 0o666 & ~mask

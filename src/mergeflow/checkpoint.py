@@ -49,7 +49,7 @@ class TensorSpec:
         return n * torch.empty((), dtype=self.dtype).element_size()
 
 
-def _open(path: Path):
+def open_safetensors(path: Path):
     try:
         return safe_open(path, framework="pt")
     except SafetensorError as err:
@@ -64,7 +64,7 @@ class CheckpointReader:
         if (self.path / INDEX).is_file():
             weight_map = json.loads((self.path / INDEX).read_text())["weight_map"]
         elif (self.path / SINGLE).is_file():
-            with _open(self.path / SINGLE) as f:
+            with open_safetensors(self.path / SINGLE) as f:
                 weight_map = {name: SINGLE for name in f.keys()}
         else:
             raise FileNotFoundError(f"{self.path}: neither {SINGLE} nor {INDEX}; expected a safetensors model directory")
@@ -73,7 +73,7 @@ class CheckpointReader:
         for file in sorted(set(self.weight_map.values())):
             if not (self.path / file).is_file():
                 raise FileNotFoundError(f"{self.path / file}: shard listed in {INDEX} is missing")
-            with _open(self.path / file) as f:
+            with open_safetensors(self.path / file) as f:
                 for name in f.keys():
                     sl = f.get_slice(name)
                     self.specs[name] = TensorSpec(name, tuple(sl.get_shape()), DTYPES[sl.get_dtype()])
@@ -86,7 +86,7 @@ class CheckpointReader:
 
     def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
         """The tensor `name`, or only its block of rows `rows` (first dimension)."""
-        with _open(self.path / self.weight_map[name]) as f:
+        with open_safetensors(self.path / self.weight_map[name]) as f:
             if rows is None:
                 return f.get_tensor(name)
             return f.get_slice(name)[rows]

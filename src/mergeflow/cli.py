@@ -131,6 +131,6 @@ def run() -> None:
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+    except (ValueError, OSError, KeyError) as err:  # OSError: missing files, hub errors
         click.echo(f"mergeflow: error: {err}", err=True)
         sys.exit(1)

@@ -18,6 +18,6 @@ def run_stage(description: str, add_arguments: Callable[[argparse.ArgumentParser
     setup_logging()
     try:
         body(args, load_params(args.params))
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+    except (ValueError, OSError, KeyError) as err:  # OSError: missing files, hub errors
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         sys.exit(1)

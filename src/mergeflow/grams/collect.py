@@ -86,13 +86,16 @@ def read_texts(data: str | Path, text_field: str = "text", num_samples: int | No
     if not data.is_file():
         raise FileNotFoundError(f"{data}: calibration data file not found (check --data / params.yaml)")
     try:
-        frame = pd.read_json(data, lines=True)
+        frame = pd.read_json(data, lines=True, dtype=False)  # text as written: no "007" -> 7.0
     except ValueError as err:
         raise ValueError(f"{data}: not valid JSON lines ({err})") from None
     if frame.empty:
         raise ValueError(f"{data}: holds no rows; grams need calibration text")
     if text_field not in frame.columns:
         raise ValueError(f"{data}: rows have no {text_field!r} field (fields: {sorted(frame.columns)})")
+    missing = frame.index[frame[text_field].isna()].tolist()
+    if missing:
+        raise ValueError(f"{data}: rows {[i + 1 for i in missing[:5]]} have no {text_field!r} value")
     texts = frame[text_field].astype(str).tolist()
     return texts[:num_samples] if num_samples else texts
 

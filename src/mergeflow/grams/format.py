@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..checkpoint import open_safetensors
 from ..io import atomic_dir, write_json
 
 FORMAT = "mergeflow.grams/1"
@@ -69,7 +70,7 @@ class GramDir:
         for file in sorted({ref.file for ref in modules.values()}):
             if not (path / file).is_file():
                 raise FileNotFoundError(f"{path / file}: listed in {index} but missing; recompute the grams or run `dvc checkout`")
-            with safe_open(path / file, framework="pt") as f:
+            with open_safetensors(path / file) as f:
                 keys = set(f.keys())
             missing = sorted({ref.key for ref in modules.values() if ref.file == file} - keys)
             if missing:

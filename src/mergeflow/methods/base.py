@@ -89,7 +89,8 @@ class MergeMethod(ABC):
 
         `grams`, for methods with `uses_grams` and tensors that are the weight of a Linear with
         grams, are zero-argument callables, one per expert, each returning that expert's
-        `[in, in]` per-token mean gram in the solver dtype on the solver device; otherwise None.
+        `[in, in]` per-token mean gram in the solver dtype on the solver device, as a new tensor
+        on every call (methods may modify it in place); otherwise None.
         `base` is the base model's tensor (same rows) for methods with `uses_base`.
         """
 

@@ -97,8 +97,8 @@ class RegMean(MergeMethod):
             lower = torch.linalg.solve_triangular(factor, rhs, upper=False)
             solution = torch.linalg.solve_triangular(factor.mT, lower, upper=True)
             del lower
-        else:
-            solution = torch.linalg.lstsq(factor, rhs).solution
+        else:  # rank-deficient: gelsd (SVD) exists on the CPU only; CUDA's gels assumes full rank
+            solution = torch.linalg.lstsq(factor.cpu(), rhs.cpu(), driver="gelsd").solution.to(device)
         if log.isEnabledFor(logging.DEBUG):
             lhs = factor @ factor.T if is_cholesky else factor
             residual = torch.linalg.matrix_norm(lhs @ solution - rhs) / torch.linalg.matrix_norm(rhs).clamp_min(1e-30)
