@@ -42,11 +42,15 @@ class TensorSpec:
     dtype: torch.dtype
 
     @property
-    def nbytes(self) -> int:
+    def numel(self) -> int:
         n = 1
         for d in self.shape:
             n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
 
 
 def open_safetensors(path: Path):

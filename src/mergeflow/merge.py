@@ -83,7 +83,7 @@ def solved_modules(grams: Sequence[GramDir], reader: CheckpointReader, *, lm_hea
 
 def row_blocks(spec: TensorSpec, row_separable: bool, block_bytes: int) -> list[Optional[slice]]:
     """`[None]` (the whole tensor) or consecutive row slices of about `block_bytes` in float32."""
-    as_float32 = spec.nbytes * 4 // max(1, torch.empty((), dtype=spec.dtype).element_size())
+    as_float32 = spec.numel * 4
     if not row_separable or len(spec.shape) < 2 or as_float32 <= block_bytes:
         return [None]
     rows = max(1, block_bytes * spec.shape[0] // as_float32)
@@ -163,6 +163,9 @@ def merge_models(
         gram_dirs = [GramDir.open(g) for g in grams]
         solved = set(solved_modules(gram_dirs, readers[0], lm_head=lm_head))
     specs = [readers[0].specs[name] for name in readers[0].names()]
+    if solved:  # Linears sharing one gram (q/k/v, gate/up) next to each other: RegMean factors it once
+        shared = {f"{m}.weight": gram_dirs[0].modules[m].key for m in solved}
+        specs.sort(key=lambda spec: (shared.get(spec.name, spec.name), spec.name))
     dtype, device = method.options.solver_dtype, method.options.device
 
     with atomic_dir(out) as tmp:

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..checkpoint import open_safetensors
@@ -79,7 +78,7 @@ class GramDir:
 
     def shape(self, module: str) -> tuple[int, ...]:
         ref = self.modules[module]
-        with safe_open(self.path / ref.file, framework="pt") as f:
+        with open_safetensors(self.path / ref.file) as f:
             return tuple(f.get_slice(ref.key).get_shape())
 
     def load(self, module: str) -> torch.Tensor:
@@ -87,7 +86,7 @@ class GramDir:
         if module not in self.modules:
             raise KeyError(f"{self.path / INDEX}: no gram for module {module!r}")
         ref = self.modules[module]
-        with safe_open(self.path / ref.file, framework="pt") as f:
+        with open_safetensors(self.path / ref.file) as f:
             return f.get_tensor(ref.key)
 
 
