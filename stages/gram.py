@@ -10,14 +10,11 @@ def add_arguments(parser):
     parser.add_argument("--model", type=Path, required=True, help="the expert's model directory")
     parser.add_argument("--data", type=Path, required=True, help="calibration JSONL (a `text` field per row)")
     parser.add_argument("--out", type=Path, required=True, help="gram directory to write")
+    parser.add_argument("--shard", default=None, help="compute only slice i/n of the rows (see README: Gram slices)")
 
 
 def main(args, params):
-    g = params.gram
-    compute_grams(
-        args.model, args.data, args.out,
-        max_length=g.max_length, batch_size=g.batch_size, num_samples=g.num_samples, device=g.device, include_lm_head=g.include_lm_head,
-    )
+    compute_grams(args.model, args.data, args.out, shard=args.shard, **params.gram.model_dump())
 
 
 if __name__ == "__main__":

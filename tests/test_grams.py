@@ -89,7 +89,7 @@ def test_rows_without_text_field_are_a_clear_error(experts, tmp_path):
 def test_empty_data_file_is_a_clear_error(experts, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("")
-    with pytest.raises(ValueError, match=r"holds no rows|not valid JSON lines"):
+    with pytest.raises(ValueError, match=r"d\.jsonl: is empty; grams need calibration text"):
         compute_grams(experts[0], data, tmp_path / "g")
 
 
@@ -98,7 +98,7 @@ def test_text_is_read_verbatim_and_missing_values_refused(tmp_path):
     data.write_text('{"text": "007"}\n{"text": "1.50"}\n')
     assert read_texts(data) == ["007", "1.50"]
     data.write_text('{"text": "a"}\n{"other": "b"}\n')
-    with pytest.raises(ValueError, match=r"rows \[2\] have no 'text' value"):
+    with pytest.raises(ValueError, match=r"rows \[2\] \(of the selection\) have no 'text' value"):
         read_texts(data)
 
 
@@ -108,6 +108,11 @@ def test_corrupt_gram_file_is_a_clear_error(gram_dirs, tmp_path):
     bad = tmp_path / "g"
     shutil.copytree(gram_dirs[0], bad)
     (bad / "layer_000.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"layer_000\.safetensors: 22 bytes, but .* records \d+; the file is truncated or corrupt"):
+        GramDir.open(bad)
+    meta = json.loads((bad / "grams.json").read_text())
+    del meta["files"]  # written before integrity records: the safetensors reader still refuses it
+    (bad / "grams.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"layer_000\.safetensors: not a readable safetensors file"):
         GramDir.open(bad)
 

@@ -109,6 +109,9 @@ def check_finite(tensor: torch.Tensor, where: str, chunk: int = 2**24) -> torch.
 class DiskGramLoader:
     """Loads one expert's per-token mean gram of one module, checked finite, in `dtype` on `device`.
 
+    Summed grams are divided by their own token count and imported mean grams used as they are, so
+    experts weigh the same whichever way their grams were stored.
+
     `key` names the stored tensor: modules that see the same input (q/k/v, gate/up) share it, so
     a method can reuse work done for one of them (RegMean factors each gram sum once).
     """
@@ -124,9 +127,8 @@ class DiskGramLoader:
         return (str(self.grams.path), ref.file, ref.key)
 
     def __call__(self) -> torch.Tensor:
-        gram = check_finite(self.grams.load(self.module), f"{self.grams.path / self.grams.modules[self.module].file} (gram of {self.module})")
-        # out of place: the loaded tensor maps the file lazily, and writing into it faults every page
-        return torch.div(gram.to(device=self.device, dtype=self.dtype), self.grams.num_tokens)
+        gram = self.grams.load_mean(self.module, self.dtype, self.device)  # sums divided by their token count
+        return check_finite(gram, f"{self.grams.path / self.grams.modules[self.module].file} (gram of {self.module})")
 
 
 def merge_models(
@@ -191,6 +193,7 @@ def merge_models(
             "base": str(base) if base_reader else None,
             "grams": [str(g.path) for g in gram_dirs],
             "num_tokens": [g.num_tokens for g in gram_dirs],
+            "gram_reductions": [g.reduction for g in gram_dirs],
             "solved_modules": len(solved),
             "lm_head_solved": LM_HEAD in solved,
             "least_squares_fallback": list(getattr(method, "fell_back", [])),

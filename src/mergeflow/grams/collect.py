@@ -1,28 +1,38 @@
-"""Collecting grams: forward calibration text through a model and sum `x x^T` of Linear inputs.
+"""Computing grams: calibration text forwarded through a model, `sum x x^T` of Linear inputs.
 
-Forward pre-hooks on every `nn.Linear` inside the transformer blocks see each Linear's input; only
-non-padding tokens are kept (right padding, so padding never changes the real tokens'
-activations), and the products are accumulated in float32 whatever the model's dtype. Modules fed
-the very same input tensor (q/k/v, gate/up) are accumulated once and share one key.
+One `compute_grams` call handles a plain run, a slice of the data (`shard="i/n"`, for machines that
+each compute a part; `mergeflow grams sum` adds the parts), a `torchrun` launch (each rank takes a
+slice and the sums are all-reduced: gloo on CPU, NCCL on GPU), a bounded accumulator memory
+(`max_gram_memory`: the layers are split into groups and each group gets its own pass over the
+data, stopping the forward after the group's last layer), and resumption from the last checkpoint
+of a killed run with the same command.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
-import weakref
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..checkpoint import parse_size
+from ..io import atomic_dir, atomic_file
 from ..models import load_causal_lm
-from .format import write_grams
+from .accumulate import GramAccumulator, symmetric
+from .data import load_rows, parse_shard, slice_of, tokenize
+from .format import GramWriter, file_for
+from .resume import Checkpoint, Progress, file_identity, fingerprint
 
 log = logging.getLogger(__name__)
 _IN_BLOCK = re.compile(r"(^|\.)layers\.\d+\.")
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def block_linears(model: nn.Module, include_lm_head: bool = False) -> dict[str, nn.Linear]:
@@ -35,75 +45,85 @@ def block_linears(model: nn.Module, include_lm_head: bool = False) -> dict[str, 
     }
 
 
-class GramAccumulator:
-    """Hooks that add each batch's `x^T x` (non-padding rows only) into float32 sums."""
-
-    def __init__(self, linears: dict[str, nn.Linear]):
-        self.linears = linears
-        self.sums: dict[str, torch.Tensor] = {}
-        self.keys: dict[str, str] = {}  # module -> key of the module that first saw its input
-        self.num_tokens = 0
-        self._mask: torch.Tensor | None = None
-        self._seen: dict[int, tuple[weakref.ref, str]] = {}
-        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in linears.items()]
-
-    def _hook(self, name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            ref, owner = self._seen.get(id(x), (None, None))
-            if ref is None or ref() is not x:  # a new input (ids of freed tensors get reused)
-                owner = name
-                self._seen[id(x)] = (weakref.ref(x), name)
-            known = self.keys.setdefault(name, owner)
-            if known != owner:
-                raise RuntimeError(f"{name}: shares its input with {owner} in this batch but not in the first one")
-            if owner != name:
-                return
-            rows = x.reshape(-1, x.shape[-1])[self._mask].to(torch.float32)
-            if name not in self.sums:
-                self.sums[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
-            self.sums[name].addmm_(rows.T, rows)
-
-        return hook
-
-    def add_batch(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        self._mask = attention_mask.reshape(-1).bool()
-        self._seen = {}
-        model(input_ids=input_ids, attention_mask=attention_mask)
-        self.num_tokens += int(self._mask.sum())
-        self._seen = {}
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
-def read_texts(data: str | Path, text_field: str = "text", num_samples: int | None = None) -> list[str]:
-    """The calibration texts of a JSONL file, in file order, the first `num_samples` of them."""
-    import pandas as pd
-
-    data = Path(data)
-    if not data.is_file():
-        raise FileNotFoundError(f"{data}: calibration data file not found (check --data / params.yaml)")
-    try:
-        frame = pd.read_json(data, lines=True, dtype=False)  # text as written: no "007" -> 7.0
-    except ValueError as err:
-        raise ValueError(f"{data}: not valid JSON lines ({err})") from None
-    if frame.empty:
-        raise ValueError(f"{data}: holds no rows; grams need calibration text")
-    if text_field not in frame.columns:
-        raise ValueError(f"{data}: rows have no {text_field!r} field (fields: {sorted(frame.columns)})")
-    missing = frame.index[frame[text_field].isna()].tolist()
-    if missing:
-        raise ValueError(f"{data}: rows {[i + 1 for i in missing[:5]]} have no {text_field!r} value")
-    texts = frame[text_field].astype(str).tolist()
-    return texts[:num_samples] if num_samples else texts
+def read_texts(data: str | Path, text_field: str = "text", num_samples: int | None = None, seed: int | None = None) -> list:
+    """The calibration rows' text (or chat messages), as `compute_grams` selects them."""
+    return load_rows(data, text_field, num_samples=num_samples, seed=seed)
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length, so little compute goes to padding."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def pad_batch(rows: Sequence[list[int]], pad: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, seq in enumerate(rows):
+        span = slice(0, len(seq)) if side == "right" else slice(width - len(seq), width)
+        ids[r, span] = torch.tensor(seq)
+        mask[r, span] = 1
+    return ids, mask
+
+
+def plan_groups(order: list[str], keys: dict[str, str], in_features: dict[str, int], element: int, budget: Optional[int]) -> list[list[str]]:
+    """Split the distinct inputs into consecutive groups of whole layers within `budget` bytes."""
+    owners = [m for m in order if keys[m] == m]
+    layers: list[tuple[str, list[str], int]] = []
+    for owner in owners:
+        file, size = file_for(owner), in_features[owner] ** 2 * element
+        if layers and layers[-1][0] == file:
+            layers[-1][1].append(owner)
+            layers[-1] = (file, layers[-1][1], layers[-1][2] + size)
+        else:
+            layers.append((file, [owner], size))
+    if budget is None:
+        return [owners]
+    groups: list[list[str]] = []
+    used = budget + 1
+    for file, members, size in layers:
+        if size > budget:
+            raise ValueError(f"max_gram_memory {budget} bytes is below the {size} bytes of the grams of one layer ({file}); raise it")
+        if used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].extend(members)
+        used += size
+    return groups
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        if self.world > 1:
+            torch.distributed.all_reduce(tensor)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def setup_device_and_ranks(device: str) -> tuple[str, Distributed]:
+    """Resolve `auto`, and join a torchrun launch when there is one (WORLD_SIZE > 1)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return device, Distributed()
+    if device == "cuda":  # one GPU per rank, among those CUDA_VISIBLE_DEVICES shows
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device, Distributed(torch.distributed.get_rank(), torch.distributed.get_world_size())
 
 
 @torch.no_grad()
@@ -115,33 +135,133 @@ def compute_grams(
     max_length: int = 64,
     batch_size: int = 32,
     num_samples: int | None = None,
+    seed: int | None = None,
+    text_field: str = "text",
     device: str = "cpu",
+    model_dtype: str = "float32",
+    dtype: str = "float32",
     include_lm_head: bool = False,
+    accumulate_on: str = "device",
+    max_gram_memory: int | str | None = None,
+    checkpoint_every: int = 50,
+    shard: str | None = None,
 ) -> int:
     """Compute and write the grams of `model_dir` on `data`; return the number of tokens seen."""
     if max_length < 1 or batch_size < 1:
         raise ValueError(f"max_length and batch_size must be at least 1 (got {max_length}, {batch_size})")
-    texts = read_texts(data, num_samples=num_samples)
-    model, tokenizer = load_causal_lm(model_dir, device=device)
-    encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    acc = GramAccumulator(block_linears(model, include_lm_head))
-    if not acc.linears:
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"gram dtype must be float32 or float64, got {dtype!r}")
+    if accumulate_on not in ("device", "cpu"):
+        raise ValueError(f"accumulate_on must be 'device' or 'cpu', got {accumulate_on!r}")
+    model_dir, data, out = Path(model_dir), Path(data), Path(out)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: no config.json; --model must be a Hugging Face model directory")
+    shard_index, shard_count = parse_shard(shard)
+    budget = parse_size(max_gram_memory) if isinstance(max_gram_memory, str) else max_gram_memory
+    acc_dtype = DTYPES[dtype]
+
+    selected = load_rows(data, text_field, num_samples=num_samples, seed=seed)
+    rows = [selected[i] for i in slice_of(len(selected), shard_index, shard_count)]
+    if not rows:
+        raise ValueError(f"{data}: shard {shard_index}/{shard_count} of {len(selected)} rows is empty; use fewer shards")
+    device, ranks = setup_device_and_ranks(device)
+    model, tokenizer = load_causal_lm(model_dir, device=device, dtype=DTYPES[model_dtype])
+    encoded = tokenize(rows, tokenizer, max_length)
+    mine = [encoded[i] for i in slice_of(len(encoded), ranks.rank, ranks.world)]
+    linears = block_linears(model, include_lm_head)
+    if not linears:
         raise ValueError(f"{model_dir}: no nn.Linear inside transformer blocks (`layers.N.`) to compute grams for")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    side = getattr(tokenizer, "padding_side", "right") or "right"
+
+    probe = GramAccumulator(linears)  # learns which modules share an input, and the execution order
     try:
-        bar = tqdm(total=sum(map(len, encoded)), desc=f"grams {Path(model_dir).name}", unit="tok", unit_scale=True)
-        for batch in length_sorted_batches([len(ids) for ids in encoded], batch_size):
-            width = max(len(encoded[i]) for i in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-                mask[row, : len(encoded[i])] = 1
-            acc.add_batch(model, ids.to(device), mask.to(device))
-            bar.update(int(mask.sum()))
-        bar.close()
+        probe.forward(model, *(t.to(device) for t in pad_batch([encoded[0][:8]], pad, side)), accumulate=False)
     finally:
-        acc.close()
-    write_grams(out, {k: v.cpu() for k, v in acc.sums.items()}, acc.keys, acc.num_tokens, model=str(model_dir))
-    log.info("grams of %s: %d modules (%d distinct inputs), %d tokens -> %s", model_dir, len(acc.keys), len(acc.sums), acc.num_tokens, out)
-    return acc.num_tokens
+        probe.close()
+    keys, order = probe.keys, probe.order
+    in_features = {name: linears[name].in_features for name in keys}
+    groups = plan_groups(order, keys, in_features, acc_dtype.itemsize, budget)
+
+    weights = sorted(p for p in model_dir.iterdir() if p.suffix == ".safetensors" or p.name == "config.json")
+    ckpt = Checkpoint(out, fingerprint(
+        model=[file_identity(p) for p in weights], data=file_identity(data), max_length=max_length, batch_size=batch_size,
+        num_samples=num_samples, seed=seed, text_field=text_field, model_dtype=model_dtype, dtype=dtype,
+        include_lm_head=include_lm_head, shard=[shard_index, shard_count], world=ranks.world, groups=groups,
+    ), ranks.rank)
+    if ranks.main:
+        ckpt.prepare()
+    ranks.barrier()
+    progress, saved = ckpt.load(device if accumulate_on == "device" else "cpu")
+
+    batches = length_sorted_batches([len(ids) for ids in mine], batch_size)
+    tokens_per_pass = sum(map(len, mine))
+    bar = tqdm(total=tokens_per_pass * len(groups), desc=f"grams {model_dir.name}", unit="tok", unit_scale=True, disable=not ranks.main or None)
+    bar.update(tokens_per_pass * progress.group + sum(len(mine[i]) for b in batches[: progress.batch] for i in b))
+    num_tokens = None
+    for g, owners in enumerate(groups):
+        if g < progress.group:
+            continue
+        members = {m: linears[m] for m in keys if keys[m] in owners}
+        acc = GramAccumulator(members, dtype=acc_dtype, device="cpu" if accumulate_on == "cpu" else None,
+                              stop_after=[m for m in order if m in members][-1])
+        acc.keys = {m: keys[m] for m in members}
+        acc.sums = {o: torch.zeros(in_features[o], in_features[o], dtype=acc_dtype, device=device if accumulate_on == "device" else "cpu") for o in owners}
+        start = 0
+        if g == progress.group and progress.batch:
+            start, acc.num_tokens = progress.batch, progress.num_tokens
+            for key, value in saved.items():
+                acc.sums[key].copy_(value)
+        try:
+            for b in range(start, len(batches)):
+                ids, mask = pad_batch([mine[i] for i in batches[b]], pad, side)
+                acc.forward(model, ids.to(device), mask.to(device))
+                bar.update(int(mask.sum()))
+                if checkpoint_every and (b + 1) % checkpoint_every == 0 and b + 1 < len(batches):
+                    ckpt.save(Progress(g, b + 1, acc.num_tokens), acc.sums)
+        finally:
+            acc.close()
+        count = torch.tensor([acc.num_tokens], dtype=torch.long, device=device)
+        ranks.all_reduce(count)
+        num_tokens = int(count)
+        for key in sorted(acc.sums):
+            ranks.all_reduce(acc.sums[key])
+        if ranks.main:
+            write_group(ckpt, {key: symmetric(acc.sums[key]).cpu() for key in owners}, acc_dtype)
+            ckpt.save(Progress(g + 1, 0, num_tokens), {})
+        ranks.barrier()
+        if not ranks.main:
+            ckpt.save(Progress(g + 1, 0, num_tokens), {})
+        del acc
+    bar.close()
+    if num_tokens is None:  # every group was done before a kill between the last group and the output
+        num_tokens = progress.num_tokens
+    if ranks.main:
+        with atomic_dir(out) as tmp:
+            writer = GramWriter(tmp)
+            for file in sorted(ckpt.done.glob("*.safetensors")):
+                shutil.move(file, tmp / file.name)
+                writer.add_file(file.name)
+            writer.finish(keys, num_tokens=num_tokens, model=str(model_dir), dtype=dtype,
+                          shard=f"{shard_index}/{shard_count}" if shard_count > 1 else None)
+        ckpt.clear()
+    ranks.barrier()
+    if ranks.world > 1:
+        torch.distributed.destroy_process_group()
+    if ranks.main:
+        log.info("grams of %s: %d modules (%d distinct inputs), %d tokens, %d pass(es) -> %s", model_dir, len(keys), sum(map(len, groups)), num_tokens, len(groups), out)
+    return num_tokens
+
+
+def write_group(ckpt: Checkpoint, sums: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """A finished layer group's grams, as final per-layer files in the checkpoint's `done/`."""
+    from safetensors.torch import save_file
+
+    from .format import FORMAT
+
+    files: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in sums.items():
+        files.setdefault(file_for(key), {})[key] = tensor.to(dtype).contiguous()
+    for file, tensors in files.items():
+        with atomic_file(ckpt.done / file) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": FORMAT})

@@ -1,0 +1,114 @@
+"""Accumulating `sum x x^T` of Linear inputs with forward pre-hooks, once per distinct input.
+
+Exact: only non-padding tokens are added, in float32 (or float64) whatever the model's dtype.
+Fast: modules fed the very same tensor (q/k/v, gate/up) are accumulated once and share one key;
+the product is symmetric, so for wide inputs only the upper triangle is computed, in row panels
+(each one GEMM), and mirrored when the sums are read: about half the FLOPs of `X^T X`.
+A pass may hook only some layers (`max_gram_memory`); the forward then stops after the last
+hooked module instead of running the rest of the model for nothing.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+from torch import nn
+
+PANEL = 256  # inputs narrower than 2 panels are multiplied whole
+
+
+class StopForward(Exception):
+    """Raised after the last hooked module of a pass: the rest of the forward is not needed."""
+
+
+def panel_bounds(n: int) -> list[tuple[int, int]]:
+    """Row panels of the upper triangle: 1 (plain product) to 8 (about 56% of the full FLOPs)."""
+    parts = max(1, min(8, n // PANEL))
+    size = -(-n // parts)
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def add_gram(upper: torch.Tensor, rows: torch.Tensor) -> None:
+    """`upper += rows^T rows` on and above the diagonal (below it only when a panel spans it)."""
+    for start, end in panel_bounds(rows.shape[1]):
+        upper[start:end, start:].addmm_(rows[:, start:end].T, rows[:, start:])
+
+
+def symmetric(upper: torch.Tensor) -> torch.Tensor:
+    """The full matrix from what `add_gram` accumulated (its upper triangle is exact)."""
+    full = torch.triu(upper)
+    return full.add_(torch.triu(upper, 1).T)
+
+
+class GramAccumulator:
+    """Hooks on `linears` that add each batch's non-padding inputs' products into sums.
+
+    `keys` maps every hooked module to the module whose input it shares (itself when first); it
+    is learnt from the first batch and must hold for every later one. `order` is the modules'
+    execution order.
+    """
+
+    def __init__(self, linears: dict[str, nn.Linear], *, dtype: torch.dtype = torch.float32, device: Optional[str] = None, stop_after: Optional[str] = None):
+        self.linears = linears
+        self.dtype, self.device = dtype, device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.keys: dict[str, str] = {}
+        self.order: list[str] = []
+        self.num_tokens = 0
+        self._mask: Optional[torch.Tensor] = None
+        self._seen: dict[int, tuple[weakref.ref, str]] = {}
+        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in linears.items()]
+        if stop_after is not None:
+            self._handles.append(linears[stop_after].register_forward_hook(self._stop))
+
+    @staticmethod
+    def _stop(module, args, output):
+        raise StopForward
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            ref, owner = self._seen.get(id(x), (None, None))
+            if ref is None or ref() is not x:  # a new input (ids of freed tensors get reused)
+                owner = name
+                self._seen[id(x)] = (weakref.ref(x), name)
+            if name not in self.keys:
+                self.order.append(name)
+            known = self.keys.setdefault(name, owner)
+            if known != owner:
+                raise RuntimeError(f"{name}: shares its input with {owner} in this batch but not in the first one")
+            if owner != name or self._mask is None:
+                return
+            rows = x.reshape(-1, x.shape[-1])[self._mask]
+            device = self.device or rows.device
+            rows = rows.to(device=device, dtype=self.dtype)
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=self.dtype, device=device)
+            add_gram(self.sums[name], rows)
+
+        return hook
+
+    def forward(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, accumulate: bool = True) -> None:
+        """Run one batch; with `accumulate=False` only learn keys and order (a probe)."""
+        mask = attention_mask.reshape(-1).bool()
+        self._mask = mask if accumulate else None
+        self._seen = {}
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # left padding keeps real positions
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        except StopForward:
+            pass
+        finally:
+            self._seen = {}
+        if accumulate:
+            self.num_tokens += int(mask.sum())
+
+    def full_sums(self) -> dict[str, torch.Tensor]:
+        return {key: symmetric(upper) for key, upper in self.sums.items()}
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

@@ -1,0 +1,99 @@
+"""Calibration data for grams: read with `datasets`, sampled, sliced, rendered and tokenised.
+
+A row's text field holds either plain text or chat messages (`[{"role": ..., "content": ...}]`),
+which are rendered with the model's chat template, as the reference rendered its instruction data.
+Row selection is deterministic: the first `num_samples` rows in file order, or a seeded shuffle
+first when `seed` is set; `--shard i/n` and torchrun ranks then take disjoint slices of that
+selection, so slices summed equal the whole.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_rows(path: str | Path, field: str = "text", *, num_samples: Optional[int] = None, seed: Optional[int] = None) -> list:
+    """The `field` values of the selected rows of a JSONL, JSON, Parquet or CSV file."""
+    import datasets
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: calibration data file not found (check --data / params.yaml data.calib)")
+    builder = BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise ValueError(f"{path}: unknown calibration data format {path.suffix!r}; use one of {sorted(BUILDERS)}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: is empty; grams need calibration text")
+    datasets.disable_progress_bars()
+    try:
+        kwargs = csv_as_text(path) if builder == "csv" else {}
+        data = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True, **kwargs)
+    except Exception as err:  # datasets wraps parser errors in several exception types
+        raise ValueError(f"{path}: could not be read as {builder} ({type(err).__name__}: {err})") from None
+    if len(data) == 0:
+        raise ValueError(f"{path}: holds no rows; grams need calibration text")
+    if field not in data.column_names:
+        raise ValueError(f"{path}: rows have no {field!r} field (fields: {sorted(data.column_names)}); set gram.text_field / --text-field")
+    if seed is not None:
+        data = data.shuffle(seed=seed)
+    if num_samples:
+        data = data.select(range(min(num_samples, len(data))))
+    values = data[field]
+    missing = [i + 1 for i, v in enumerate(values) if v is None or v == "" or v == []]
+    if missing:
+        raise ValueError(f"{path}: rows {missing[:5]} (of the selection) have no {field!r} value")
+    return values
+
+
+def csv_as_text(path: Path) -> dict:
+    """Every CSV column read as a string, verbatim: no "007" -> 7, no "NA" -> missing."""
+    import datasets
+    import pandas as pd
+
+    columns = pd.read_csv(path, nrows=0).columns
+    return {"features": datasets.Features({c: datasets.Value("string") for c in columns}), "keep_default_na": False}
+
+
+def is_chat(value) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+def tokenize(values: Sequence, tokenizer, max_length: int) -> list[list[int]]:
+    """Token ids of each row, truncated to `max_length`; chat rows through the chat template."""
+    if max_length < 1:
+        raise ValueError(f"max_length must be at least 1, got {max_length}")
+    chats = [i for i, v in enumerate(values) if is_chat(v)]
+    if chats and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"the calibration rows hold chat messages but the tokenizer has no chat template (row {chats[0] + 1})")
+    ids: list[list[int]] = []
+    for v in values:
+        if is_chat(v):  # the template writes the special tokens (BOS) itself
+            text = tokenizer.apply_chat_template(v, tokenize=False)
+            ids.append(tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"])
+        else:
+            ids.append(tokenizer(str(v), truncation=True, max_length=max_length)["input_ids"])
+    empty = [i + 1 for i, t in enumerate(ids) if not t]
+    if empty:
+        raise ValueError(f"calibration rows {empty[:5]} tokenise to nothing")
+    return ids
+
+
+def parse_shard(text: Optional[str]) -> tuple[int, int]:
+    """`"i/n"` -> `(i, n)` with 0 <= i < n; None -> `(0, 1)`."""
+    if not text:
+        return 0, 1
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def slice_of(count: int, index: int, parts: int) -> range:
+    """Contiguous, near-equal slice `index` of `parts` over `count` rows."""
+    return range(count * index // parts, count * (index + 1) // parts)
