@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-PANEL = 256  # inputs narrower than 2 panels are multiplied whole
+PANEL = 128  # inputs narrower than 2 panels are multiplied whole
 
 
 class StopForward(Exception):
@@ -58,6 +58,7 @@ class GramAccumulator:
         self.order: list[str] = []
         self.num_tokens = 0
         self._mask: Optional[torch.Tensor] = None
+        self._unpadded = False
         self._seen: dict[int, tuple[weakref.ref, str]] = {}
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in linears.items()]
         if stop_after is not None:
@@ -81,7 +82,9 @@ class GramAccumulator:
                 raise RuntimeError(f"{name}: shares its input with {owner} in this batch but not in the first one")
             if owner != name or self._mask is None:
                 return
-            rows = x.reshape(-1, x.shape[-1])[self._mask]
+            rows = x.reshape(-1, x.shape[-1])
+            if not self._unpadded:  # boolean indexing copies: skip it when no token is padding
+                rows = rows[self._mask]
             device = self.device or rows.device
             rows = rows.to(device=device, dtype=self.dtype)
             if name not in self.sums:
@@ -94,6 +97,7 @@ class GramAccumulator:
         """Run one batch; with `accumulate=False` only learn keys and order (a probe)."""
         mask = attention_mask.reshape(-1).bool()
         self._mask = mask if accumulate else None
+        self._unpadded = bool(mask.all())
         self._seen = {}
         position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # left padding keeps real positions
         try:
