@@ -9,11 +9,14 @@ from mergeflow.stage import run_stage
 def add_arguments(parser):
     parser.add_argument("--model", type=Path, required=True, help="model directory to evaluate")
     parser.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
+    parser.add_argument("--logs", type=Path, required=True, help="folder for the per-sample JSONL logs")
 
 
 def main(args, params):
     e = params.eval
-    evaluate_model(args.model, e.tasks, args.out, limit=e.limit, batch_size=e.batch_size, device=e.device, trust_remote_code=e.trust_remote_code)
+    evaluate_model(args.model, e.tasks, args.out, params=e, log_dir=args.logs if e.log_samples else None)
+    if not e.log_samples:  # the folder is a DVC output: leave an empty one
+        args.logs.mkdir(parents=True, exist_ok=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""DVC stage `submit`: answer data/test.csv with the merged model into submission.csv (params: submit)."""
+"""DVC stage `submit`: answer data/test.csv with the merged model into submission.csv (params: submit, eval backend)."""
 
 from pathlib import Path
 
@@ -14,7 +14,7 @@ def add_arguments(parser):
 
 def main(args, params):
     s = params.submit
-    write_submission(args.model, args.test, args.out, max_new_tokens=s.max_new_tokens, stop=s.stop, batch_size=s.batch_size, device=s.device)
+    write_submission(args.model, args.test, args.out, params=params.eval, max_new_tokens=s.max_new_tokens, stop=s.stop, choice_delimiter=s.choice_delimiter)
 
 
 if __name__ == "__main__":

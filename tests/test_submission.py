@@ -7,7 +7,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mergeflow.submission import EMPTY_PREDICTION, predict, read_test_csv, validate_submission, write_submission
+from mergeflow.params import EvalParams
+from mergeflow.submission import (
+    EMPTY_PREDICTION,
+    predict,
+    read_test_csv,
+    validate_submission,
+    write_submission,
+)
 
 SEED_TEST = Path(__file__).resolve().parents[2] / "shared" / "seed-data" / "llm-merging" / "data" / "test.csv"
 
@@ -21,7 +28,7 @@ class FakeLM:
 
     def loglikelihood(self, requests):
         self.requests += requests
-        return [(0.0 if r.args[1] == self.favourite else -5.0 - len(r.args[1]), False) for r in requests]
+        return [(0.0 if r.args[1].strip() == self.favourite else -5.0 - len(r.args[1]), False) for r in requests]
 
     def generate_until(self, requests):
         self.requests += requests
@@ -48,8 +55,8 @@ def test_predict_picks_the_most_likely_choice_and_generates(tmp_path):
     lm = FakeLM(favourite="2", generation=" ba ")
     assert predict(lm, test, max_new_tokens=4, stop=["\n"]) == ["1", "ba", "0"]
     contexts = [(r.request_type, r.args[0], r.args[1]) for r in lm.requests if r.request_type == "loglikelihood"]
-    assert contexts[:3] == [("loglikelihood", "1+1=", "3"), ("loglikelihood", "1+1=", "2"), ("loglikelihood", "1+1=", "11")]
-    gen = [r for r in lm.requests if r.request_type == "generate_until"][0]
+    assert contexts[:3] == [("loglikelihood", "1+1=", " 3"), ("loglikelihood", "1+1=", " 2"), ("loglikelihood", "1+1=", " 11")]
+    gen = next(r for r in lm.requests if r.request_type == "generate_until")
     assert gen.args == ("rev(ab)=", {"until": ["\n"], "max_gen_toks": 4, "do_sample": False})
 
 
@@ -64,6 +71,8 @@ def test_empty_generation_gets_a_visible_placeholder(tmp_path):
         ([(0, "x", "ranking", "")], r"unknown eval_type values \['ranking'\]"),
         ([(0, "x", "multiple_choice", "not a list")], r"row id=0: answer_choices 'not a list' is not a list"),
         ([(0, "x", "multiple_choice", "['only one']")], r"at least two choices"),
+        ([(0, "x", "multiple_choice", "['a', 'b'"), (1, "y", "generation", "")], r"row id=0: answer_choices \"\['a', 'b'\" is not a list"),
+        ([(0, "x", "generation", ""), (1, "y", "generation", ""), (0, "z", "generation", "")], r"duplicate ids \[0\]; every row needs its own id"),
     ],
 )
 def test_bad_test_csv_is_refused(tmp_path, rows, message):
@@ -93,10 +102,34 @@ def test_validation_refuses_reordered_ids_and_bad_indices(tmp_path):
 
 def test_write_submission_with_a_real_model(experts, tmp_path):
     csv = write_csv(tmp_path / "test.csv", [(0, "12+5=", "multiple_choice", "['17', '18', '7', '1']"), (1, "rev(abc)=", "generation", ""), (2, "1+1=", "multiple_choice", "['2', '3']")])
-    write_submission(experts[0], csv, tmp_path / "submission.csv", max_new_tokens=4, batch_size=2)
+    write_submission(experts[0], csv, tmp_path / "submission.csv", params=EvalParams(backend="hf", hf={"batch_size": 2}), max_new_tokens=4)
     out = pd.read_csv(tmp_path / "submission.csv", dtype=str, keep_default_na=False)
     assert list(out.columns) == ["id", "prediction", "dummy_field"]
     assert out["id"].tolist() == ["0", "1", "2"] and out["dummy_field"].tolist() == ["0", "0", "0"]
     assert out["prediction"][0] in {"0", "1", "2", "3"} and out["prediction"][2] in {"0", "1"}
     assert out["prediction"][1].strip() != ""
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_choice_delimiter_matches_lm_evals_multiple_choice(tmp_path):
+    test = read_test_csv(write_csv(tmp_path / "t.csv", [(0, "q", "multiple_choice", "['x', 'y']")]))
+    lm = FakeLM(favourite="y", generation="")
+    assert predict(lm, test, max_new_tokens=4, stop=["\n"], choice_delimiter="") == ["1"]
+    assert [r.args for r in lm.requests] == [("q", "x"), ("q", "y")]
+
+
+@pytest.mark.skipif(not SEED_TEST.is_file(), reason="../shared/seed-data is not beside this checkout")
+def test_submission_answers_every_row_of_the_real_test_csv(tmp_path):
+    """All 807 rows of the competition's test.csv with a toy model, through the HF backend."""
+    from eval_helpers import long_context_llama
+
+    model = long_context_llama(tmp_path / "model", positions=256)  # the longest choice has 152 characters
+    out = tmp_path / "submission.csv"
+    write_submission(model, SEED_TEST, out, params=EvalParams(backend="hf", hf={"batch_size": 32}), max_new_tokens=4)
+    test = read_test_csv(SEED_TEST)
+    sub = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert list(sub.columns) == ["id", "prediction", "dummy_field"]
+    assert len(sub) == 807 and sub["id"].tolist() == [str(i) for i in test["id"]]
+    assert set(sub["dummy_field"]) == {"0"} and (sub["prediction"].str.strip() != "").all()
+    mc = test["eval_type"] == "multiple_choice"
+    assert all(0 <= int(p) < len(c) for p, c in zip(sub["prediction"][mc], test["choices"][mc]))

@@ -5,6 +5,7 @@
     mergeflow merge    --method ties --base BASE --model A --model B --density 0.2 --out DIR
     mergeflow evaluate --model DIR --task toy_math --out metrics.json
     mergeflow submit   --model DIR --test data/test.csv --out submission.csv
+    mergeflow report   [--exp-show exp.json] [--out-dir plots]
     mergeflow methods
 """
 
@@ -81,20 +82,64 @@ def merge(method, models, out, grams_, base, alpha, weights, scaling, density, l
     merge_models(models, get_method(method)(options), out, grams=grams_, base=base, lm_head=lm_head, max_shard_size=parse_size(max_shard_size), overwrite=force)
 
 
+BACKEND_OPTIONS = [
+    click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "vllm", "hf"]), help="lm-eval model: vllm (CUDA, pip install 'mergeflow[vllm]'), hf, or auto (vllm when installed and CUDA is visible)."),
+    click.option("--dtype", default="auto", show_default=True, help="Model dtype (auto: the checkpoint's)."),
+    click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="hf: requests per batch."),
+    click.option("--device", default="cpu", show_default=True, help="hf: cpu, cuda, cuda:N or auto."),
+    click.option("--tensor-parallel-size", default=1, show_default=True, type=click.IntRange(min=1), help="vllm: GPUs per model."),
+    click.option("--gpu-memory-utilization", default=0.9, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="vllm: fraction of GPU memory to use."),
+    click.option("--max-model-len", default=None, type=click.IntRange(min=1), help="vllm: context length [default: the model's]."),
+    click.option("--tokenizer", default=None, help="vllm: tokenizer directory or repo [default: the model's]."),
+    click.option("--trust-remote-code", is_flag=True, help="Allow the model repo's own Python code (off by default)."),
+]
+
+
+def backend_options(fn):
+    for option in reversed(BACKEND_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def eval_params(backend, dtype, batch_size, device, tensor_parallel_size, gpu_memory_utilization, max_model_len, tokenizer, trust_remote_code, **extra):
+    from .params import EvalParams
+
+    return EvalParams(
+        backend=backend,
+        hf={"dtype": dtype, "batch_size": batch_size, "device": device},
+        vllm={"dtype": dtype, "tensor_parallel_size": tensor_parallel_size, "gpu_memory_utilization": gpu_memory_utilization, "max_model_len": max_model_len, "tokenizer": tokenizer},
+        trust_remote_code=trust_remote_code,
+        **extra,
+    )
+
+
+def parse_data_files(values: tuple[str, ...]) -> dict[str, str]:
+    files = {}
+    for value in values:
+        task, sep, path = value.partition("=")
+        if not sep or not task or not path:
+            raise click.BadParameter(f"{value!r}: expected TASK=FILE", param_hint="--data-file")
+        files[task] = path
+    return files
+
+
 @main.command()
 @click.option("--model", required=True, type=EXISTING_DIR, help="Model directory to evaluate.")
-@click.option("--task", "tasks", required=True, multiple=True, help="lm-eval task; repeat for several (shipped: toy_math, toy_code).")
+@click.option("--task", "tasks", required=True, multiple=True, help="lm-eval task; repeat for several (shipped: toy_math, toy_code, cosmos_qa, xsum, humaneval_instruct_fence; or any lm-eval task).")
 @click.option("--out", required=True, type=PATH, help="Metrics JSON to write ({task: {metric: value}}).")
-@click.option("--data-root", default=".", show_default=True, type=PATH, help="Folder the shipped tasks' data_files are relative to.")
+@click.option("--data-root", default=".", show_default=True, type=PATH, help="Folder that data files are relative to.")
+@click.option("--data-file", "data_files", multiple=True, metavar="TASK=FILE", help="Local data of a task (csv, json(l), parquet); repeatable.")
 @click.option("--limit", default=None, type=click.IntRange(min=1), help="Evaluate only the first N documents per task.")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--trust-remote-code", is_flag=True, help="Allow the model repo's own Python code (off by default).")
-def evaluate(model: Path, tasks: tuple[str, ...], out: Path, data_root: Path, limit: int | None, batch_size: int, device: str, trust_remote_code: bool) -> None:
-    """Evaluate a model with lm-eval (HF backend) and write flattened metrics."""
+@click.option("--max-gen-toks", default=None, type=click.IntRange(min=1), help="Cap on generated tokens [default: each task's own].")
+@click.option("--logs", default=None, type=PATH, help="Folder for lm-eval's per-sample records (<task>.jsonl).")
+@click.option("--allow-code-execution", is_flag=True, help="Let humaneval*/mbpp execute the generated code (sets HF_ALLOW_CODE_EVAL=1).")
+@backend_options
+def evaluate(model: Path, tasks: tuple[str, ...], out: Path, data_root: Path, data_files: tuple[str, ...], limit: int | None, max_gen_toks: int | None, logs: Path | None, allow_code_execution: bool, **backend) -> None:
+    """Evaluate a model with lm-eval (vLLM or HF backend) and write flattened metrics."""
     from .evaluation.harness import evaluate_model
 
-    evaluate_model(model, tasks, out, data_root=data_root, limit=limit, batch_size=batch_size, device=device, trust_remote_code=trust_remote_code)
+    params = eval_params(**backend, data_files=parse_data_files(data_files), allow_code_execution=allow_code_execution, max_gen_toks=max_gen_toks)
+    evaluate_model(model, tasks, out, params=params, data_root=data_root, limit=limit, log_dir=logs)
 
 
 @main.command()
@@ -103,13 +148,34 @@ def evaluate(model: Path, tasks: tuple[str, ...], out: Path, data_root: Path, li
 @click.option("--out", required=True, type=PATH, help="submission.csv to write (id,prediction,dummy_field).")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--stop", multiple=True, default=["\n"], show_default=True, help="Stop sequence for generation rows; repeatable.")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--device", default="cpu", show_default=True)
-def submit(model: Path, test_csv: Path, out: Path, max_new_tokens: int, stop: tuple[str, ...], batch_size: int, device: str) -> None:
+@click.option("--choice-delimiter", default=" ", show_default=True, help="Between the input and each choice when scoring multiple choice.")
+@backend_options
+def submit(model: Path, test_csv: Path, out: Path, max_new_tokens: int, stop: tuple[str, ...], choice_delimiter: str, **backend) -> None:
     """Answer every row of test.csv and write the Kaggle submission.csv."""
     from .submission import write_submission
 
-    write_submission(model, test_csv, out, max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size, device=device)
+    write_submission(model, test_csv, out, params=eval_params(**backend), max_new_tokens=max_new_tokens, stop=stop, choice_delimiter=choice_delimiter)
+
+
+@main.command()
+@click.option("--exp-show", "exp_show_file", default=None, type=PATH, help="A saved `dvc exp show --json` [default: run it in --repo].")
+@click.option("--repo", default=".", show_default=True, type=EXISTING_DIR, help="The DVC repository whose experiments to read.")
+@click.option("--out-dir", default=Path("plots"), show_default=True, type=PATH, help="Writes alpha_sweep.csv and alpha_sweep.png here.")
+@click.option("--method", default="regmean", show_default=True, help="The merge method whose alpha sweep to plot.")
+def report(exp_show_file: Path | None, repo: Path, out_dir: Path, method: str) -> None:
+    """Tabulate and plot an alpha sweep (dvc exp run --queue -S alpha=...) against the experts.
+
+    Reference lines: the base model, each expert and, if an experiment ran it, method=average.
+    """
+    from .report import exp_show, load_doc
+    from .report import report as write_report
+
+    doc = load_doc(exp_show_file) if exp_show_file else exp_show(repo)
+    sweep = write_report(doc, out_dir, method)
+    click.echo(f"{'alpha':>6}  " + "  ".join(f"{m:>22}" for m in sweep.metrics))
+    for alpha, _, values in sweep.points:
+        click.echo(f"{alpha:>6g}  " + "  ".join(f"{values.get(m, float('nan')):>22.4f}" for m in sweep.metrics))
+    click.echo(f"wrote {out_dir / 'alpha_sweep.csv'} and {out_dir / 'alpha_sweep.png'}")
 
 
 @main.command()

@@ -7,7 +7,7 @@ Every group is a pydantic model that refuses unknown keys and wrong types, so a 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -92,19 +92,45 @@ class MergeParams(Strict):
     max_shard_size: str = "5GB"
 
 
-class EvalParams(Strict):
-    tasks: list[str] = ["toy_math", "toy_code"]
-    limit: Optional[int] = Field(None, ge=1)
+class HFBackendParams(Strict):
+    """lm-eval's `hf` model (transformers): runs anywhere, CPU included."""
+
+    dtype: str = "auto"               # auto (the checkpoint's) | float32 | bfloat16 | float16
     batch_size: int = Field(32, ge=1)
-    device: str = "cpu"
+    device: str = "cpu"               # cpu | cuda | cuda:N | auto (cuda when visible)
+
+
+class VLLMBackendParams(Strict):
+    """lm-eval's `vllm` model: CUDA only, `pip install 'mergeflow[vllm]'`."""
+
+    dtype: str = "auto"
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    max_model_len: Optional[int] = Field(None, ge=1)
+    tokenizer: Optional[str] = None   # null: the model directory's own tokenizer
+    batch_size: Union[int, Literal["auto"]] = "auto"
+
+
+class EvalParams(Strict):
+    """What `evaluate*` runs (tasks, data) and how (backend); `submit` shares the backend."""
+
+    tasks: list[str] = Field(["toy_math", "toy_code"], min_length=1)
+    limit: Optional[int] = Field(None, ge=1)
+    max_gen_toks: Optional[int] = Field(None, ge=1)  # cap on generated tokens; null: each task's own
+    backend: Literal["auto", "vllm", "hf"] = "auto"
+    hf: HFBackendParams = HFBackendParams()
+    vllm: VLLMBackendParams = VLLMBackendParams()
+    # task -> local file (its test split) or {split: file}, relative to the repository root
+    data_files: dict[str, Union[str, dict[str, str]]] = {}
+    allow_code_execution: bool = False  # humaneval*, mbpp run generated code: opt in explicitly
     trust_remote_code: bool = False
+    log_samples: bool = True          # per-sample JSONL under logs/eval/<model>/
 
 
 class SubmitParams(Strict):
     max_new_tokens: int = Field(16, ge=1)
     stop: list[str] = ["\n"]
-    batch_size: int = Field(32, ge=1)
-    device: str = "cpu"
+    choice_delimiter: str = " "       # between input and each choice, as lm-eval's target_delimiter
 
 
 class Params(Strict):

@@ -3,20 +3,23 @@
 `test.csv` has columns `id,input,eval_type,answer_choices`; `eval_type` is `multiple_choice`
 (answer_choices a Python-literal list) or `generation`. Multiple-choice rows get the index of the
 choice with the highest summed log-likelihood given the raw input (every token of the choice
-counts); generation rows get the greedy continuation. Both go through lm-eval's HF model, which
-handles batching and the context/continuation token boundary.
+counts, after the input and `choice_delimiter`, as lm-eval's multiple-choice tasks do, so
+`cosmos_qa` validation accuracy measures exactly this); generation rows get the greedy
+continuation. Both go through lm-eval's model interface (`loglikelihood`, `generate_until`) on
+the backend `eval.backend` picks (HF or vLLM), which handles batching and the token boundary.
 """
 
 from __future__ import annotations
 
 import ast
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 
 from .io import atomic_file
+from .params import EvalParams
 
 log = logging.getLogger(__name__)
 COLUMNS = ["id", "input", "eval_type", "answer_choices"]
@@ -33,6 +36,9 @@ def read_test_csv(path: str | Path) -> pd.DataFrame:
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"{path}: missing columns {missing}; expected {COLUMNS}")
+    duplicated = frame["id"][frame["id"].duplicated()].tolist()
+    if duplicated:
+        raise ValueError(f"{path}: duplicate ids {duplicated[:5]}; every row needs its own id")
     bad = sorted(set(frame["eval_type"]) - EVAL_TYPES)
     if bad:
         raise ValueError(f"{path}: unknown eval_type values {bad}; expected {sorted(EVAL_TYPES)}")
@@ -66,7 +72,7 @@ def validate_submission(frame: pd.DataFrame, test: pd.DataFrame) -> None:
             raise ValueError(f"submission id={sub['id']}: choice index {sub['prediction']} out of range")
 
 
-def predict(lm, test: pd.DataFrame, *, max_new_tokens: int, stop: Sequence[str]) -> list[str]:
+def predict(lm, test: pd.DataFrame, *, max_new_tokens: int, stop: Sequence[str], choice_delimiter: str = " ") -> list[str]:
     """Predictions for every row of `test` with an lm-eval LM (`loglikelihood`, `generate_until`)."""
     from lm_eval.api.instance import Instance
 
@@ -75,7 +81,7 @@ def predict(lm, test: pd.DataFrame, *, max_new_tokens: int, stop: Sequence[str])
     for i, row in enumerate(test.itertuples()):
         if row.eval_type == "multiple_choice":
             for choice in row.choices:
-                mc_requests.append(Instance("loglikelihood", {}, (row.input, choice), len(mc_requests)))
+                mc_requests.append(Instance("loglikelihood", {}, (row.input, choice_delimiter + choice), len(mc_requests)))
                 mc_rows.append(i)
         else:
             args = {"until": list(stop), "max_gen_toks": max_new_tokens, "do_sample": False}
@@ -108,18 +114,23 @@ def write_submission(
     test_csv: str | Path,
     out: str | Path,
     *,
+    params: EvalParams | None = None,
     max_new_tokens: int = 64,
     stop: Sequence[str] = ("\n",),
-    batch_size: int = 32,
-    device: str = "cpu",
-    trust_remote_code: bool = False,
+    choice_delimiter: str = " ",
+    lm=None,
 ) -> pd.DataFrame:
-    """Answer `test_csv` with the model in `model_dir` and write a validated `submission.csv`."""
-    from lm_eval.models.huggingface import HFLM
+    """Answer `test_csv` with the model in `model_dir` and write a validated `submission.csv`.
+
+    `params` (the `eval` group) picks the backend and its arguments; `lm` is an lm-eval LM to use
+    instead of loading `model_dir`.
+    """
+    from .evaluation.backends import make_lm
 
     test = read_test_csv(test_csv)
-    lm = HFLM(pretrained=str(model_dir), device=device, batch_size=batch_size, trust_remote_code=trust_remote_code)
-    frame = pd.DataFrame({"id": test["id"], "prediction": predict(lm, test, max_new_tokens=max_new_tokens, stop=stop), "dummy_field": 0})
+    lm = lm if lm is not None else make_lm(model_dir, params or EvalParams())
+    predictions = predict(lm, test, max_new_tokens=max_new_tokens, stop=stop, choice_delimiter=choice_delimiter)
+    frame = pd.DataFrame({"id": test["id"], "prediction": predictions, "dummy_field": 0})
     validate_submission(frame, test)
     with atomic_file(out) as tmp:
         frame.to_csv(tmp, index=False)

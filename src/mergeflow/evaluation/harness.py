@@ -1,15 +1,33 @@
-"""Running lm-eval on one model and flattening its results into a DVC metrics file."""
+"""Running lm-eval on one model: tasks resolved offline, metrics flattened, samples logged.
+
+Writes `out` (a DVC metrics file, `{task: {metric: value}}`) and, with `log_dir`, one JSONL file
+of lm-eval's per-sample records per task (`<log_dir>/<task>.jsonl`: the document, the request,
+the model's responses and each metric), a DVC output kept out of git.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any
 
-from ..io import write_json
-from .tasks import render_tasks, shipped_tasks
+from ..io import atomic_dir, write_json
+from ..params import EvalParams
+from .backends import make_lm
+from .code_eval import code_execution, is_code_task
+from .tasks import (
+    BUILTIN_DATA,
+    DataFiles,
+    check_files,
+    find_builtin,
+    render_tasks,
+    shipped_tasks,
+    write_builtin_override,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,35 +50,119 @@ def flatten_results(results: dict) -> dict[str, dict[str, float]]:
     return flat
 
 
+def write_samples(samples: Mapping[str, list[dict]], log_dir: str | Path) -> None:
+    """lm-eval's per-sample records as `<log_dir>/<task>.jsonl`, replacing the folder atomically."""
+    from lm_eval.utils import handle_non_serializable
+
+    with atomic_dir(log_dir) as tmp:
+        for task, records in samples.items():
+            with open(tmp / f"{task}.jsonl", "w") as fh:
+                fh.writelines(json.dumps(record, default=handle_non_serializable, ensure_ascii=False) + "\n" for record in records)
+
+
+def task_manager(tasks: Sequence[str], rendered: Path):
+    """lm-eval's TaskManager over the shipped tasks and only as much of lm-eval's tree as `tasks` need."""
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._index import Kind
+
+    builtin = [t for t in dict.fromkeys(tasks) if t not in set(shipped_tasks())]
+    dirs, unknown = find_builtin(builtin)
+    if unknown:
+        raise ValueError(f"unknown lm-eval tasks {unknown} (params.yaml: eval.tasks); shipped: {shipped_tasks()}, or any lm-eval task name")
+    if dirs is not None:
+        manager = TaskManager(include_path=[*map(str, dirs), str(rendered)], include_defaults=False)
+        if all(t in manager.task_index and manager.task_index[t].kind == Kind.TASK for t in builtin):
+            return manager
+    return TaskManager(include_path=str(rendered), include_defaults=True)
+
+
+def task_specs(tasks: Sequence[str], manager, data_files: Mapping[str, DataFiles], overrides_dir: Path, data_root: Path) -> list[str]:
+    """What to hand lm-eval for each task: its name, or a YAML of a built-in task on local data."""
+    shipped = set(shipped_tasks())
+    specs = []
+    for task in tasks:
+        entry = manager.task_index[task]
+        files = data_files.get(task, BUILTIN_DATA.get(task))
+        if task in shipped or files is None:
+            specs.append(task)
+            if task in shipped:
+                rendered = (entry.cfg or {}).get("dataset_kwargs", {}).get("data_files")
+                if rendered is not None:
+                    where = f"params.yaml: eval.data_files.{task}" if task in data_files else f"the default of the shipped task {task}; set eval.data_files.{task}"
+                    check_files(task, rendered, where)
+            continue
+        if entry.yaml_path is None:
+            raise ValueError(f"eval.data_files.{task}: {task} is not a YAML task of lm-eval; its data cannot be replaced")
+        path = write_builtin_override(task, entry.yaml_path, entry.cfg or {}, files, overrides_dir, data_root)
+        check_files(task, {s: str(f) for s, f in _override_files(path).items()}, f"params.yaml: eval.data_files.{task}")
+        specs.append(str(path))
+    return specs
+
+
+def _override_files(path: Path) -> dict[str, str]:
+    import yaml
+
+    return yaml.safe_load(path.read_text())["dataset_kwargs"]["data_files"]
+
+
 def evaluate_model(
     model_dir: str | Path,
     tasks: Sequence[str],
     out: str | Path,
     *,
+    params: EvalParams | None = None,
     data_root: str | Path = ".",
-    limit: Optional[int] = None,
-    batch_size: int = 32,
-    device: str = "cpu",
-    trust_remote_code: bool = False,
+    limit: int | None = None,
+    log_dir: str | Path | None = None,
+    lm=None,
 ) -> dict[str, dict[str, float]]:
-    """Evaluate `model_dir` on `tasks` with lm-eval's HF backend; write flattened metrics to `out`."""
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+    """Evaluate `model_dir` on `tasks` with lm-eval; write flattened metrics to `out`.
 
+    `params` (the `eval` group) picks the backend and its arguments, local data files, and whether
+    code-executing tasks may run; `limit` caps the documents per task (None: `params.limit`).
+    `lm`: an lm-eval LM to use instead of loading `model_dir` (tests, several calls on one model).
+    """
+    from lm_eval import simple_evaluate
+
+    params = params or EvalParams()
+    limit = params.limit if limit is None else limit
+    data_root = Path(data_root)
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: no config.json; expected a Hugging Face model directory")
-    # Indexing lm-eval's ~13k built-in task YAMLs takes ~25 s on 2 cores: only do it when asked for one.
-    builtin_needed = not set(tasks) <= set(shipped_tasks())
+    unknown_files = sorted(set(params.data_files) - set(tasks))
+    if unknown_files:
+        log.info("eval.data_files names tasks that are not run: %s", unknown_files)
     with tempfile.TemporaryDirectory(prefix="mergeflow-tasks-") as tmp:
-        manager = TaskManager(include_path=str(render_tasks(Path(tmp), Path(data_root))), include_defaults=builtin_needed)
+        rendered = render_tasks(Path(tmp) / "tasks", data_root, params.data_files)
+        manager = task_manager(tasks, rendered)
         unknown = [t for t in tasks if t not in manager.all_tasks]
         if unknown:
             raise ValueError(f"unknown lm-eval tasks {unknown} (params.yaml: eval.tasks); shipped: {shipped_tasks()}, or any lm-eval task name")
-        lm = HFLM(pretrained=str(model_dir), device=device, batch_size=batch_size, trust_remote_code=trust_remote_code)
-        output = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False)
+        code_tasks = [t for t in tasks if is_code_task(t, manager.task_index[t].cfg)]
+        with code_execution(params.allow_code_execution, code_tasks) as confirm:
+            specs = task_specs(tasks, manager, params.data_files, Path(tmp) / "overrides", data_root)
+            lm = lm if lm is not None else make_lm(model_dir, params)
+            gen_kwargs = {"max_gen_toks": params.max_gen_toks} if params.max_gen_toks else None
+            output = simple_evaluate(
+                model=lm, tasks=specs, task_manager=manager, limit=limit, gen_kwargs=gen_kwargs,
+                log_samples=log_dir is not None, confirm_run_unsafe_code=confirm,
+            )
     metrics = flatten_results(output["results"])
     write_json(out, metrics)
+    if log_dir is not None:
+        write_samples(output.get("samples", {}), log_dir)
     log.info("%s: %s", model_dir, metrics)
     return metrics
+
+
+def evaluation_summary(files: Mapping[str, str | Path]) -> dict[str, Any]:
+    """`{model: {task: {metric: value}}}` from per-model metrics files, standard errors left out."""
+    table: dict[str, Any] = {}
+    for model, path in files.items():
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: metrics of {model} not found (run its evaluate stage first)")
+        metrics = json.loads(path.read_text())
+        table[model] = {task: {m: v for m, v in values.items() if not m.endswith("_stderr")} for task, values in metrics.items()}
+    return table

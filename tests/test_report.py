@@ -1,0 +1,89 @@
+"""`mergeflow report` on a synthetic `dvc exp show --json` document shaped like DVC 3.67's."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from mergeflow.cli import main
+from mergeflow.report import collect, report
+
+
+def row(rev, name, alpha, method, merged, *, base=0.0, math=(0.5, 0.0), code=(0.0, 1.0)):
+    """One row as `dvc exp show --json` writes it (params and metrics by file, each under `data`)."""
+    metrics = {
+        "metrics/base.json": {"toy_math": {"exact_match": base, "exact_match_stderr": 0.0}, "toy_code": {"exact_match": base, "exact_match_stderr": 0.0}},
+        "metrics/experts/math.json": {"toy_math": {"exact_match": math[0]}, "toy_code": {"exact_match": math[1]}},
+        "metrics/experts/code.json": {"toy_math": {"exact_match": code[0]}, "toy_code": {"exact_match": code[1]}},
+        "metrics/merged.json": {"toy_math": {"exact_match": merged[0], "exact_match_stderr": 0.03}, "toy_code": {"exact_match": merged[1], "exact_match_stderr": 0.02}},
+    }
+    return {
+        "rev": rev,
+        "name": name,
+        "data": {
+            "rev": rev,
+            "timestamp": "2025-01-01T00:00:00",
+            "params": {"params.yaml": {"data": {"alpha": alpha, "method": method, "experts": ["math", "code"]}}},
+            "metrics": {path: {"data": data} for path, data in metrics.items()},
+            "deps": {},
+            "outs": {},
+            "meta": {"has_checkpoints": False},
+        },
+        "error": None,
+        "experiments": None,
+    }
+
+
+def exp(rev, name, alpha, method, merged):
+    return {"executor": {"state": "success", "name": "dvc-task", "local": None}, "name": name, "revs": [row(rev, name, alpha, method, merged)]}
+
+
+@pytest.fixture
+def doc():
+    baseline = row("a" * 40, "main", 0.1, "regmean", (0.10, 0.0))
+    baseline["experiments"] = [
+        exp("b" * 40, "exp-one", 1.0, "regmean", (0.24, 0.25)),
+        exp("c" * 40, "exp-zero", 0.0, "regmean", (0.02, 0.0)),
+        exp("d" * 40, "exp-avg", 0.1, "average", (0.0, 0.01)),
+        exp("e" * 40, "exp-half", 0.5, "regmean", (0.13, 0.12)),
+        {"executor": {"state": "failed"}, "name": "exp-broken", "revs": [{"rev": "f" * 40, "name": "exp-broken", "data": {}, "error": {"type": "failed"}, "experiments": None}]},
+    ]
+    workspace = row("workspace", None, 0.3, "regmean", (0.9, 0.9))  # never plotted: it may be mid-run
+    return [workspace, baseline]
+
+
+def test_collect_points_and_references(doc):
+    sweep = collect(doc)
+    assert [(a, n) for a, n, _ in sweep.points] == [(0.0, "exp-zero"), (0.1, "main"), (0.5, "exp-half"), (1.0, "exp-one")]
+    assert sweep.points[-1][2] == {"toy_math.exact_match": 0.24, "toy_code.exact_match": 0.25}
+    assert sweep.metrics == ["toy_code.exact_match", "toy_math.exact_match"]
+    assert list(sweep.references) == ["base", "code expert", "math expert", "average"]
+    assert sweep.references["math expert"] == {"toy_math.exact_match": 0.5, "toy_code.exact_match": 0.0}
+    assert sweep.references["average"] == {"toy_math.exact_match": 0.0, "toy_code.exact_match": 0.01}
+
+
+def test_report_writes_csv_and_png(doc, tmp_path):
+    report(doc, tmp_path / "plots")
+    with open(tmp_path / "plots/alpha_sweep.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["alpha"] for r in rows[:4]] == ["0.0", "0.1", "0.5", "1.0"]
+    assert rows[3] == {"model": "regmean", "alpha": "1.0", "experiment": "exp-one", "toy_code.exact_match": "0.25", "toy_math.exact_match": "0.24"}
+    assert [r["model"] for r in rows[4:]] == ["base", "code expert", "math expert", "average"]
+    png = (tmp_path / "plots/alpha_sweep.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+def test_report_command_reads_a_saved_document(doc, tmp_path):
+    (tmp_path / "exp.json").write_text(json.dumps(doc))
+    result = CliRunner().invoke(main, ["report", "--exp-show", str(tmp_path / "exp.json"), "--out-dir", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    assert "   0.5                  0.1200                  0.1300" in result.output
+    assert (tmp_path / "p/alpha_sweep.png").is_file()
+
+
+def test_no_sweep_is_a_clear_error(doc):
+    with pytest.raises(ValueError, match="no finished experiment with method=ties"):
+        collect(doc, method="ties")
