@@ -6,7 +6,8 @@
   by huggingface_hub itself and never printed; `HF_HUB_OFFLINE=1` uses the cache alone.
 - `local`: directories on disk.
 Hub and local models are hard-linked into place where the file system allows (no copy of a
-16 GB expert), else copied. Their data files come from the `data` params group.
+16 GB expert), else copied; an expert given as a LoRA adapter (`adapter_config.json`, no
+`config.json`) is merged into its base (see `adapters.py`). Data files come from the `data` group.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from ..io import atomic_dir, atomic_file
 from ..params import DataParams, HubModel, Params
+from .adapters import is_adapter, materialise_adapter
 
 log = logging.getLogger(__name__)
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
@@ -26,7 +28,7 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "
 def link_or_copy_tree(src: Path, dst: Path) -> None:
     """Place the files of model directory `src` at `dst` (atomically), hard-linking when possible."""
     if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"{src}: no config.json; expected a Hugging Face model directory")
+        raise FileNotFoundError(f"{src}: no config.json; expected a Hugging Face model directory (or a PEFT adapter with adapter_config.json)")
     with atomic_dir(dst) as tmp:
         for item in sorted(src.rglob("*")):
             if item.is_dir() or ".cache" in item.relative_to(src).parts:
@@ -97,7 +99,12 @@ def materialise(params: Params, models_dir: Path, data_dir: Path) -> dict:
         local = _require_all(params.models.local, experts, "local")
         dirs = {"base": Path(local.base), **{e: Path(local.experts[e]) for e in experts}}
     copy_data(params.data, experts, data_dir)
+    adapters = {}
     for name, src in dirs.items():
-        link_or_copy_tree(src, models_dir / "base" if name == "base" else models_dir / "experts" / name)
-        log.info("%s: %s -> %s", name, src, models_dir)
-    return {"source": source, "models": {k: str(v) for k, v in dirs.items()}}
+        dst = models_dir / "base" if name == "base" else models_dir / "experts" / name
+        if name != "base" and is_adapter(src):  # a LoRA adapter: full weights for grams and merging
+            adapters[name] = materialise_adapter(src, dirs["base"], dst)
+        else:
+            link_or_copy_tree(src, dst)
+        log.info("%s: %s -> %s", name, src, dst)
+    return {"source": source, "models": {k: str(v) for k, v in dirs.items()}, "adapters": adapters}
