@@ -42,3 +42,20 @@ def gram_dirs(experts, calib_file, tmp_path_factory) -> list[Path]:
     for expert, out in zip(experts, outs):
         compute_grams(expert, calib_file, out, max_length=16, batch_size=3)
     return outs
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory) -> tuple[Path, dict, str]:
+    """One `dvc repro` of a tiny toy zoo in a temporary copy of the repository, committed to git.
+
+    test_pipeline.py runs its experiments in it; test_remotes.py clones its commit and reads its
+    cache, so the whole pipeline runs once per test session. Returns (path, env, repro output).
+    """
+    from helpers import copy_repo, run
+
+    dest = tmp_path_factory.mktemp("repo")
+    env = copy_repo(dest, tmp_path_factory.mktemp("site-cache"))
+    out = run(["dvc", "repro"], dest, env)
+    run(["git", "add", "-A"], dest, env)
+    run(["git", "commit", "-qm", "repro"], dest, env)
+    return dest, env, out

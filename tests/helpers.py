@@ -1,10 +1,17 @@
-"""Tiny random Llama models for tests (hidden 16, 2 layers, grouped-query attention)."""
+"""Tiny random Llama models for tests (hidden 16, 2 layers, grouped-query attention), and DVC
+pipeline runs in temporary copies of the repository."""
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mergeflow.zoo.tokenizer import build_tokenizer
@@ -44,3 +51,61 @@ def state(path: Path) -> dict[str, torch.Tensor]:
     for f in files:
         out.update(load_file(f))
     return out
+
+
+# --- DVC pipeline runs in temporary copies of the repository (test_pipeline.py, test_remotes.py) ---
+
+ROOT = Path(__file__).resolve().parents[1]
+# A toy zoo small enough that the whole pipeline runs in about a minute on 2 cores.
+TINY_TOY = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "batch_size": 16, "base_steps": 10, "expert_steps": 10, "calib_samples": 32, "eval_samples": 8, "test_rows": 4}
+
+
+def dvc_env() -> dict[str, str]:
+    """The environment for `git` and `dvc` subprocesses: this venv's `dvc` first, a git identity."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    return {**os.environ, "PATH": path, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+
+def run(cmd: list[str], cwd: Path, env: dict, *, ok: bool = True) -> str:
+    """Run `cmd` and return its stdout and stderr; fail the test with both when it fails (or, with
+    `ok=False`, when it succeeds)."""
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    assert (proc.returncode == 0) == ok, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+def ran(output: str) -> set[str]:
+    """Stages that `dvc repro` / `dvc exp run` ran, from its output."""
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def skipped(output: str) -> set[str]:
+    """Stages that `dvc repro` / `dvc exp run` found unchanged, from its output."""
+    return set(re.findall(r"Stage '([^']+)' didn't change, skipping", output))
+
+
+def dvc_init_local(dest: Path, env: dict, site_cache: Path) -> None:
+    """Settings local to one test repository: its own site cache, no analytics."""
+    run(["dvc", "config", "--local", "core.site_cache_dir", str(site_cache)], dest, env)
+    run(["dvc", "config", "--local", "core.analytics", "false"], dest, env)
+
+
+def copy_repo(dest: Path, site_cache: Path, toy: dict | None = None) -> dict[str, str]:
+    """Copy this repository's working tree (without what git ignores) into `dest` as a new git
+    repository (one commit) with its own DVC cache and site cache, and the toy zoo shrunk by `toy`;
+    return the env to run `git` and `dvc` in it."""
+    # tracked and new (not ignored) files: the working tree as it is, a clean checkout in CI
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if (ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["models"]["toy"].update(TINY_TOY if toy is None else toy)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = dvc_env()
+    run(["git", "init", "-q"], dest, env)
+    dvc_init_local(dest, env, site_cache)
+    run(["git", "add", "-A"], dest, env)
+    run(["git", "commit", "-qm", "copy"], dest, env)
+    return env

@@ -8,66 +8,28 @@ parameter reruns the grams; `dvc metrics diff` reads the metrics.
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
+from helpers import ran, run, skipped
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 AFTER_MERGE = {"merge", "evaluate", "submit"}
 ALL_STAGES = {"download", "gram@math", "gram@code", "merge", "evaluate-base", "evaluate-expert@math", "evaluate-expert@code", "evaluate", "summary", "submit"}
 MAYBE = {"summary"}  # reruns only when a metrics file it reads changed (tiny models often score 0 either way)
 
 
-def run(cmd: list[str], cwd: Path, env: dict) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
-
-
-def ran(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", output))
-
-
-def skipped(output: str) -> set[str]:
-    return set(re.findall(r"Stage '([^']+)' didn't change, skipping", output))
-
-
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    """A git+DVC copy of the tracked files with a small toy zoo, its own cache and site cache."""
-    dest = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        if (ROOT / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dest / rel)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["models"]["toy"].update(hidden_size=32, intermediate_size=64, num_layers=1, batch_size=16, base_steps=10, expert_steps=10, calib_samples=32, eval_samples=8, test_rows=4)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    run(["git", "init", "-q"], dest, env)
-    run(["dvc", "config", "--local", "core.site_cache_dir", str(tmp_path_factory.mktemp("site-cache"))], dest, env)
-    run(["dvc", "config", "--local", "core.analytics", "false"], dest, env)
-    run(["git", "add", "-A"], dest, env)
-    run(["git", "commit", "-qm", "copy"], dest, env)
+def repo(pipeline_run):
+    """The committed pipeline run of a tiny toy zoo (conftest.py), shared with test_remotes.py."""
+    dest, env, _ = pipeline_run
     return dest, env
 
 
 @pytest.fixture(scope="module")
-def first_repro(repo):
-    dest, env = repo
-    out = run(["dvc", "repro"], dest, env)
-    run(["git", "add", "-A"], dest, env)
-    run(["git", "commit", "-qm", "repro"], dest, env)
-    return out
+def first_repro(pipeline_run):
+    return pipeline_run[2]
 
 
 def test_repro_builds_every_output(repo, first_repro):
