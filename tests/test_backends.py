@@ -92,3 +92,12 @@ def test_vllm_backend_runs_a_toy_model(experts, tmp_path):
     assert logprob < 0
     text, = lm.generate_until([Instance("generate_until", {}, ("1+1=", {"until": ["\n"], "max_gen_toks": 4, "do_sample": False}), 0)])
     assert isinstance(text, str)
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="vllm is installed: the missing-package error cannot happen")
+def test_evaluate_with_vllm_missing_fails_before_any_work(experts, tmp_path):
+    from mergeflow.evaluation.harness import evaluate_model
+
+    with pytest.raises(ValueError, match=r"pip install 'mergeflow\[vllm\]'"):
+        evaluate_model(experts[0], ["toy_math"], tmp_path / "m.json", params=EvalParams(backend="vllm"), data_root=tmp_path)
+    assert not (tmp_path / "m.json").exists()

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..io import atomic_dir, write_json
 from ..params import EvalParams
-from .backends import make_lm
+from .backends import make_lm, resolve_backend
 from .code_eval import code_execution, is_code_task
 from .tasks import (
     BUILTIN_DATA,
@@ -130,6 +130,8 @@ def evaluate_model(
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: no config.json; expected a Hugging Face model directory")
+    if lm is None:
+        resolve_backend(params.backend)  # a missing vllm is reported before any work
     unknown_files = sorted(set(params.data_files) - set(tasks))
     if unknown_files:
         log.info("eval.data_files names tasks that are not run: %s", unknown_files)
