@@ -298,7 +298,8 @@ def test_chat_messages_are_rendered_with_the_chat_template(experts, tmp_path):
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}\n{% endfor %}"
     tok.save_pretrained(model)
     messages = [{"role": "user", "content": "1+2"}, {"role": "assistant", "content": "3"}]
-    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}, {"messages": messages[:1]}])
+    sharegpt = [{"from": "human", "value": "1+2"}]
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}, {"messages": sharegpt}])
     n = compute_grams(model, data, tmp_path / "g", text_field="messages", max_length=64)
     rendered = ["user:1+2\nassistant:3\n", "user:1+2\n"]
     assert n == sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in rendered)

@@ -1,7 +1,8 @@
 """Calibration data for grams: read with `datasets`, sampled, sliced, rendered and tokenised.
 
-A row's text field holds either plain text or chat messages (`[{"role": ..., "content": ...}]`),
-which are rendered with the model's chat template, as the reference rendered its instruction data.
+A row's text field holds either plain text or chat messages (`[{"role": ..., "content": ...}]`, or
+ShareGPT's `[{"from": "human", "value": ...}]`), which are rendered with the model's chat
+template, as the reference rendered its instruction data.
 Row selection is deterministic: the first `num_samples` rows in file order, or a seeded shuffle
 first when `seed` is set; `--shard i/n` and torchrun ranks then take disjoint slices of that
 selection, so slices summed equal the whole.
@@ -57,8 +58,23 @@ def csv_as_text(path: Path) -> dict:
     return {"features": datasets.Features({c: datasets.Value("string") for c in columns}), "keep_default_na": False}
 
 
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def as_messages(value) -> list[dict] | None:
+    """Chat messages as the chat template wants them, from OpenAI (`role`/`content`) or ShareGPT
+    (`from`/`value`, as in code_bagel_hermes) rows; None for plain text."""
+    if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
+        return None
+    if all("role" in m and "content" in m for m in value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    if all("from" in m and "value" in m for m in value):
+        return [{"role": SHAREGPT_ROLES.get(m["from"], m["from"]), "content": m["value"]} for m in value]
+    return None
+
+
 def is_chat(value) -> bool:
-    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+    return as_messages(value) is not None
 
 
 def tokenize(values: Sequence, tokenizer, max_length: int) -> list[list[int]]:
@@ -71,7 +87,7 @@ def tokenize(values: Sequence, tokenizer, max_length: int) -> list[list[int]]:
     ids: list[list[int]] = []
     for v in values:
         if is_chat(v):  # the template writes the special tokens (BOS) itself
-            text = tokenizer.apply_chat_template(v, tokenize=False)
+            text = tokenizer.apply_chat_template(as_messages(v), tokenize=False)
             ids.append(tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"])
         else:
             ids.append(tokenizer(str(v), truncation=True, max_length=max_length)["input_ids"])

@@ -58,16 +58,38 @@ def hub_snapshot(model: HubModel) -> Path:
 
 
 def copy_data(data: DataParams, experts: list[str], data_dir: Path) -> None:
-    """Copy each expert's calibration and evaluation files and the test CSV into `data_dir`."""
-    for group, suffix in (("calib", ".jsonl"), ("eval", ".jsonl")):
-        files = getattr(data, group)
-        for expert in experts:
-            if expert not in files:
-                raise ValueError(f"params.yaml: data.{group}.{expert} is not set; give the {group} file of expert {expert!r}")
-            _copy_file(Path(files[expert]), data_dir / group / f"{expert}{suffix}", f"data.{group}.{expert}")
-    if not data.test_csv:
-        raise ValueError("params.yaml: data.test_csv is not set; give the competition's test.csv")
-    _copy_file(Path(data.test_csv), data_dir / "test.csv", "data.test_csv")
+    """Copy each expert's calibration file (required: grams need it), its evaluation file for the
+    toy tasks (optional: lm-eval's own tasks bring their data) and the test CSV into `data_dir`."""
+    for expert in experts:
+        if expert not in data.calib:
+            raise ValueError(f"params.yaml: data.calib.{expert} is not set; give the calibration file of expert {expert!r}")
+        src, dst = Path(data.calib[expert]), data_dir / "calib" / f"{expert}.jsonl"
+        if src.suffix.lower() in (".parquet", ".csv", ".json"):  # the pipeline reads calib/<expert>.jsonl
+            _convert_to_jsonl(src, dst, f"data.calib.{expert}")
+        else:
+            _copy_file(src, dst, f"data.calib.{expert}")
+        if expert in data.eval:
+            _copy_file(Path(data.eval[expert]), data_dir / "eval" / f"{expert}.jsonl", f"data.eval.{expert}")
+    (data_dir / "eval").mkdir(parents=True, exist_ok=True)
+    if data.test_csv:
+        _copy_file(Path(data.test_csv), data_dir / "test.csv", "data.test_csv")
+    else:  # not a competition run: submit answers no rows
+        log.warning("params.yaml: data.test_csv is not set; data/test.csv has no rows and submission.csv will be empty")
+        with atomic_file(data_dir / "test.csv") as tmp:
+            tmp.write_text("id,input,eval_type,answer_choices\n")
+
+
+def _convert_to_jsonl(src: Path, dst: Path, param: str) -> None:
+    import datasets
+
+    from ..grams.data import BUILDERS, csv_as_text
+
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: not found (params.yaml: {param})")
+    builder = BUILDERS[src.suffix.lower()]
+    rows = datasets.load_dataset(builder, data_files=str(src), split="train", keep_in_memory=True, **(csv_as_text(src) if builder == "csv" else {}))
+    with atomic_file(dst) as tmp:
+        rows.to_json(str(tmp), lines=True, force_ascii=False)
 
 
 def _copy_file(src: Path, dst: Path, param: str) -> None:
