@@ -18,7 +18,8 @@ def test_help_lists_the_commands():
     out = mergeflow("--help").stdout
     for command in ("grams", "merge", "evaluate", "submit", "methods"):
         assert command in out
-    assert "--max-length" in mergeflow("grams", "--help").stdout
+    assert "--max-length" in mergeflow("grams", "compute", "--help").stdout
+    assert all(sub in mergeflow("grams", "--help").stdout for sub in ("compute", "sum", "import", "verify"))
 
 
 def test_grams_then_merge(experts, calib_file, tmp_path):

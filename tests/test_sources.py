@@ -92,6 +92,11 @@ def test_local_source_links_directories(experts, tmp_path):
 
 
 def test_local_source_without_data_names_the_parameter(experts, tmp_path):
-    params = Params.model_validate({"experts": ["a"], "models": {"source": "local", "local": {"base": str(experts[0]), "experts": {"a": str(experts[0])}}}})
-    with pytest.raises(ValueError, match=r"data\.calib\.a is not set"):
+    from pydantic import ValidationError
+
+    raw = {"experts": ["a"], "models": {"source": "local", "local": {"base": str(experts[0]), "experts": {"a": str(experts[0])}}}}
+    with pytest.raises(ValidationError, match=r"data\.calib must give a calibration file for every expert .* missing: \['a'\]"):
+        Params.model_validate(raw)
+    params = Params.model_validate({**raw, "data": {"calib": {"a": str(tmp_path / "absent.jsonl")}}})
+    with pytest.raises(FileNotFoundError, match=r"absent\.jsonl: not found \(params\.yaml: data\.calib\.a\)"):
         materialise(params, tmp_path / "models", tmp_path / "data")

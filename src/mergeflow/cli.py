@@ -1,6 +1,7 @@
 """The `mergeflow` command line: one sub-command per pipeline step, usable without DVC.
 
-    mergeflow grams    --model DIR --data FILE.jsonl --out DIR
+    mergeflow grams    --model DIR --data FILE.jsonl --out DIR     (= mergeflow grams compute ...)
+    mergeflow grams sum PART... --out DIR | grams import gram.pkl --model DIR --out DIR | grams verify DIR
     mergeflow merge    --method regmean --alpha 0.1 --model A --model B --gram GA --gram GB --out DIR
     mergeflow merge    --method ties --base BASE --model A --model B --density 0.2 --out DIR
     mergeflow evaluate --model DIR --task toy_math --out metrics.json
@@ -33,23 +34,87 @@ def main(verbose: bool) -> None:
     setup_logging(verbose)
 
 
-@main.command()
+class DefaultCommandGroup(click.Group):
+    """A group whose first command runs when no sub-command is named (`mergeflow grams --model ...`)."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = [next(iter(self.commands)), *args]
+        return super().parse_args(ctx, args)
+
+
+@main.group(cls=DefaultCommandGroup)
+def grams() -> None:
+    """Compute, add, import and verify RegMean grams (`mergeflow grams compute` is the default)."""
+
+
+@grams.command("compute")
 @click.option("--model", required=True, type=EXISTING_DIR, help="Expert: a Hugging Face model directory.")
-@click.option("--data", required=True, type=PATH, help="Calibration data: JSONL with a `text` field per row.")
-@click.option("--out", required=True, type=PATH, help="Gram directory to write (grams.json + safetensors).")
+@click.option("--data", required=True, type=PATH, help="Calibration data: JSONL, JSON, Parquet or CSV with a text (or chat messages) field.")
+@click.option("--out", required=True, type=PATH, help="Gram directory to write (grams.json + one safetensors file per layer).")
+@click.option("--text-field", default="text", show_default=True, help="Field with the text, or with chat messages [{role, content}] rendered by the model's chat template.")
 @click.option("--max-length", default=64, show_default=True, type=click.IntRange(min=1), help="Truncate each text to this many tokens.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Texts per forward pass (sorted by length to limit padding).")
-@click.option("--num-samples", default=None, type=click.IntRange(min=1), help="Use only the first N rows [default: all].")
-@click.option("--device", default="cpu", show_default=True, help="torch device for the forward passes (e.g. cuda).")
+@click.option("--num-samples", default=None, type=click.IntRange(min=1), help="Use only N rows [default: all]: the first N, or N drawn with --seed.")
+@click.option("--seed", default=None, type=int, help="Shuffle the rows with this seed before taking --num-samples [default: file order].")
+@click.option("--device", default="cpu", show_default=True, help="Forward passes on cpu, cuda or auto. Under torchrun with cuda each rank takes GPU LOCAL_RANK of CUDA_VISIBLE_DEVICES.")
+@click.option("--model-dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]), help="dtype of the forward pass (bf16 is fine on a GPU: grams are accumulated in --dtype).")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64"]), help="dtype the grams are accumulated and stored in.")
 @click.option("--lm-head", is_flag=True, help="Also the output layer's input (for RegMean on lm_head).")
-def grams(model: Path, data: Path, out: Path, max_length: int, batch_size: int, num_samples: int | None, device: str, lm_head: bool) -> None:
+@click.option("--accumulate-on", default="device", show_default=True, type=click.Choice(["device", "cpu"]),
+              help="Where the sums live. `device` is fastest; `cpu` frees GPU memory for the model at the cost of copying every batch's activations to the host.")
+@click.option("--max-gram-memory", default=None, help="Cap the sums' memory (e.g. 8GB): the layers are split into groups, one pass over the data per group "
+              "(passes stop after their last layer, so k groups cost about (k+1)/2 forwards instead of 1). [default: no cap, one pass]")
+@click.option("--checkpoint-every", default=50, show_default=True, type=click.IntRange(min=0), help="Save the partial sums every N batches (0: never); "
+              "rerunning the same command after a kill continues from the last save.")
+@click.option("--shard", default=None, help="Compute only slice i/n of the rows (e.g. 0/4), for machines that each take one; add them with `mergeflow grams sum`.")
+def grams_compute(model, data, out, text_field, max_length, batch_size, num_samples, seed, device, model_dtype, dtype, lm_head, accumulate_on, max_gram_memory, checkpoint_every, shard) -> None:
     """Compute RegMean grams: the sum of x x^T of every block Linear's input over non-padding tokens.
 
-    Accumulated in float32; q/k/v (and gate/up), which see the same input, share one tensor.
+    q/k/v (and gate/up), which see the same input, share one tensor. Under `torchrun
+    --nproc_per_node K -m mergeflow grams ...` the rows are split across ranks (gloo on CPU, NCCL
+    on GPU) and the sums all-reduced; the result equals a single process's.
     """
     from .grams.collect import compute_grams
 
-    compute_grams(model, data, out, max_length=max_length, batch_size=batch_size, num_samples=num_samples, device=device, include_lm_head=lm_head)
+    compute_grams(
+        model, data, out, text_field=text_field, max_length=max_length, batch_size=batch_size, num_samples=num_samples, seed=seed,
+        device=device, model_dtype=model_dtype, dtype=dtype, include_lm_head=lm_head, accumulate_on=accumulate_on,
+        max_gram_memory=max_gram_memory, checkpoint_every=checkpoint_every, shard=shard,
+    )
+
+
+@grams.command("sum")
+@click.argument("parts", nargs=-1, required=True, type=EXISTING_DIR)
+@click.option("--out", required=True, type=PATH, help="Gram directory to write.")
+def grams_sum(parts, out) -> None:
+    """Add gram directories computed on slices of the data (`--shard i/n`): grams and token counts add."""
+    from .grams.combine import sum_grams
+
+    sum_grams(parts, out)
+
+
+@grams.command("import")
+@click.argument("file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--model", required=True, type=EXISTING_DIR, help="The model the grams belong to: module names and shapes are checked against it.")
+@click.option("--out", required=True, type=PATH, help="Gram directory to write (reduction: mean).")
+def grams_import(file, model, out) -> None:
+    """Convert a published gram pickle (module -> [in, in] mean gram, as the RegMean reference's
+    gram.pkl) without running pickle code. Peak memory: about twice the largest gram."""
+    from .grams.importer import import_grams
+
+    import_grams(file, model, out)
+
+
+@grams.command("verify")
+@click.argument("dirs", nargs=-1, required=True, type=EXISTING_DIR)
+def grams_verify(dirs) -> None:
+    """Check gram directories against the sizes and SHA-256 recorded in their grams.json."""
+    from .grams import GramDir
+
+    for d in dirs:
+        files = GramDir.open(d).verify()
+        click.echo(f"{d}: ok ({len(files)} files)")
 
 
 @main.command()
@@ -186,6 +251,38 @@ def methods() -> None:
     for name in available():
         doc = (sys.modules[get_method(name).__module__].__doc__ or "").strip().splitlines()[0]
         click.echo(f"{name:16s} {doc}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--params", "params_file", default="params.yaml", show_default=True, type=PATH, help="The pipeline's params file to replace.")
+def use(recipe: Path, params_file: Path) -> None:
+    """Switch the pipeline to RECIPE (e.g. recipes/llama3-code-math.yaml): validate it and write it
+    over params.yaml. Then `mergeflow plan` to see the cost, `dvc repro` to run; `git diff
+    params.yaml` shows the switch and `git checkout params.yaml` undoes it."""
+    from .recipes import use_recipe
+
+    params = use_recipe(recipe, params_file)
+    click.echo(f"{params_file} <- {recipe}: experts {', '.join(params.experts)} ({params.models.source}), method {params.method}, alpha {params.alpha}")
+    click.echo("next: `mergeflow plan` (cost), `dvc repro` (run), `dvc exp run -S alpha=0.3` (sweep)")
+
+
+@main.command()
+@click.option("--params", "params_file", default="params.yaml", show_default=True, type=PATH, help="Params (or recipe) file to plan for.")
+@click.option("--tflops", default=100.0, show_default=True, type=click.FloatRange(min=1e-6),
+              help="Effective throughput of the gram pass, in TFLOP/s (an H100 reaches roughly 100-300 in bf16; 2 CPU cores about 0.05).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(params_file: Path, tflops: float, as_json: bool) -> None:
+    """What the pipeline will cost before it runs: disk per stage, gram FLOPs and time per expert,
+    the merge's peak memory and whether it fits this machine. Reads model configs only (toy params,
+    local directories, the Hugging Face cache or the hub), never weights."""
+    import json
+
+    from .params import load_params
+    from .plan import format_plan, make_plan
+
+    result = make_plan(load_params(params_file), tflops=tflops)
+    click.echo(json.dumps(result, indent=2) if as_json else format_plan(result))
 
 
 def run() -> None:

@@ -73,11 +73,20 @@ class DataParams(Strict):
 
 
 class GramParams(Strict):
+    """Options of `mergeflow grams` (see `mergeflow grams compute --help`)."""
+
     include_lm_head: bool = False
+    text_field: str = "text"
     max_length: int = Field(64, ge=1)
     batch_size: int = Field(32, ge=1)
     num_samples: Optional[int] = Field(None, ge=1)
+    seed: Optional[int] = None
     device: str = "cpu"
+    model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "float64"] = "float32"
+    accumulate_on: Literal["device", "cpu"] = "device"
+    max_gram_memory: Optional[str] = None
+    checkpoint_every: int = Field(50, ge=0)
 
 
 class MergeParams(Strict):
@@ -152,6 +161,15 @@ class Params(Strict):
             raise ValueError(f"experts must be distinct names, got {self.experts}")
         if self.merge.weights is not None and len(self.merge.weights) != len(self.experts):
             raise ValueError(f"merge.weights has {len(self.merge.weights)} values for {len(self.experts)} experts {self.experts}")
+        source = self.models.source
+        if source in ("hub", "local"):
+            group = getattr(self.models, source)
+            missing = [e for e in self.experts if e not in group.experts]
+            if group.base is None or missing:
+                raise ValueError(f"models.{source} must name the base and every expert of `experts`; missing: {(['base'] if group.base is None else []) + missing}")
+            no_calib = [e for e in self.experts if e not in self.data.calib]
+            if no_calib:
+                raise ValueError(f"data.calib must give a calibration file for every expert (grams need it); missing: {no_calib}")
         if self.merge.regmean_lm_head and not self.gram.include_lm_head:
             raise ValueError("merge.regmean_lm_head needs grams of lm_head: set gram.include_lm_head: true as well")
         return self
