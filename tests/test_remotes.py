@@ -1,4 +1,4 @@
-"""Sharing grams and merged models through DVC remotes, for real, on loopback only.
+"""Sharing grams and merged models through DVC remotes, for real, on loopback only (slow tests).
 
 One committed pipeline run (conftest.py's `pipeline_run`, shared with test_pipeline.py) is cloned
 into `origin`, which pushes everything to a local-directory remote (`shared`, the default) and the
@@ -24,9 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import dvc_init_local, ran, run, skipped
+from helpers import ROOT, dvc_init_local, ran, run, skipped
 
-pytestmark = pytest.mark.slow
 # README, "Integrity": delete the corrupt object from DVC's cache, then fetch (or recompute) the grams.
 RECOVERY = """
 f=models/grams/math/layer_000.safetensors
@@ -110,6 +109,15 @@ def clone(origin: Origin, tmp_path: Path, name: str = "clone") -> Path:
     return dest
 
 
+def test_merge_depends_on_the_grams_of_every_expert():
+    """`dvc repro --pull` and `dvc exp run --pull` fetch a missing dependency only when it is a
+    stage's output, so merge lists each expert's gram directory, never the folder models/grams."""
+    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["merge"]["deps"]
+    experts = yaml.safe_load((ROOT / "params.yaml").read_text())["experts"]
+    assert sorted(d for d in deps if d.startswith("models/grams")) == sorted(f"models/grams/{e}" for e in experts)
+
+
+@pytest.mark.slow
 def test_pull_grams_then_repro_pull_recomputes_only_what_the_remote_lacks(origin, tmp_path):
     """A fresh clone pulls the grams (`dvc pull gram@math gram@code`), then `dvc repro --pull`
     against `partial`, which lacks the merged model and the submission: the rest of the inputs
@@ -129,6 +137,7 @@ def test_pull_grams_then_repro_pull_recomputes_only_what_the_remote_lacks(origin
     assert "Data and pipelines are up to date." in run(["dvc", "status"], dest, env)
 
 
+@pytest.mark.slow
 def test_repro_pull_allow_missing_runs_and_fetches_nothing_unchanged(origin, tmp_path):
     dest, env = clone(origin, tmp_path), origin.env
     out = run(["dvc", "repro", "--pull", "--allow-missing"], dest, env)
@@ -137,6 +146,7 @@ def test_repro_pull_allow_missing_runs_and_fetches_nothing_unchanged(origin, tmp
     assert cached == [] and not (dest / "models/grams/math").exists()
 
 
+@pytest.mark.slow
 def test_alpha_experiment_on_fresh_clone_pulls_only_what_merge_needs(origin, tmp_path):
     """`dvc exp run -S alpha=0.3 --pull --allow-missing`: the grams and experts come from the
     remote, only merge and what follows run, and the grams' own inputs are never downloaded."""
@@ -166,6 +176,7 @@ def s3_endpoint():
         server.stop()
 
 
+@pytest.mark.slow
 def test_s3_remote_push_and_pull(origin, s3_endpoint, tmp_path):
     import boto3
 
@@ -245,6 +256,7 @@ def serve(root: Path, grams: dict[str, torch.Tensor], mtime: float) -> bytes:
     return (root / "gram.pkl").read_bytes()
 
 
+@pytest.mark.slow
 def test_import_url_then_convert_then_update(origin, http_root, tmp_path):
     from mergeflow.grams import GramDir
 
@@ -300,6 +312,7 @@ def bad_remote(origin, tmp_path) -> tuple[Path, str]:
     return bad, md5
 
 
+@pytest.mark.slow
 def test_corrupt_remote_file_is_refused_by_a_verifying_remote(origin, bad_remote, tmp_path):
     """`verify = true` on a remote: DVC rehashes what it downloads and refuses the corrupt file."""
     bad, _ = bad_remote
@@ -313,6 +326,7 @@ def test_corrupt_remote_file_is_refused_by_a_verifying_remote(origin, bad_remote
     assert digests(dest / "models/grams/math") == digests(origin.path / "models/grams/math")
 
 
+@pytest.mark.slow
 def test_corrupt_file_dvc_accepts_is_caught_by_mergeflow(origin, bad_remote, tmp_path):
     """Without `verify`, DVC trusts the download (and its cache: `dvc status` sees nothing);
     mergeflow's SHA-256 in grams.json names the file, and the README's recovery restores it."""
