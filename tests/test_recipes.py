@@ -50,13 +50,21 @@ def test_recipe_schema_errors_are_clear(edit, message, tmp_path):
 
 
 def test_use_switches_params_and_refuses_a_bad_recipe(tmp_path):
-    params = tmp_path / "params.yaml"
+    params, dvc_yaml = tmp_path / "params.yaml", tmp_path / "dvc.yaml"
     shutil.copy(ROOT / "params.yaml", params)
-    run = lambda recipe: subprocess.run([sys.executable, "-m", "mergeflow", "use", recipe, "--params", params], capture_output=True, text=True)  # noqa: E731
+    shutil.copy(ROOT / "dvc.yaml", dvc_yaml)
+    run = lambda recipe: subprocess.run([sys.executable, "-m", "mergeflow", "use", recipe, "--params", params, "--dvc-yaml", dvc_yaml], capture_output=True, text=True)  # noqa: E731
     proc = run(ROOT / "recipes" / "llama3-code-math.yaml")
     assert proc.returncode == 0, proc.stderr
     assert params.read_text() == (ROOT / "recipes" / "llama3-code-math.yaml").read_text()  # comments kept
     assert "experts code, math (hub), method regmean, alpha 0.1" in proc.stdout
+    merge = yaml.safe_load(dvc_yaml.read_text())["stages"]["merge"]
+    assert [d for d in merge["deps"] if d.startswith("models/grams/")] == ["models/grams/code", "models/grams/math"]
+    run(ROOT / "recipes" / "llm-merging-competition.yaml")
+    merge = yaml.safe_load(dvc_yaml.read_text())["stages"]["merge"]
+    assert [d for d in merge["deps"] if d.startswith("models/grams/")] == ["models/grams/gsm8k", "models/grams/fingpt"]
+    assert "# One gram directory per expert" in dvc_yaml.read_text()  # comments kept
+    run(ROOT / "recipes" / "llama3-code-math.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("alpha: 2\n")
     proc = run(bad)

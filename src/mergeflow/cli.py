@@ -256,13 +256,14 @@ def methods() -> None:
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--params", "params_file", default="params.yaml", show_default=True, type=PATH, help="The pipeline's params file to replace.")
-def use(recipe: Path, params_file: Path) -> None:
-    """Switch the pipeline to RECIPE (e.g. recipes/llama3-code-math.yaml): validate it and write it
-    over params.yaml. Then `mergeflow plan` to see the cost, `dvc repro` to run; `git diff
+@click.option("--dvc-yaml", default="dvc.yaml", show_default=True, type=PATH, help="Pipeline whose merge stage gets one gram dependency per expert.")
+def use(recipe: Path, params_file: Path, dvc_yaml: Path) -> None:
+    """Switch the pipeline to RECIPE (e.g. recipes/llama3-code-math.yaml): validate it, write it
+    over params.yaml and point dvc.yaml's merge stage at its experts' grams. Then `mergeflow plan` to see the cost, `dvc repro` to run; `git diff
     params.yaml` shows the switch and `git checkout params.yaml` undoes it."""
     from .recipes import use_recipe
 
-    params = use_recipe(recipe, params_file)
+    params = use_recipe(recipe, params_file, dvc_yaml)
     click.echo(f"{params_file} <- {recipe}: experts {', '.join(params.experts)} ({params.models.source}), method {params.method}, alpha {params.alpha}")
     click.echo("next: `mergeflow plan` (cost), `dvc repro` (run), `dvc exp run -S alpha=0.3` (sweep)")
 
