@@ -87,3 +87,24 @@ def test_report_command_reads_a_saved_document(doc, tmp_path):
 def test_no_sweep_is_a_clear_error(doc):
     with pytest.raises(ValueError, match="no finished experiment with method=ties"):
         collect(doc, method="ties")
+
+
+def test_reference_numbers_are_printed_beside_ours(doc, tmp_path):
+    ref = tmp_path / "ref.csv"
+    ref.write_text("model,metric,value\nmath expert,toy_math.exact_match,0.7\nregmean alpha=0.1,toy_code.exact_match,0.45\naverage,gsm8k.exact_match,0.65\n")
+    (tmp_path / "doc.json").write_text(json.dumps(doc))
+    result = CliRunner().invoke(main, ["report", "--exp-show", str(tmp_path / "doc.json"), "--out-dir", str(tmp_path / "plots"), "--reference", str(ref)])
+    assert result.exit_code == 0, result.output
+    lines = [line.split() for line in result.output.splitlines()]
+    assert ["math", "expert", "toy_math.exact_match", "0.7000", "0.5000"] in lines
+    assert ["regmean", "alpha=0.1", "toy_code.exact_match", "0.4500", "0.0000"] in lines
+    assert ["average", "gsm8k.exact_match", "0.6500", "-"] in lines  # not measured here
+
+
+def test_the_llama3_reference_table_is_readable():
+    from pathlib import Path
+
+    from mergeflow.report import read_reference
+
+    table = read_reference(Path(__file__).resolve().parents[1] / "recipes" / "llama3-code-math.reference.csv")
+    assert table["regmean alpha=0.1"]["gsm8k.exact_match_strict-match"] == 0.6831 and len(table) == 4

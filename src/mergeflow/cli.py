@@ -227,7 +227,8 @@ def submit(model: Path, test_csv: Path, out: Path, max_new_tokens: int, stop: tu
 @click.option("--repo", default=".", show_default=True, type=EXISTING_DIR, help="The DVC repository whose experiments to read.")
 @click.option("--out-dir", default=Path("plots"), show_default=True, type=PATH, help="Writes alpha_sweep.csv and alpha_sweep.png here.")
 @click.option("--method", default="regmean", show_default=True, help="The merge method whose alpha sweep to plot.")
-def report(exp_show_file: Path | None, repo: Path, out_dir: Path, method: str) -> None:
+@click.option("--reference", default=None, type=PATH, help="Published numbers to print ours beside (e.g. recipes/llama3-code-math.reference.csv).")
+def report(exp_show_file: Path | None, repo: Path, out_dir: Path, method: str, reference: Path | None) -> None:
     """Tabulate and plot an alpha sweep (dvc exp run --queue -S alpha=...) against the experts.
 
     Reference lines: the base model, each expert and, if an experiment ran it, method=average.
@@ -241,6 +242,12 @@ def report(exp_show_file: Path | None, repo: Path, out_dir: Path, method: str) -
     for alpha, _, values in sweep.points:
         click.echo(f"{alpha:>6g}  " + "  ".join(f"{values.get(m, float('nan')):>22.4f}" for m in sweep.metrics))
     click.echo(f"wrote {out_dir / 'alpha_sweep.csv'} and {out_dir / 'alpha_sweep.png'}")
+    if reference:
+        from .report import compare, read_reference
+
+        click.echo(f"\n{'model':<22}{'metric':<44}{'reference':>10}{'ours':>10}")
+        for model, metric, theirs, ours in compare(sweep, read_reference(reference)):
+            click.echo(f"{model:<22}{metric:<44}{theirs:>10.4f}{'-' if ours is None else format(ours, '.4f'):>10}")
 
 
 @main.command()

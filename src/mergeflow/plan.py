@@ -229,7 +229,7 @@ def format_plan(plan: dict) -> str:
     ]
     for name, st in plan["stages"].items():
         time = "" if st.get("hours") is None else (f"{st['hours']:,.2f} h" if st["hours"] >= 1 else f"{st['hours'] * 3600:,.0f} s")
-        flop = "" if st.get("flops") is None else f"{st['flops'] / 1e12:,.3g}"
+        flop = "" if st.get("flops") is None else (f"{st['flops'] / 1e12:,.0f}" if st["flops"] >= 1e15 else f"{st['flops'] / 1e12:,.3g}")
         memory = gb(st.get("peak_memory_bytes") or st.get("device_bytes")) if ("peak_memory_bytes" in st or "device_bytes" in st) else ""
         lines.append(f"{name:<22}{gb(st.get('disk_bytes')) if 'disk_bytes' in st else '':>14}{flop:>14}{time:>24}{memory:>16}")
     m = plan["machine"]

@@ -162,6 +162,31 @@ def plot(sweep: Sweep, path: str | Path) -> None:
     plt.close(fig)
 
 
+def read_reference(path: str | Path) -> dict[str, dict[str, float]]:
+    """Published numbers kept beside a recipe: a CSV of `model,metric,value` rows, where model is
+    a label of ours (`math expert`, `average`, `regmean alpha=0.1`) and metric `task.metric`."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: reference table not found (--reference)")
+    table: dict[str, dict[str, float]] = {}
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or not {"model", "metric", "value"} <= set(rows[0]):
+        raise ValueError(f"{path}: expected columns model,metric,value")
+    for r in rows:
+        table.setdefault(r["model"], {})[r["metric"]] = float(r["value"])
+    return table
+
+
+def compare(sweep: Sweep, reference: dict[str, dict[str, float]]) -> list[tuple[str, str, float, float | None]]:
+    """(model, metric, theirs, ours) for every reference number; ours is None where not measured."""
+    ours = dict(sweep.references)
+    ours.update({f"{sweep.method} alpha={alpha:g}": s for alpha, _, s in sweep.points})
+    return [(model, metric, value, ours.get(model, {}).get(metric)) for model, metrics in reference.items() for metric, value in metrics.items()]
+
+
 def report(doc: list[dict], out_dir: str | Path = "plots", method: str = "regmean") -> Sweep:
     """Write `<out_dir>/alpha_sweep.csv` and `<out_dir>/alpha_sweep.png`; return the sweep."""
     sweep = collect(doc, method)
