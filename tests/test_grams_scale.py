@@ -155,7 +155,7 @@ def test_killed_cli_run_resumes_to_the_same_grams(experts, tmp_path):
 
 def test_torchrun_two_ranks_equal_one_process(experts, calib_file, tmp_path):
     args = ["grams", "--model", experts[0], "--data", calib_file, "--max-length", 16, "--batch-size", 2, "--dtype", "float64"]
-    subprocess.run(mergeflow_cmd(*args, "--out", tmp_path / "one"), check=True, capture_output=True)
+    compute_grams(experts[0], calib_file, tmp_path / "one", max_length=16, batch_size=2, dtype="float64")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([*torchrun, "-m", "mergeflow", *map(str, args), "--out", tmp_path / "two"], capture_output=True, text=True, env=env, timeout=300)
