@@ -110,6 +110,11 @@ def read_config(source: str, params: Params, name: str) -> tuple[dict, str]:
 
         tok = build_tokenizer(MAX_LENGTH * 2)
         return toy_config(m.toy, len(tok), tok).to_dict(), "toy zoo params"
+    if source == "smollm2":  # the experts are fine-tuned copies of the base
+        from .zoo.gguf import gguf_config, locate_gguf
+
+        path = locate_gguf(m.smollm2.file, m.smollm2.package)
+        return gguf_config(path), str(path)
     if source == "local":
         path = m.local.base if name == "base" else m.local.experts.get(name)
         if path is None:
@@ -191,7 +196,8 @@ def make_plan(params: Params, *, tflops: float, root: Path = Path(".")) -> dict:
     for expert in params.experts:
         rows = g.num_samples
         if rows is None:
-            rows = count_rows(root / "data" / "calib" / f"{expert}.jsonl") or (params.models.toy.calib_samples if source == "toy" else None)
+            zoo = {"toy": params.models.toy.calib_samples, "smollm2": params.models.smollm2.calib_samples}
+            rows = count_rows(root / "data" / "calib" / f"{expert}.jsonl") or zoo.get(source)
         tokens = rows * g.max_length if rows else None  # an upper bound: texts may be shorter
         flops = tokens * (shape.forward_flops_per_token(g.max_length) + shape.gram_flops_per_token(lm_head)) if tokens else None
         stages[f"gram@{expert}"] = {
