@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import state
+from helpers import ROOT, state
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -192,6 +192,9 @@ def test_zoo_builds_data_and_experts(sliced, tmp_path, monkeypatch):
         assert not questions & {c[1]["content"] for c in calib} and all(c[2]["role"] == "assistant" for c in calib)
     test = read_test_csv(tmp_path / "data/test.csv")
     assert len(test) == 8 and set(test["eval_type"]) == {"multiple_choice", "generation"}
+    smollm2.build_smollm2_zoo(p, ["math", "list"], tmp_path / "again/models", tmp_path / "again/data")  # deterministic
+    for rel in ("models/experts/math/model.safetensors", "models/experts/list/model.safetensors", "data/calib/list.jsonl", "data/eval/math.jsonl", "data/test.csv"):
+        assert (tmp_path / "again" / rel).read_bytes() == (tmp_path / rel).read_bytes(), rel
     with pytest.raises(ValueError, match=r"experts \['code'\] have no chat skill"):
         smollm2.build_smollm2_zoo(p, ["math", "code"], tmp_path / "m2", tmp_path / "d2")
 
@@ -199,11 +202,16 @@ def test_zoo_builds_data_and_experts(sliced, tmp_path, monkeypatch):
 def test_recipe_validates_and_uses_shipped_tasks():
     from mergeflow.evaluation.tasks import shipped_configs, shipped_tasks
 
-    p = load_params("recipes/smollm2-cpu.yaml")
+    p = load_params(ROOT / "recipes/smollm2-cpu.yaml")
     assert p.models.source == "smollm2" and p.experts == ["math", "list"] and p.gram.text_field == "messages"
     assert p.eval.tasks == ["chat_math", "chat_list"] and p.eval.backend == "hf" and set(p.eval.tasks) <= set(shipped_tasks())
     files = {t: shipped_configs()[t]["dataset_kwargs"]["data_files"]["test"] for t in p.eval.tasks}
     assert files == {"chat_math": "data/eval/math.jsonl", "chat_list": "data/eval/list.jsonl"}  # what the download stage writes
+    import yaml  # every group a stage reads must be in the file: DVC refuses to run a stage whose params are missing
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values()
+    read = {str(name).split(".")[0] for stage in stages for name in stage.get("params", [])}
+    assert read and read <= set(yaml.safe_load((ROOT / "recipes/smollm2-cpu.yaml").read_text()))
 
 
 def test_chat_tasks_score_the_last_number_and_the_last_list(experts, tmp_path):
