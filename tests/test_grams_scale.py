@@ -245,14 +245,20 @@ def test_sum_refuses_mean_grams(experts, gram_dirs, tmp_path):
         sum_grams([gram_dirs[0], tmp_path / "means"], tmp_path / "out")
 
 
-def test_corruption_and_disagreeing_index_are_detected(gram_dirs, tmp_path):
+def test_corruption_and_disagreeing_index_are_detected(experts, gram_dirs, tmp_path):
     bad = tmp_path / "g"
     shutil.copytree(gram_dirs[0], bad)
     data = bytearray((bad / "layer_001.safetensors").read_bytes())
     data[-5] ^= 0xFF  # same size, one flipped byte
     (bad / "layer_001.safetensors").write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=r"layer_001\.safetensors: SHA-256 differs .* `dvc checkout --relink`"):
+    with pytest.raises(ValueError, match=r"layer_001\.safetensors: SHA-256 differs .*find \"\$\(dvc cache dir\)\" -samefile FILE -delete"):
         GramDir.open(bad).verify()
+    from mergeflow.merge import merge_models
+    from mergeflow.methods import MergeOptions, get_method
+
+    with pytest.raises(ValueError, match=r"layer_001\.safetensors: SHA-256 differs"):  # the merge checks before it writes
+        merge_models(experts, get_method("regmean")(MergeOptions()), tmp_path / "merged", grams=[gram_dirs[1], bad])
+    assert not (tmp_path / "merged").exists()
     (bad / "layer_001.safetensors").write_bytes(bytes(data[:-100]))
     with pytest.raises(ValueError, match=r"layer_001\.safetensors: \d+ bytes, but .*grams\.json records \d+; the file is truncated"):
         GramDir.open(bad)
@@ -265,6 +271,9 @@ def test_corruption_and_disagreeing_index_are_detected(gram_dirs, tmp_path):
 
 
 def test_cli_verify_and_sum(gram_dirs, tmp_path):
+    import stat
+
+    assert stat.S_IMODE((gram_dirs[0] / "layer_000.safetensors").stat().st_mode) == stat.S_IMODE((gram_dirs[0] / "grams.json").stat().st_mode)
     ok = subprocess.run(mergeflow_cmd("grams", "verify", *gram_dirs), capture_output=True, text=True)
     assert ok.returncode == 0 and ok.stdout.count(": ok (2 files)") == 2
     proc = subprocess.run(mergeflow_cmd("grams", "sum", gram_dirs[0], gram_dirs[0], "--out", tmp_path / "twice"), capture_output=True, text=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 
-def _umask() -> int:
+def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -33,7 +33,7 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Pa
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the output should not be
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private; the output should not be
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
@@ -56,7 +56,7 @@ def atomic_file(out: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

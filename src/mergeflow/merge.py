@@ -142,6 +142,7 @@ def merge_models(
     max_shard_size: int = 5 * 2**30,
     block_bytes: int = BLOCK_BYTES,
     overwrite: bool = True,
+    verify_grams: bool = True,
 ) -> dict:
     """Merge `experts` with `method` into the HF directory `out`; return the saved merge config."""
     if Path(out).exists() and not overwrite:
@@ -163,6 +164,9 @@ def merge_models(
         if len(grams) != len(experts):
             raise ValueError(f"method {method.name!r} needs one gram directory per expert: {len(experts)} experts, {len(grams)} gram dirs (--gram)")
         gram_dirs = [GramDir.open(g) for g in grams]
+        if verify_grams:  # DVC does not rehash what it pulls or caches: a flipped bit would merge silently
+            for g in tqdm(gram_dirs, desc="verify grams (SHA-256)", unit="dir"):
+                g.verify()
         solved = set(solved_modules(gram_dirs, readers[0], lm_head=lm_head))
     specs = [readers[0].specs[name] for name in readers[0].names()]
     if solved:  # Linears sharing one gram (q/k/v, gate/up) next to each other: RegMean factors it once

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +32,18 @@ import torch
 from safetensors.torch import save_file
 
 from ..checkpoint import open_safetensors
-from ..io import atomic_dir, write_json
+from ..io import atomic_dir, umask, write_json
 
 FORMAT = "mergeflow.grams/1"
 INDEX = "grams.json"
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
-RECOVER = "restore it with `dvc checkout --relink` or `dvc pull --force` (or recompute it: `dvc repro -f gram@<expert>`)"
+# A corrupt file in the workspace is the corrupt object in DVC's cache (outputs are hard links into
+# it), and `dvc checkout`/`dvc pull --force` re-link that same object: it must be deleted first.
+RECOVER = (
+    'delete the corrupt object from the DVC cache, then fetch or recompute the directory: '
+    '`find "$(dvc cache dir)" -samefile FILE -delete && rm -rf DIR && dvc pull gram@<expert>` '
+    "(or `dvc repro -f gram@<expert>` instead of the pull)"
+)
 
 
 @dataclass(frozen=True)
@@ -147,10 +154,11 @@ class GramWriter:
         if file in self.files:
             raise ValueError(f"{file} written twice")
         save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(self.out / file), metadata={"format": FORMAT})
-        self.files[file] = {"bytes": (self.out / file).stat().st_size, "sha256": sha256_of(self.out / file)}
+        self.add_file(file)
 
     def add_file(self, file: str) -> None:
-        """Record a file already placed in the directory."""
+        """Record a file already placed in the directory (readable as the umask allows, like grams.json)."""
+        os.chmod(self.out / file, 0o666 & ~umask())
         self.files[file] = {"bytes": (self.out / file).stat().st_size, "sha256": sha256_of(self.out / file)}
 
     def finish(self, keys: Mapping[str, str], *, num_tokens: Optional[int], model: str, reduction: str = "sum", dtype: str = "float32", **extra) -> None:
