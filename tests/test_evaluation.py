@@ -39,7 +39,7 @@ def test_flatten_keeps_numbers_and_names_filters():
 
 
 def test_shipped_tasks():
-    assert shipped_tasks() == ["cosmos_qa", "humaneval_instruct_fence", "toy_code", "toy_math", "xsum"]
+    assert shipped_tasks() == ["chat_list", "chat_math", "cosmos_qa", "humaneval_instruct_fence", "toy_code", "toy_math", "xsum"]
 
 
 def greedy_exact_match(model_dir, rows):
@@ -80,7 +80,7 @@ def test_lm_eval_on_toy_tasks_matches_greedy_generation(experts, tmp_path):
 
 
 def test_unknown_task_is_refused(experts, tmp_path):
-    with pytest.raises(ValueError, match=r"unknown lm-eval tasks \['toy_poetry'\].*shipped: \['cosmos_qa', .*'xsum'\]"):
+    with pytest.raises(ValueError, match=r"unknown lm-eval tasks \['toy_poetry'\].*shipped: \['chat_list', .*'xsum'\]"):
         evaluate_model(experts[0], ["toy_poetry"], tmp_path / "m.json", data_root=tmp_path)
     assert not (tmp_path / "m.json").exists()
 

@@ -22,7 +22,7 @@ def test_repository_params_are_valid():
         ("alpha: 1.5\n", r"alpha: Input should be less than or equal to 1"),
         ("gram:\n  max_lenght: 3\n", r"gram\.max_lenght: Extra inputs are not permitted"),
         ("gram:\n  max_length: 0\n", r"gram\.max_length: Input should be greater than or equal to 1"),
-        ("models:\n  source: s3\n", r"models\.source: Input should be 'toy', 'hub' or 'local'"),
+        ("models:\n  source: s3\n", r"models\.source: Input should be 'toy', 'smollm2', 'hub' or 'local'"),
         ("experts: [math, math]\n", r"experts must be distinct"),
     ],
 )
