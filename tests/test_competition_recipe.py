@@ -63,8 +63,8 @@ def test_competition_recipe_end_to_end_on_toy_stand_ins(tmp_path_factory):
     assert "experts gsm8k, fingpt (hub), method average" in out
     params = deep_update(yaml.safe_load((repo / "params.yaml").read_text()), CPU)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = run(["dvc", "repro"], repo, env)
-    assert {"download", "gram@gsm8k", "gram@fingpt", "merge", "evaluate", "submit"} <= ran(out)
+    out = run(["dvc", "repro", "evaluate", "submit"], repo, env)  # the reference evaluations of base and experts are left out
+    assert ran(out) == {"download", "gram@gsm8k", "gram@fingpt", "merge", "evaluate", "submit"}
 
     merge_config = json.loads((repo / "models" / "merged" / "mergeflow_merge.json").read_text())
     assert merge_config["method"] == "average" and merge_config["weights"] == [0.8, 0.2]
@@ -74,5 +74,7 @@ def test_competition_recipe_end_to_end_on_toy_stand_ins(tmp_path_factory):
     submission = pd.read_csv(repo / "submission.csv", keep_default_na=False)
     assert list(submission.columns) == ["id", "prediction", "dummy_field"] and submission["id"].tolist() == list(range(5))
     assert submission.loc[[1, 3], "prediction"].astype(int).between(0, 3).all()
-    out = run(["dvc", "exp", "run", "-S", "merge.weights=[0.5,0.5]"], repo, env)
-    assert ran(out) >= {"merge", "evaluate", "submit"} and not ran(out) & {"download", "gram@gsm8k", "gram@fingpt"}
+    params["merge"]["weights"] = [0.5, 0.5]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run(["dvc", "repro", "evaluate", "submit"], repo, env)
+    assert ran(out) == {"merge", "evaluate", "submit"}  # a merge parameter after the switch: grams are kept
