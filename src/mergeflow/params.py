@@ -52,7 +52,7 @@ class SmolLM2Params(Strict):
     train_layers: int = Field(8, ge=1)      # the last N transformer blocks are fine-tuned
     train_modules: Literal["all", "mlp", "attn"] = "all"
     batch_size: int = Field(16, ge=1)
-    steps: int = Field(150, ge=1)           # per expert, one fresh batch of questions each
+    steps: int = Field(100, ge=1)           # per expert, one fresh batch of questions each
     lr: float = Field(1e-3, gt=0)
     calib_samples: int = Field(128, ge=1)
     eval_samples: int = Field(100, ge=1)
