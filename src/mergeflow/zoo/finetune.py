@@ -1,12 +1,13 @@
 """Deterministic CPU fine-tuning of a chat model's top layers on (question, answer) chats.
 
 Full fine-tuning of the Linear weights of the last few transformer blocks, everything else
-frozen: the backward pass stops at the first trained block (a 135M model trains about three
-times faster than end to end), and the experts differ from their base in dense Linear weights,
-exactly what RegMean's grams describe (a LoRA would change the same weights, only in low rank,
-and cost the same forward). The tied input/output embeddings are never trained, so they stay
-tied. The loss covers the answer and the end-of-turn token only, and the output layer is applied
-to those positions alone (it is a fifth of the model's FLOPs per token).
+frozen, rather than LoRA: the backward pass stops at the first trained block (8 of SmolLM2's 30
+blocks: about half the work of training end to end), the experts differ from their base in
+dense Linear weights, which is what merging methods have to reconcile and what RegMean's grams
+describe, and there is nothing to merge back (a LoRA would cost the same forward pass and change
+the same weights, only in low rank). The tied input/output embeddings are never trained, so they
+stay tied. The loss covers the reply and the end-of-turn token only, and the output layer is
+applied to those positions alone (it is a fifth of the model's FLOPs per token).
 """
 
 from __future__ import annotations
