@@ -195,7 +195,7 @@ def test_builtin_tasks_by_name_read_local_data(experts, tmp_path):
 
 def test_summary_table_of_base_experts_and_merged(tmp_path):
     (tmp_path / "base.json").write_text(json.dumps({"t": {"acc": 0.1, "acc_stderr": 0.01}}))
-    (tmp_path / "merged.json").write_text(json.dumps({"t": {"acc": 0.3}}))
-    assert evaluation_summary({"base": tmp_path / "base.json", "merged": tmp_path / "merged.json"}) == {"base": {"t": {"acc": 0.1}}, "merged": {"t": {"acc": 0.3}}}
+    (tmp_path / "merged.json").write_text(json.dumps({"t": {"acc": 0.3, "em_last": 0.2, "em_stderr_last": 0.04}}))
+    assert evaluation_summary({"base": tmp_path / "base.json", "merged": tmp_path / "merged.json"}) == {"base": {"t": {"acc": 0.1}}, "merged": {"t": {"acc": 0.3, "em_last": 0.2}}}
     with pytest.raises(FileNotFoundError, match=r"expert.json: metrics of expert-x not found"):
         evaluation_summary({"expert-x": tmp_path / "expert.json"})

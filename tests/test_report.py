@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from mergeflow.cli import main
-from mergeflow.report import collect, report
+from mergeflow.report import collect, report, scores
 
 
 def row(rev, name, alpha, method, merged, *, base=0.0, math=(0.5, 0.0), code=(0.0, 1.0)):
@@ -65,6 +65,11 @@ def test_collect_points_and_references(doc):
     assert sweep.references["average"] == {"toy_math.exact_match": 0.0, "toy_code.exact_match": 0.01}
 
 
+def test_scores_leave_out_standard_errors_filtered_or_not():
+    metrics = {"chat_math": {"exact_match_last_number": 0.62, "exact_match_stderr_last_number": 0.05, "exact_match": 0.6, "exact_match_stderr": 0.04}}
+    assert scores(metrics) == {"chat_math.exact_match_last_number": 0.62, "chat_math.exact_match": 0.6}
+
+
 def test_report_writes_csv_and_png(doc, tmp_path):
     report(doc, tmp_path / "plots")
     with open(tmp_path / "plots/alpha_sweep.csv") as fh:
@@ -108,3 +113,24 @@ def test_the_llama3_reference_table_is_readable():
 
     table = read_reference(Path(__file__).resolve().parents[1] / "recipes" / "llama3-code-math.reference.csv")
     assert table["regmean alpha=0.1"]["gsm8k.exact_match_strict-match"] == 0.6831 and len(table) == 4
+
+
+@pytest.mark.parametrize("recipe", ["llama3-code-math", "smollm2-cpu"])
+def test_reference_tables_name_the_models_and_metrics_report_produces(recipe):
+    """Every row of a recipe's reference table must be comparable: a model label that `report`
+    gives (base, `<expert> expert`, average, `regmean alpha=<a>`) and one of the recipe's tasks."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from mergeflow.report import read_reference
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    params = yaml.safe_load((recipes / f"{recipe}.yaml").read_text())
+    labels = {"base", "average", *(f"{e} expert" for e in params["experts"])}
+    table = read_reference(recipes / f"{recipe}.reference.csv")
+    for model, metrics in table.items():
+        assert model in labels or re.fullmatch(r"regmean alpha=\d+(\.\d+)?", model), model
+        assert {m.split(".", 1)[0] for m in metrics} <= set(params["eval"]["tasks"]), (model, metrics)
+        assert all(0.0 <= v <= 1.0 for v in metrics.values())

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .evaluation.harness import is_stderr
 from .io import atomic_file
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def runs(doc: list[dict]) -> Iterator[Run]:
 
 def scores(metrics: dict[str, Any]) -> dict[str, float]:
     """`{task: {metric: v}}` -> `{"task.metric": v}`, standard errors left out."""
-    return {f"{task}.{name}": float(v) for task, values in metrics.items() for name, v in values.items() if not name.endswith("_stderr") and isinstance(v, (int, float))}
+    return {f"{task}.{name}": float(v) for task, values in metrics.items() for name, v in values.items() if not is_stderr(name) and isinstance(v, (int, float))}
 
 
 @dataclass

@@ -32,6 +32,12 @@ from .tasks import (
 log = logging.getLogger(__name__)
 
 
+def is_stderr(metric: str) -> bool:
+    """A flattened metric that is a standard error: `exact_match_stderr`, or after a filter
+    `exact_match_stderr_last_number` (see `flatten_results`)."""
+    return metric.endswith("_stderr") or "_stderr_" in metric
+
+
 def flatten_results(results: dict) -> dict[str, dict[str, float]]:
     """`{task: {"exact_match,none": v, ...}}` -> `{task: {"exact_match": v}}` (numbers only).
 
@@ -166,5 +172,5 @@ def evaluation_summary(files: Mapping[str, str | Path]) -> dict[str, Any]:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: metrics of {model} not found (run its evaluate stage first)")
         metrics = json.loads(path.read_text())
-        table[model] = {task: {m: v for m, v in values.items() if not m.endswith("_stderr")} for task, values in metrics.items()}
+        table[model] = {task: {m: v for m, v in values.items() if not is_stderr(m)} for task, values in metrics.items()}
     return table
