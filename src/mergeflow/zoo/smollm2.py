@@ -45,8 +45,7 @@ def write_data(p: SmolLM2Params, experts: list[str], data_dir: Path, tokenizer) 
         rendered = [skills.Example(render_prompt(tokenizer, q), q.answer) for q in evaluation]
         write_jsonl(data_dir / "eval" / f"{skill}.jsonl", [{"prompt": ex.prompt, "answer": ex.answer} for ex in rendered[: p.eval_samples]])
         write_jsonl(data_dir / "calib" / f"{skill}.jsonl", [{"messages": q.messages()} for q in calib])
-        draw = lambda rng, skill=skill: chat_skills.SKILLS[skill](rng).answer
-        test_rows += submission_rows(rendered[p.eval_samples :], draw, random.Random(p.seed + 300 + i))
+        test_rows += submission_rows(rendered[p.eval_samples :], chat_skills.SKILLS[skill], random.Random(p.seed + 300 + i))
     random.Random(p.seed).shuffle(test_rows)
     write_test_csv(data_dir / "test.csv", test_rows)
     return held_out

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pandas as pd
 import torch
@@ -79,15 +79,15 @@ def write_data(p: ToyZooParams, experts: list[str], data_dir: Path) -> dict[str,
         calib = skills.sample(skill, p.calib_samples, p.seed + 200 + i, exclude=held_out[skill])
         write_jsonl(data_dir / "eval" / f"{skill}.jsonl", [{"prompt": ex.prompt, "answer": ex.answer} for ex in evaluation[: p.eval_samples]])
         write_jsonl(data_dir / "calib" / f"{skill}.jsonl", [{"text": ex.text} for ex in calib])
-        draw = lambda rng, skill=skill: skills.SKILLS[skill](rng).answer
-        test_rows += submission_rows(evaluation[p.eval_samples :], draw, random.Random(p.seed + 300 + i))
+        test_rows += submission_rows(evaluation[p.eval_samples :], skills.SKILLS[skill], random.Random(p.seed + 300 + i))
     random.Random(p.seed).shuffle(test_rows)
     write_test_csv(data_dir / "test.csv", test_rows)
     return held_out
 
 
-def submission_rows(examples: list[skills.Example], draw_answer: Callable[[random.Random], str], rng: random.Random) -> list[tuple[str, str, list[str] | None]]:
-    """Half generation rows, half multiple choice with the right answer among others drawn by `draw_answer`."""
+def submission_rows(examples: list[skills.Example], draw: Callable[[random.Random], Any], rng: random.Random) -> list[tuple[str, str, list[str] | None]]:
+    """Half generation rows, half multiple choice with the right answer among the answers of other
+    questions of the skill (`draw(rng).answer`)."""
     rows = []
     for j, ex in enumerate(examples):
         if j % 2 == 0:
@@ -95,7 +95,7 @@ def submission_rows(examples: list[skills.Example], draw_answer: Callable[[rando
             continue
         choices = {ex.answer}
         while len(choices) < (4 if j % 4 == 1 else 2):
-            choices.add(draw_answer(rng))
+            choices.add(draw(rng).answer)
         ordered = sorted(choices)
         rng.shuffle(ordered)
         rows.append((ex.prompt, "multiple_choice", ordered))
