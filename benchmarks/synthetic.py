@@ -8,7 +8,6 @@ format (`X^T X + ridge`, one key shared by q/k/v and by gate/up, as `mergeflow g
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,46 +15,28 @@ from safetensors.torch import save_file
 
 from mergeflow.checkpoint import ShardedWriter, TensorSpec
 from mergeflow.grams.format import FORMAT, file_for
-
-
-@dataclass(frozen=True)
-class Shape:
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int
-
-    @property
-    def kv_dim(self) -> int:
-        return self.hidden // self.heads * self.kv_heads
+from mergeflow.plan import Shape
 
 
 CASES = {
     # ~1.5 GB per expert in float32, ~1.4 GB of grams per expert
-    "small": Shape(hidden=2048, intermediate=5632, layers=8, heads=16, kv_heads=4, vocab=8000),
+    "small": Shape(hidden=2048, intermediate=5632, layers=8, heads=16, kv_heads=4, head_dim=128, vocab=8000, tied=False, dtype="float32"),
     # Llama-3-8B's real layer shapes, 2 layers: what one layer of a full merge needs
-    "llama3-shapes": Shape(hidden=4096, intermediate=14336, layers=2, heads=32, kv_heads=8, vocab=128256),
+    "llama3-shapes": Shape(hidden=4096, intermediate=14336, layers=2, heads=32, kv_heads=8, head_dim=128, vocab=128256, tied=False, dtype="float32"),
 }
+
+ATTENTION, MLP = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
 
 
 def specs(s: Shape) -> list[TensorSpec]:
+    """Every tensor of an untied float32 Llama of shape `s`, in checkpoint order."""
     f32 = torch.float32
     out = [TensorSpec("model.embed_tokens.weight", (s.vocab, s.hidden), f32)]
     for i in range(s.layers):
         p = f"model.layers.{i}"
-        out += [
-            TensorSpec(f"{p}.input_layernorm.weight", (s.hidden,), f32),
-            TensorSpec(f"{p}.self_attn.q_proj.weight", (s.hidden, s.hidden), f32),
-            TensorSpec(f"{p}.self_attn.k_proj.weight", (s.kv_dim, s.hidden), f32),
-            TensorSpec(f"{p}.self_attn.v_proj.weight", (s.kv_dim, s.hidden), f32),
-            TensorSpec(f"{p}.self_attn.o_proj.weight", (s.hidden, s.hidden), f32),
-            TensorSpec(f"{p}.post_attention_layernorm.weight", (s.hidden,), f32),
-            TensorSpec(f"{p}.mlp.gate_proj.weight", (s.intermediate, s.hidden), f32),
-            TensorSpec(f"{p}.mlp.up_proj.weight", (s.intermediate, s.hidden), f32),
-            TensorSpec(f"{p}.mlp.down_proj.weight", (s.hidden, s.intermediate), f32),
-        ]
+        linears = {name: TensorSpec(f"{p}.{'mlp' if name in MLP else 'self_attn'}.{name}.weight", (n_out, n_in), f32) for name, n_in, n_out in s.linears}
+        out += [TensorSpec(f"{p}.input_layernorm.weight", (s.hidden,), f32), *(linears[n] for n in ATTENTION)]
+        out += [TensorSpec(f"{p}.post_attention_layernorm.weight", (s.hidden,), f32), *(linears[n] for n in MLP)]
     return out + [TensorSpec("model.norm.weight", (s.hidden,), f32), TensorSpec("lm_head.weight", (s.vocab, s.hidden), f32)]
 
 
