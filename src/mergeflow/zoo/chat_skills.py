@@ -16,6 +16,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .skills import draw_distinct
+
 SYSTEM = "Answer briefly."
 
 
@@ -70,14 +72,4 @@ def sample(skill: str, n: int, seed: int, exclude: frozenset[str] | set[str] = f
     """Draw `n` questions of `skill`, skipping those in `exclude` (and repeats if `unique`)."""
     if skill not in SKILLS:
         raise ValueError(f"unknown chat skill {skill!r}; known skills: {sorted(SKILLS)}")
-    rng = random.Random(f"chat-{skill}:{seed}")
-    generate, seen, out = SKILLS[skill], set(exclude), []
-    for _ in range(100 * n + 1000):
-        if len(out) == n:
-            return out
-        q = generate(rng)
-        if q.question in exclude or (unique and q.question in seen):
-            continue
-        seen.add(q.question)
-        out.append(q)
-    raise ValueError(f"could not draw {n} distinct {skill!r} questions; ask for fewer")
+    return draw_distinct(SKILLS[skill], lambda q: q.question, n, random.Random(f"chat-{skill}:{seed}"), exclude, unique, f"{skill!r} questions")

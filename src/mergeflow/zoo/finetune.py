@@ -13,7 +13,6 @@ applied to those positions alone (it is a fifth of the model's FLOPs per token).
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Sequence
 
@@ -21,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .chat_skills import Question
-from .train import IGNORE, _batch
+from .train import IGNORE, _batch, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,7 @@ def finetune(model, tokenizer, questions: Sequence[Question], *, layers: Sequenc
     params = trainable_parameters(model, layers, modules)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     warmup = max(1, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    schedule = warmup_cosine(optimizer, steps, warmup)
     encoded = [encode(tokenizer, q) for q in questions]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.train()

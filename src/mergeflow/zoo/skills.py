@@ -11,7 +11,9 @@ from __future__ import annotations
 import random
 import string
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 LETTERS = string.ascii_lowercase[:10]
 
@@ -53,18 +55,23 @@ SKILLS: dict[str, Callable[[random.Random], Example]] = {
 }
 
 
+def draw_distinct(generate: Callable[[random.Random], T], key: Callable[[T], str], n: int, rng: random.Random, exclude: set[str] | frozenset[str], unique: bool, what: str) -> list[T]:
+    """`n` draws of `generate` whose `key` is not in `exclude` (nor repeated, if `unique`)."""
+    seen: set[str] = set(exclude)
+    out: list[T] = []
+    for _ in range(100 * n + 1000):
+        if len(out) == n:
+            return out
+        item = generate(rng)
+        if key(item) in exclude or (unique and key(item) in seen):
+            continue
+        seen.add(key(item))
+        out.append(item)
+    raise ValueError(f"could not draw {n} distinct {what}; ask for fewer")
+
+
 def sample(skill: str, n: int, seed: int, exclude: set[str] = frozenset(), unique: bool = False) -> list[Example]:
     """Draw `n` examples of `skill`, skipping prompts in `exclude` (and repeats if `unique`)."""
     if skill not in SKILLS:
         raise ValueError(f"unknown toy skill {skill!r}; known skills: {sorted(SKILLS)}")
-    rng = random.Random(f"{skill}:{seed}")
-    generate, seen, out = SKILLS[skill], set(exclude), []
-    for _ in range(100 * n + 1000):
-        if len(out) == n:
-            return out
-        ex = generate(rng)
-        if ex.prompt in exclude or (unique and ex.prompt in seen):
-            continue
-        seen.add(ex.prompt)
-        out.append(ex)
-    raise ValueError(f"could not draw {n} distinct {skill!r} examples; ask for fewer")
+    return draw_distinct(SKILLS[skill], lambda ex: ex.prompt, n, random.Random(f"{skill}:{seed}"), exclude, unique, f"{skill!r} examples")

@@ -29,6 +29,11 @@ def _batch(prompts: list[list[int]], full: list[list[int]], pad_id: int) -> dict
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Learning rate: linear warm-up over `warmup` steps, then cosine decay to zero at `steps`."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+
+
 def train(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -49,10 +54,7 @@ def train(
         raise ValueError(f"{desc}: need at least one batch of {batch_size} examples, got {len(examples)}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
-    )
+    schedule = warmup_cosine(optimizer, steps, warmup)
     prompts = tokenizer([ex.prompt for ex in examples])["input_ids"]
     full = tokenizer([ex.text for ex in examples])["input_ids"]
     model.train()
