@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .chat_skills import Question
-from .train import IGNORE, _batch, warmup_cosine
+from .train import IGNORE, _batch, optimizer_step, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +75,7 @@ def finetune(model, tokenizer, questions: Sequence[Question], *, layers: Sequenc
         keep = labels != IGNORE  # position t predicts token t + 1
         logits = model.lm_head(hidden[:, :-1][keep])
         loss = torch.nn.functional.cross_entropy(logits.float(), labels[keep])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step >= steps - max(1, steps // 10):
-            tail.append(loss.item())
+        optimizer_step(loss, params, optimizer, schedule, tail if step >= steps - max(1, steps // 10) else None)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -34,6 +34,18 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
 
 
+def optimizer_step(loss: torch.Tensor, params, optimizer: torch.optim.Optimizer, schedule, losses: list[float] | None) -> None:
+    """One step: gradients clipped to norm 1, the schedule advanced; the loss kept in `losses`
+    (the run's closing steps, whose mean is reported) when given."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    if losses is not None:
+        losses.append(loss.item())
+
+
 def train(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -62,14 +74,7 @@ def train(
     for step in tqdm(range(steps), desc=desc, unit="step", mininterval=2):
         rows = slice(step * batch_size, (step + 1) * batch_size)
         batch = _batch(prompts[rows], full[rows], tokenizer.pad_token_id)
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step >= steps - max(1, steps // 10):
-            tail.append(loss.item())
+        optimizer_step(model(**batch).loss, model.parameters(), optimizer, schedule, tail if step >= steps - max(1, steps // 10) else None)
     model.eval()
     final = sum(tail) / len(tail)
     log.info("%s: %d steps, final loss %.4f", desc, steps, final)
