@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .chat_skills import Question
-from .train import IGNORE, _batch, optimizer_step, warmup_cosine
+from .train import IGNORE, _batch, closing_loss, optimizer_step, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def finetune(model, tokenizer, questions: Sequence[Question], *, layers: Sequenc
     encoded = [encode(tokenizer, q) for q in questions]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.train()
-    tail: list[float] = []
+    losses: list[float] = []
     for step in tqdm(range(steps), desc=desc, unit="step", mininterval=5):
         rows = encoded[step * batch_size : (step + 1) * batch_size]
         batch = _batch([p for p, _ in rows], [f for _, f in rows], pad)
@@ -75,11 +75,11 @@ def finetune(model, tokenizer, questions: Sequence[Question], *, layers: Sequenc
         keep = labels != IGNORE  # position t predicts token t + 1
         logits = model.lm_head(hidden[:, :-1][keep])
         loss = torch.nn.functional.cross_entropy(logits.float(), labels[keep])
-        optimizer_step(loss, params, optimizer, schedule, tail if step >= steps - max(1, steps // 10) else None)
+        losses.append(optimizer_step(loss, params, optimizer, schedule))
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    final = sum(tail) / len(tail)
+    final = closing_loss(losses)
     log.info("%s: %d steps of %d, final loss %.4f", desc, steps, batch_size, final)
     return final
 

@@ -63,9 +63,10 @@ def draw_distinct(generate: Callable[[random.Random], T], key: Callable[[T], str
         if len(out) == n:
             return out
         item = generate(rng)
-        if key(item) in exclude or (unique and key(item) in seen):
+        k = key(item)
+        if k in exclude or (unique and k in seen):
             continue
-        seen.add(key(item))
+        seen.add(k)
         out.append(item)
     raise ValueError(f"could not draw {n} distinct {what}; ask for fewer")
 

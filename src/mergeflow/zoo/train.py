@@ -34,16 +34,20 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int, warmup: int) -> 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
 
 
-def optimizer_step(loss: torch.Tensor, params, optimizer: torch.optim.Optimizer, schedule, losses: list[float] | None) -> None:
-    """One step: gradients clipped to norm 1, the schedule advanced; the loss kept in `losses`
-    (the run's closing steps, whose mean is reported) when given."""
+def optimizer_step(loss: torch.Tensor, params, optimizer: torch.optim.Optimizer, schedule) -> float:
+    """One step, gradients clipped to norm 1 and the schedule advanced; return the loss."""
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
     schedule.step()
     optimizer.zero_grad(set_to_none=True)
-    if losses is not None:
-        losses.append(loss.item())
+    return loss.item()
+
+
+def closing_loss(losses: list[float]) -> float:
+    """The mean loss of the last 10% of the steps (at least one): what a run reports."""
+    tail = losses[-max(1, len(losses) // 10):]
+    return sum(tail) / len(tail)
 
 
 def train(
@@ -70,12 +74,12 @@ def train(
     prompts = tokenizer([ex.prompt for ex in examples])["input_ids"]
     full = tokenizer([ex.text for ex in examples])["input_ids"]
     model.train()
-    tail: list[float] = []
+    losses: list[float] = []
     for step in tqdm(range(steps), desc=desc, unit="step", mininterval=2):
         rows = slice(step * batch_size, (step + 1) * batch_size)
         batch = _batch(prompts[rows], full[rows], tokenizer.pad_token_id)
-        optimizer_step(model(**batch).loss, model.parameters(), optimizer, schedule, tail if step >= steps - max(1, steps // 10) else None)
+        losses.append(optimizer_step(model(**batch).loss, model.parameters(), optimizer, schedule))
     model.eval()
-    final = sum(tail) / len(tail)
+    final = closing_loss(losses)
     log.info("%s: %d steps, final loss %.4f", desc, steps, final)
     return final
