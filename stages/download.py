@@ -5,6 +5,8 @@ from pathlib import Path
 from mergeflow.stage import run_stage
 from mergeflow.zoo.sources import materialise
 
+PARAMS = ["experts", "models", "data"]  # the keys it reads: as in dvc.yaml, each required in the params file
+
 
 def add_arguments(parser):
     parser.add_argument("--models", type=Path, default=Path("models"), help="writes base/ and experts/<name>/ here")
@@ -16,4 +18,4 @@ def main(args, params):
 
 
 if __name__ == "__main__":
-    run_stage(__doc__, add_arguments, main)
+    run_stage(__doc__, add_arguments, main, PARAMS)

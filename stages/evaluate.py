@@ -5,6 +5,8 @@ from pathlib import Path
 from mergeflow.evaluation.harness import evaluate_model
 from mergeflow.stage import run_stage
 
+PARAMS = ["eval"]  # the keys it reads: as in dvc.yaml, each required in the params file
+
 
 def add_arguments(parser):
     parser.add_argument("--model", type=Path, required=True, help="model directory to evaluate")
@@ -20,4 +22,4 @@ def main(args, params):
 
 
 if __name__ == "__main__":
-    run_stage(__doc__, add_arguments, main)
+    run_stage(__doc__, add_arguments, main, PARAMS)

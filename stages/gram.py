@@ -5,6 +5,8 @@ from pathlib import Path
 from mergeflow.grams.collect import compute_grams
 from mergeflow.stage import run_stage
 
+PARAMS = ["gram"]  # the keys it reads: as in dvc.yaml, each required in the params file
+
 
 def add_arguments(parser):
     parser.add_argument("--model", type=Path, required=True, help="the expert's model directory")
@@ -18,4 +20,4 @@ def main(args, params):
 
 
 if __name__ == "__main__":
-    run_stage(__doc__, add_arguments, main)
+    run_stage(__doc__, add_arguments, main, PARAMS)

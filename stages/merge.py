@@ -9,6 +9,8 @@ from mergeflow.merge import merge_models
 from mergeflow.methods import MergeOptions, get_method
 from mergeflow.stage import run_stage
 
+PARAMS = ["alpha", "method", "experts", "merge"]  # the keys it reads: as in dvc.yaml, each required in the params file
+
 
 def add_arguments(parser):
     parser.add_argument("--experts", type=Path, required=True, help="folder holding one model directory per expert")
@@ -32,4 +34,4 @@ def main(args, params):
 
 
 if __name__ == "__main__":
-    run_stage(__doc__, add_arguments, main)
+    run_stage(__doc__, add_arguments, main, PARAMS)

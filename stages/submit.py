@@ -5,6 +5,8 @@ from pathlib import Path
 from mergeflow.stage import run_stage
 from mergeflow.submission import write_submission
 
+PARAMS = ["submit", "eval.backend", "eval.hf", "eval.vllm", "eval.trust_remote_code"]  # the keys it reads: as in dvc.yaml, each required in the params file
+
 
 def add_arguments(parser):
     parser.add_argument("--model", type=Path, required=True, help="the merged model directory")
@@ -14,8 +16,11 @@ def add_arguments(parser):
 
 def main(args, params):
     s = params.submit
-    write_submission(args.model, args.test, args.out, params=params.eval, max_new_tokens=s.max_new_tokens, stop=s.stop, choice_delimiter=s.choice_delimiter)
+    # a header-only test.csv here is the download's (data.test_csv unset; it refuses an empty file of
+    # the user's): write the header-only submission.csv the DVC output needs, and say so
+    write_submission(args.model, args.test, args.out, params=params.eval, max_new_tokens=s.max_new_tokens, stop=s.stop,
+                     choice_delimiter=s.choice_delimiter, allow_empty=True)
 
 
 if __name__ == "__main__":
-    run_stage(__doc__, add_arguments, main)
+    run_stage(__doc__, add_arguments, main, PARAMS)

@@ -6,6 +6,8 @@ from mergeflow.evaluation.harness import evaluation_summary
 from mergeflow.io import write_json
 from mergeflow.stage import run_stage
 
+PARAMS = ["experts"]  # the keys it reads: as in dvc.yaml, each required in the params file
+
 
 def add_arguments(parser):
     parser.add_argument("--metrics", type=Path, default=Path("metrics"), help="folder of base.json, experts/<name>.json, merged.json")
@@ -20,4 +22,4 @@ def main(args, params):
 
 
 if __name__ == "__main__":
-    run_stage(__doc__, add_arguments, main)
+    run_stage(__doc__, add_arguments, main, PARAMS)

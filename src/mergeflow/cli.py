@@ -18,9 +18,27 @@ from pathlib import Path
 import click
 
 from .logs import setup_logging
+from .params import field_default
 
 PATH = click.Path(path_type=Path)
 EXISTING_DIR = click.Path(path_type=Path, exists=True, file_okay=False)
+
+
+class ParamsOption(click.Option):
+    """An option that mirrors a params.yaml key: its default (and its help, unless given) come
+    from the params models, the one place defaults live, so the CLI and the pipeline agree."""
+
+    def __init__(self, *args, params_key: str, **kwargs):
+        default, description = field_default(params_key)
+        kwargs.setdefault("help", description)
+        kwargs.setdefault("show_default", default is not None and not kwargs.get("is_flag"))
+        super().__init__(*args, default=default, **kwargs)
+        self.params_key = params_key
+
+
+def param_option(*decls: str, key: str, **kwargs):
+    """`click.option` with the default of the params key `key` (dotted, e.g. `gram.max_length`)."""
+    return click.option(*decls, cls=ParamsOption, params_key=key, **kwargs)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -52,20 +70,20 @@ def grams() -> None:
 @click.option("--model", required=True, type=EXISTING_DIR, help="Expert: a Hugging Face model directory.")
 @click.option("--data", required=True, type=PATH, help="Calibration data: JSONL, JSON, Parquet or CSV with a text (or chat messages) field.")
 @click.option("--out", required=True, type=PATH, help="Gram directory to write (grams.json + one safetensors file per layer).")
-@click.option("--text-field", default="text", show_default=True, help="Field with the text, or with chat messages [{role, content}] rendered by the model's chat template.")
-@click.option("--max-length", default=64, show_default=True, type=click.IntRange(min=1), help="Truncate each text to this many tokens.")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Texts per forward pass (sorted by length to limit padding).")
-@click.option("--num-samples", default=None, type=click.IntRange(min=1), help="Use only N rows [default: all]: the first N, or N drawn with --seed.")
-@click.option("--seed", default=None, type=int, help="Shuffle the rows with this seed before taking --num-samples [default: file order].")
-@click.option("--device", default="cpu", show_default=True, help="Forward passes on cpu, cuda or auto. Under torchrun with cuda each rank takes GPU LOCAL_RANK of CUDA_VISIBLE_DEVICES.")
-@click.option("--model-dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]), help="dtype of the forward pass (bf16 is fine on a GPU: grams are accumulated in --dtype).")
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64"]), help="dtype the grams are accumulated and stored in.")
-@click.option("--lm-head", is_flag=True, help="Also the output layer's input (for RegMean on lm_head).")
-@click.option("--accumulate-on", default="device", show_default=True, type=click.Choice(["device", "cpu"]),
+@param_option("--text-field", key="gram.text_field", help="Field with the text, or with chat messages [{role, content}] rendered by the model's chat template.")
+@param_option("--max-length", key="gram.max_length", type=click.IntRange(min=1), help="Truncate each text to this many tokens.")
+@param_option("--batch-size", key="gram.batch_size", type=click.IntRange(min=1), help="Texts per forward pass (sorted by length to limit padding).")
+@param_option("--num-samples", key="gram.num_samples", type=click.IntRange(min=1), help="Use only N rows [default: all]: the first N, or N drawn with --seed.")
+@param_option("--seed", key="gram.seed", type=int, help="Shuffle the rows with this seed before taking --num-samples [default: file order].")
+@param_option("--device", key="gram.device", help="Forward passes on cpu, cuda or auto. Under torchrun with cuda each rank takes GPU LOCAL_RANK of CUDA_VISIBLE_DEVICES.")
+@param_option("--model-dtype", key="gram.model_dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="dtype of the forward pass (bf16 is fine on a GPU: grams are accumulated in --dtype).")
+@param_option("--dtype", key="gram.dtype", type=click.Choice(["float32", "float64"]), help="dtype the grams are accumulated and stored in.")
+@param_option("--lm-head", key="gram.include_lm_head", is_flag=True, help="Also the output layer's input (for RegMean on lm_head).")
+@param_option("--accumulate-on", key="gram.accumulate_on", type=click.Choice(["device", "cpu"]),
               help="Where the sums live. `device` is fastest; `cpu` frees GPU memory for the model at the cost of copying every batch's activations to the host.")
-@click.option("--max-gram-memory", default=None, help="Cap the sums' memory (e.g. 8GB): the layers are split into groups, one pass over the data per group "
+@param_option("--max-gram-memory", key="gram.max_gram_memory", help="Cap the sums' memory (e.g. 8GB): the layers are split into groups, one pass over the data per group "
               "(passes stop after their last layer, so k groups cost about (k+1)/2 forwards instead of 1). [default: no cap, one pass]")
-@click.option("--checkpoint-every", default=50, show_default=True, type=click.IntRange(min=0), help="Save the partial sums every N batches (0: never); "
+@param_option("--checkpoint-every", key="gram.checkpoint_every", type=click.IntRange(min=0), help="Save the partial sums every N batches (0: never); "
               "rerunning the same command after a kill continues from the last save.")
 @click.option("--shard", default=None, help="Compute only slice i/n of the rows (e.g. 0/4), for machines that each take one; add them with `mergeflow grams sum`.")
 def grams_compute(model, data, out, text_field, max_length, batch_size, num_samples, seed, device, model_dtype, dtype, lm_head, accumulate_on, max_gram_memory, checkpoint_every, shard) -> None:
@@ -123,14 +141,14 @@ def grams_verify(dirs) -> None:
 @click.option("--out", required=True, type=PATH, help="Output model directory (written atomically).")
 @click.option("--gram", "grams_", multiple=True, type=EXISTING_DIR, help="Gram directory of each expert, in --model order (regmean).")
 @click.option("--base", type=EXISTING_DIR, help="The experts' base model (task_arithmetic, ties).")
-@click.option("--alpha", default=1.0, show_default=True, type=float, help="regmean: scale of the grams' off-diagonals, in [0, 1].")
-@click.option("--weight", "weights", multiple=True, type=float, help="Weight of each expert, in --model order [default: equal].")
-@click.option("--scaling", default=1.0, show_default=True, type=float, help="task_arithmetic, ties: lambda on the merged task vector.")
-@click.option("--density", default=0.2, show_default=True, type=float, help="ties: fraction of each task vector kept.")
-@click.option("--lm-head", is_flag=True, help="regmean: solve lm_head too (needs its grams; skipped when tied to the embeddings).")
-@click.option("--solver-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64"]), help="dtype of RegMean's linear solves.")
-@click.option("--device", default="cpu", show_default=True, help="Where RegMean solves: cpu, cuda or auto (cuda when visible; CUDA_VISIBLE_DEVICES picks the GPU).")
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 500MB, 5GB.")
+@param_option("--alpha", key="alpha", type=float, help="regmean: scale of the grams' off-diagonals, in [0, 1].")
+@param_option("--weight", "weights", key="merge.weights", multiple=True, type=float, help="Weight of each expert, in --model order [default: equal].")
+@param_option("--scaling", key="merge.scaling", type=float, help="task_arithmetic, ties: lambda on the merged task vector.")
+@param_option("--density", key="merge.density", type=float, help="ties: fraction of each task vector kept.")
+@param_option("--lm-head", key="merge.regmean_lm_head", is_flag=True, help="regmean: solve lm_head too (needs its grams; skipped when tied to the embeddings).")
+@param_option("--solver-dtype", key="merge.solver_dtype", type=click.Choice(["float32", "float64"]), help="dtype of RegMean's linear solves.")
+@param_option("--device", key="merge.device", help="Where RegMean solves: cpu, cuda or auto (cuda when visible; CUDA_VISIBLE_DEVICES picks the GPU).")
+@param_option("--max-shard-size", key="merge.max_shard_size", help="Largest output shard, e.g. 500MB, 5GB.")
 @click.option("--force", is_flag=True, help="Replace --out if it already holds a model.")
 @click.option("--no-verify", is_flag=True, help="Skip checking the grams' SHA-256 against grams.json (about 3 s per GB).")
 def merge(method, models, out, grams_, base, alpha, weights, scaling, density, lm_head, solver_dtype, device, max_shard_size, force, no_verify) -> None:
@@ -149,15 +167,15 @@ def merge(method, models, out, grams_, base, alpha, weights, scaling, density, l
 
 
 BACKEND_OPTIONS = [
-    click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "vllm", "hf"]), help="lm-eval model: vllm (CUDA, pip install 'mergeflow[vllm]'), hf, or auto (vllm when installed and CUDA is visible)."),
-    click.option("--dtype", default="auto", show_default=True, help="Model dtype (auto: the checkpoint's)."),
-    click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="hf: requests per batch."),
-    click.option("--device", default="cpu", show_default=True, help="hf: cpu, cuda, cuda:N or auto."),
-    click.option("--tensor-parallel-size", default=1, show_default=True, type=click.IntRange(min=1), help="vllm: GPUs per model."),
-    click.option("--gpu-memory-utilization", default=0.9, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="vllm: fraction of GPU memory to use."),
-    click.option("--max-model-len", default=None, type=click.IntRange(min=1), help="vllm: context length [default: the model's]."),
-    click.option("--tokenizer", default=None, help="vllm: tokenizer directory or repo [default: the model's]."),
-    click.option("--trust-remote-code", is_flag=True, help="Allow the model repo's own Python code (off by default)."),
+    param_option("--backend", key="eval.backend", type=click.Choice(["auto", "vllm", "hf"]), help="lm-eval model: vllm (CUDA, pip install 'mergeflow[vllm]'), hf, or auto (vllm when installed and CUDA is visible)."),
+    param_option("--dtype", key="eval.hf.dtype", help="Model dtype (auto: the checkpoint's)."),
+    param_option("--batch-size", key="eval.hf.batch_size", type=click.IntRange(min=1), help="hf: requests per batch."),
+    param_option("--device", key="eval.hf.device", help="hf: cpu, cuda, cuda:N or auto."),
+    param_option("--tensor-parallel-size", key="eval.vllm.tensor_parallel_size", type=click.IntRange(min=1), help="vllm: GPUs per model."),
+    param_option("--gpu-memory-utilization", key="eval.vllm.gpu_memory_utilization", type=click.FloatRange(0, 1, min_open=True), help="vllm: fraction of GPU memory to use."),
+    param_option("--max-model-len", key="eval.vllm.max_model_len", type=click.IntRange(min=1), help="vllm: context length [default: the model's]."),
+    param_option("--tokenizer", key="eval.vllm.tokenizer", help="vllm: tokenizer directory or repo [default: the model's]."),
+    param_option("--trust-remote-code", key="eval.trust_remote_code", is_flag=True, help="Allow the model repo's own Python code (off by default)."),
 ]
 
 
@@ -195,10 +213,10 @@ def parse_data_files(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--out", required=True, type=PATH, help="Metrics JSON to write ({task: {metric: value}}).")
 @click.option("--data-root", default=".", show_default=True, type=PATH, help="Folder that data files are relative to.")
 @click.option("--data-file", "data_files", multiple=True, metavar="TASK=FILE", help="Local data of a task (csv, json(l), parquet); repeatable.")
-@click.option("--limit", default=None, type=click.IntRange(min=1), help="Evaluate only the first N documents per task.")
-@click.option("--max-gen-toks", default=None, type=click.IntRange(min=1), help="Cap on generated tokens [default: each task's own].")
+@param_option("--limit", key="eval.limit", type=click.IntRange(min=1), help="Evaluate only the first N documents per task.")
+@param_option("--max-gen-toks", key="eval.max_gen_toks", type=click.IntRange(min=1), help="Cap on generated tokens [default: each task's own].")
 @click.option("--logs", default=None, type=PATH, help="Folder for lm-eval's per-sample records (<task>.jsonl).")
-@click.option("--allow-code-execution", is_flag=True, help="Let humaneval*/mbpp execute the generated code (sets HF_ALLOW_CODE_EVAL=1).")
+@param_option("--allow-code-execution", key="eval.allow_code_execution", is_flag=True, help="Let humaneval*/mbpp execute the generated code (sets HF_ALLOW_CODE_EVAL=1).")
 @backend_options
 def evaluate(model: Path, tasks: tuple[str, ...], out: Path, data_root: Path, data_files: tuple[str, ...], limit: int | None, max_gen_toks: int | None, logs: Path | None, allow_code_execution: bool, **backend) -> None:
     """Evaluate a model with lm-eval (vLLM or HF backend) and write flattened metrics."""
@@ -212,9 +230,9 @@ def evaluate(model: Path, tasks: tuple[str, ...], out: Path, data_root: Path, da
 @click.option("--model", required=True, type=EXISTING_DIR, help="The merged model directory.")
 @click.option("--test", "test_csv", required=True, type=PATH, help="The competition's test.csv (id,input,eval_type,answer_choices).")
 @click.option("--out", required=True, type=PATH, help="submission.csv to write (id,prediction,dummy_field).")
-@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--stop", multiple=True, default=["\n"], show_default=True, help="Stop sequence for generation rows; repeatable.")
-@click.option("--choice-delimiter", default=" ", show_default=True, help="Between the input and each choice when scoring multiple choice.")
+@param_option("--max-new-tokens", key="submit.max_new_tokens", type=click.IntRange(min=1), help="Most tokens generated for a generation row.")
+@param_option("--stop", key="submit.stop", multiple=True, help="Stop sequence for generation rows; repeatable.")
+@param_option("--choice-delimiter", key="submit.choice_delimiter", help="Between the input and each choice when scoring multiple choice.")
 @backend_options
 def submit(model: Path, test_csv: Path, out: Path, max_new_tokens: int, stop: tuple[str, ...], choice_delimiter: str, **backend) -> None:
     """Answer every row of test.csv and write the Kaggle submission.csv."""
@@ -227,7 +245,7 @@ def submit(model: Path, test_csv: Path, out: Path, max_new_tokens: int, stop: tu
 @click.option("--exp-show", "exp_show_file", default=None, type=PATH, help="A saved `dvc exp show --json` [default: run it in --repo].")
 @click.option("--repo", default=".", show_default=True, type=EXISTING_DIR, help="The DVC repository whose experiments to read.")
 @click.option("--out-dir", default=Path("plots"), show_default=True, type=PATH, help="Writes alpha_sweep.csv and alpha_sweep.png here.")
-@click.option("--method", default="regmean", show_default=True, help="The merge method whose alpha sweep to plot.")
+@param_option("--method", key="method", help="The merge method whose alpha sweep to plot.")
 @click.option("--reference", default=None, type=PATH, help="Published numbers to print ours beside (e.g. recipes/llama3-code-math.reference.csv).")
 def report(exp_show_file: Path | None, repo: Path, out_dir: Path, method: str, reference: Path | None) -> None:
     """Tabulate and plot an alpha sweep (dvc exp run --queue -S alpha=...) against the experts.

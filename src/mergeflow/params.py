@@ -1,20 +1,25 @@
 """Typed, validated pipeline parameters (`params.yaml` and recipes).
 
 Every group is a pydantic model that refuses unknown keys and wrong types, so a typo in
-`params.yaml` fails at the start of a stage with the key's path instead of deep in a run.
+`params.yaml` fails at the start of a stage with the key's path instead of deep in a run. Types
+are strict: `alpha: true` or `text_field: 5` is refused, never read as 1.0 or "5".
+
+These models are also the one place defaults live: `mergeflow` options that mirror a key take
+their default from here (`field_default`), and the DVC stage scripts, which must not depend on a
+default silently, require every key they read to be in the file (`load_params(require=...)`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ToyZooParams(Strict):
@@ -193,14 +198,82 @@ class Params(Strict):
         return self
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate a params file; errors name the file and every offending key."""
+def _got(error: dict) -> str:
+    """`, got True` for a wrong scalar (so `alpha: true` says what was read); nothing for groups."""
+    value = error.get("input")
+    return f", got {value!r}" if error["type"].endswith("_type") and isinstance(value, (bool, int, float, str)) else ""
+
+
+def field_default(key: str) -> tuple[Any, Optional[str]]:
+    """The default and description of the params key `key` (dotted, e.g. `gram.max_length`)."""
+    model: type[BaseModel] = Params
+    *groups, name = key.split(".")
+    for group in groups:
+        model = model.model_fields[group].annotation  # type: ignore[assignment]
+    field = model.model_fields[name]
+    default = field.get_default(call_default_factory=True)
+    return (default.model_dump() if isinstance(default, BaseModel) else default), field.description
+
+
+def missing_keys(raw: Any, require: Sequence[str]) -> list[str]:
+    """The keys under each of `require` (dotted: `merge`, `eval.hf`) that `raw` lacks; groups are
+    walked down to their leaves. `models` needs `source` and only the selected source's group."""
+    missing: list[str] = []
+
+    def walk(value: Any, model: Any, path: str) -> None:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return
+        if not isinstance(value, dict):
+            return  # not a mapping: validation has already refused it
+        names = list(model.model_fields)
+        if model is ModelsParams:
+            names = ["source", value.get("source", "toy")]
+        for name in names:
+            key = f"{path}.{name}" if path else name
+            if name not in value:
+                missing.append(key)
+            else:
+                walk(value[name], model.model_fields[name].annotation, key)
+
+    for key in require:
+        value: Any = raw
+        model: Any = Params
+        *groups, name = key.split(".")
+        for part in groups:
+            value = value.get(part, {}) if isinstance(value, dict) else {}
+            model = model.model_fields[part].annotation
+        if not isinstance(value, dict) or name not in value:
+            missing.append(key)
+        else:
+            walk(value[name], model.model_fields[name].annotation, key)
+    return missing
+
+
+def load_params(path: str | Path = "params.yaml", *, require: Sequence[str] = ()) -> Params:
+    """Read and validate a params file; errors name the file and every offending key.
+
+    `require`: keys (dotted; a group means every key in it) that must be in the file rather than
+    come from the defaults; the DVC stages pass the params their dvc.yaml entry lists.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such params file (run from the repository root, or pass --params)")
-    raw = yaml.safe_load(path.read_text()) or {}
     try:
-        return Params.model_validate(raw)
+        raw = yaml.safe_load(path.read_bytes()) or {}
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        what = " ".join(x for x in (err.context, err.problem) if x)
+        raise ValueError(f"{where}: YAML syntax error: {what}; fix the file at this line and column") from None
+    except yaml.YAMLError as err:  # e.g. bytes that are not UTF-8
+        raise ValueError(f"{path}: not a readable YAML file ({' '.join(str(err).split())}); save it as UTF-8 YAML") from None
+    try:
+        params = Params.model_validate(raw)
     except ValidationError as err:
-        lines = [f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors()]
+        lines = [f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}{_got(e)}" for e in err.errors()]
         raise ValueError(f"{path}: invalid parameters:\n  " + "\n  ".join(lines)) from None
+    missing = missing_keys(raw, require)
+    if missing:
+        raise ValueError(f"{path}: missing keys {', '.join(missing)}; a stage reads every key of its params from the file, never a default: "
+                         "add them (the shipped params.yaml and recipes/*.yaml list every key)")
+    return params

@@ -7,19 +7,28 @@ counts, after the input and `choice_delimiter`, as lm-eval's multiple-choice tas
 `cosmos_qa` validation accuracy measures exactly this); generation rows get the greedy
 continuation. Both go through lm-eval's model interface (`loglikelihood`, `generate_until`) on
 the backend `eval.backend` picks (HF or vLLM), which handles batching and the token boundary.
+
+Inputs longer than the model are left-truncated the way lm-eval does (a generation row keeps its
+last `max_length - max_new_tokens` tokens; a multiple-choice row keeps what fits before each
+choice), with one warning listing the rows; what lm-eval cannot do (a choice longer than the
+model, no room left to generate) is refused in one line naming the rows and the model's length.
+A `test.csv` without rows is refused (`mergeflow submit`): it would write an empty submission
+over a good one. Only the DVC stage, whose download writes a header-only `data/test.csv` when
+`data.test_csv` is unset, writes a header-only `submission.csv`, and says so.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from .io import atomic_file
-from .params import EvalParams
+from .params import EvalParams, SubmitParams
 
 log = logging.getLogger(__name__)
 COLUMNS = ["id", "input", "eval_type", "answer_choices"]
@@ -32,10 +41,20 @@ def read_test_csv(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: test file not found (params.yaml: data.test_csv, or the download stage's data/test.csv)")
-    frame = pd.read_csv(path, dtype={"input": str, "eval_type": str, "answer_choices": str}, keep_default_na=False)
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file (0 bytes); expected the header {','.join(COLUMNS)} and one row per question (the competition's test.csv)")
+    try:
+        frame = pd.read_csv(path, dtype={"input": str, "eval_type": str, "answer_choices": str}, keep_default_na=False, encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8`") from None
+    except pd.errors.ParserError as err:
+        raise ValueError(f"{path}: not a readable CSV ({' '.join(str(err).split())}); expected the columns {','.join(COLUMNS)}") from None
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"{path}: missing columns {missing}; expected {COLUMNS}")
+    empty = frame["id"][frame["input"].str.strip() == ""].tolist()
+    if empty:
+        raise ValueError(f"{path}: row id={_ids(empty)}: empty input; every row needs the text to answer (fill it in or drop the row)")
     duplicated = frame["id"][frame["id"].duplicated()].tolist()
     if duplicated:
         raise ValueError(f"{path}: duplicate ids {duplicated[:5]}; every row needs its own id")
@@ -58,6 +77,12 @@ def read_test_csv(path: str | Path) -> pd.DataFrame:
     return frame
 
 
+def _ids(ids: Sequence, shown: int = 5) -> str:
+    """`17` or `17, 28, 45, ... (35 rows)`: the rows a message is about, in one line."""
+    ids = [str(i) for i in ids]
+    return ", ".join(ids) if len(ids) <= shown else f"{', '.join(ids[:shown])}, ... ({len(ids)} rows)"
+
+
 def validate_submission(frame: pd.DataFrame, test: pd.DataFrame) -> None:
     """Every test id once, in order, and no empty prediction; a multiple-choice index in range."""
     if list(frame.columns) != ["id", "prediction", "dummy_field"]:
@@ -72,9 +97,65 @@ def validate_submission(frame: pd.DataFrame, test: pd.DataFrame) -> None:
             raise ValueError(f"submission id={sub['id']}: choice index {sub['prediction']} out of range")
 
 
-def predict(lm, test: pd.DataFrame, *, max_new_tokens: int, stop: Sequence[str], choice_delimiter: str = " ") -> list[str]:
+def _model_length(lm) -> str:
+    mpe = getattr(getattr(lm, "config", None), "max_position_embeddings", None)
+    return f"{lm.max_length} tokens" + (f" (max_position_embeddings {mpe})" if mpe else "")
+
+
+def check_lengths(lm, test: pd.DataFrame, *, max_new_tokens: int, choice_delimiter: str, where: str = "test.csv") -> None:
+    """Refuse what lm-eval cannot answer within the model's length, in one line naming the rows;
+    warn once about the inputs lm-eval will left-truncate. An LM without `max_length` and
+    `_encode_pair` (a test double) is not checked."""
+    if not (hasattr(lm, "max_length") and hasattr(lm, "_encode_pair")):
+        return
+    max_length = lm.max_length
+    generation = test[test["eval_type"] != "multiple_choice"]
+    if len(generation) and max_new_tokens >= max_length:
+        raise ValueError(f"submit.max_new_tokens (--max-new-tokens) is {max_new_tokens} but the model takes {_model_length(lm)} in all, "
+                         f"leaving none for the input; use fewer than {max_length}")
+    too_long, truncated = [], []
+    for row in test.itertuples():
+        if row.eval_type == "multiple_choice":
+            lengths = [tuple(map(len, lm._encode_pair(row.input, choice_delimiter + choice))) for choice in row.choices]
+            if any(cont > max_length for _, cont in lengths):
+                too_long.append(row.id)
+            elif any(ctx + cont > max_length + 1 for ctx, cont in lengths):
+                truncated.append(row.id)
+        elif len(lm.tok_encode(row.input)) > max_length - max_new_tokens:
+            truncated.append(row.id)
+    if too_long:
+        raise ValueError(f"{where}: row id={_ids(too_long)}: an answer choice is longer than the model's {_model_length(lm)}, which lm-eval "
+                         "cannot score; use a model with a longer context, or drop the row")
+    if truncated:
+        log.warning("%s: row id=%s: input longer than the model's %s allows; left-truncated as lm-eval does (generation keeps the last "
+                    "%d tokens, multiple choice what fits before each choice)", where, _ids(truncated), _model_length(lm), max_length - max_new_tokens)
+
+
+class _DropTruncationWarnings(logging.Filter):
+    """lm-eval warns once per truncated request; `check_lengths` has already said it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("Combined length of context", "Left truncation applied"))
+
+
+@contextlib.contextmanager
+def _quiet_truncation() -> Iterator[None]:
+    loggers = [logging.getLogger(f"lm_eval.models.{m}") for m in ("huggingface", "vllm_causallms")]
+    drop = _DropTruncationWarnings()
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
+
+
+def predict(lm, test: pd.DataFrame, *, max_new_tokens: int, stop: Sequence[str], choice_delimiter: str = " ", where: str = "test.csv") -> list[str]:
     """Predictions for every row of `test` with an lm-eval LM (`loglikelihood`, `generate_until`)."""
     from lm_eval.api.instance import Instance
+
+    check_lengths(lm, test, max_new_tokens=max_new_tokens, choice_delimiter=choice_delimiter, where=where)
 
     mc_requests, mc_rows = [], []
     gen_requests, gen_rows = [], []
@@ -91,14 +172,17 @@ def predict(lm, test: pd.DataFrame, *, max_new_tokens: int, stop: Sequence[str],
     if mc_requests:
         best: dict[int, tuple[float, int]] = {}
         choice_index: dict[int, int] = {}
-        for row, (logprob, _) in zip(mc_rows, lm.loglikelihood(mc_requests)):
+        with _quiet_truncation():
+            scores = lm.loglikelihood(mc_requests)
+        for row, (logprob, _) in zip(mc_rows, scores):
             k = choice_index[row] = choice_index.get(row, -1) + 1
             if row not in best or logprob > best[row][0]:
                 best[row] = (logprob, k)
         for row, (_, k) in best.items():
             predictions[row] = str(k)
     if gen_requests:
-        texts = lm.generate_until(gen_requests)
+        with _quiet_truncation():
+            texts = lm.generate_until(gen_requests)
         empty = 0
         for row, text in zip(gen_rows, texts):
             text = text.strip()
@@ -115,21 +199,31 @@ def write_submission(
     out: str | Path,
     *,
     params: EvalParams | None = None,
-    max_new_tokens: int = 64,
-    stop: Sequence[str] = ("\n",),
-    choice_delimiter: str = " ",
+    max_new_tokens: int = SubmitParams().max_new_tokens,
+    stop: Sequence[str] = tuple(SubmitParams().stop),
+    choice_delimiter: str = SubmitParams().choice_delimiter,
+    allow_empty: bool = False,
     lm=None,
 ) -> pd.DataFrame:
     """Answer `test_csv` with the model in `model_dir` and write a validated `submission.csv`.
 
     `params` (the `eval` group) picks the backend and its arguments; `lm` is an lm-eval LM to use
-    instead of loading `model_dir`.
+    instead of loading `model_dir`. A `test_csv` without rows is refused (`out` is left as it
+    was) unless `allow_empty`, which writes a header-only `out` without loading the model.
     """
     from .evaluation.backends import make_lm
 
     test = read_test_csv(test_csv)
-    lm = lm if lm is not None else make_lm(model_dir, params or EvalParams())
-    predictions = predict(lm, test, max_new_tokens=max_new_tokens, stop=stop, choice_delimiter=choice_delimiter)
+    if test.empty and not allow_empty:
+        kept = f"; {out} is left as it was" if Path(out).exists() else ""
+        raise ValueError(f"{test_csv}: no rows, only the header: refusing to write an empty {out}{kept}; give the competition's test.csv")
+    if test.empty:
+        predictions: list[str] = []
+        log.warning("%s has no rows (params.yaml: data.test_csv is not set, so this workload has no competition file): "
+                    "%s gets the header only", test_csv, out)
+    else:
+        lm = lm if lm is not None else make_lm(model_dir, params or EvalParams())
+        predictions = predict(lm, test, max_new_tokens=max_new_tokens, stop=stop, choice_delimiter=choice_delimiter, where=str(test_csv))
     frame = pd.DataFrame({"id": test["id"], "prediction": predictions, "dummy_field": 0})
     validate_submission(frame, test)
     with atomic_file(out) as tmp:

@@ -74,7 +74,13 @@ def copy_data(data: DataParams, experts: list[str], data_dir: Path) -> None:
             _copy_file(Path(data.eval[expert]), data_dir / "eval" / f"{expert}.jsonl", f"data.eval.{expert}")
     (data_dir / "eval").mkdir(parents=True, exist_ok=True)
     if data.test_csv:
-        _copy_file(Path(data.test_csv), data_dir / "test.csv", "data.test_csv")
+        src = Path(data.test_csv)
+        if src.is_file():  # refuse a bad or empty file now, not at submit (where an empty one would pass: see submission.py)
+            from ..submission import read_test_csv
+
+            if read_test_csv(src).empty:
+                raise ValueError(f"{src}: no rows, only the header (params.yaml: data.test_csv); give the competition's test.csv, or unset data.test_csv")
+        _copy_file(src, data_dir / "test.csv", "data.test_csv")
     else:  # not a competition run: submit answers no rows
         log.warning("params.yaml: data.test_csv is not set; data/test.csv has no rows and submission.csv will be empty")
         with atomic_file(data_dir / "test.csv") as tmp:
