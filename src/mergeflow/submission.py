@@ -45,8 +45,8 @@ def read_test_csv(path: str | Path) -> pd.DataFrame:
         raise ValueError(f"{path}: empty file (0 bytes); expected the header {','.join(COLUMNS)} and one row per question (the competition's test.csv)")
     try:
         frame = pd.read_csv(path, dtype={"input": str, "eval_type": str, "answer_choices": str}, keep_default_na=False, encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8`") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text ({_first_bad_byte(path)}); re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8`") from None
     except pd.errors.ParserError as err:
         raise ValueError(f"{path}: not a readable CSV ({' '.join(str(err).split())}); expected the columns {','.join(COLUMNS)}") from None
     missing = [c for c in COLUMNS if c not in frame.columns]
@@ -75,6 +75,17 @@ def read_test_csv(path: str | Path) -> pd.DataFrame:
         choices.append([str(c) for c in parsed])
     frame["choices"] = choices
     return frame
+
+
+def _first_bad_byte(path: Path) -> str:
+    """`byte 0xe9 on line 2 (offset 41)`: where a file stops being UTF-8 (pandas reports a chunk's offset)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        return f"byte {data[err.start]:#04x} on line {line} (offset {err.start})"
+    return "undecodable bytes"
 
 
 def _ids(ids: Sequence, shown: int = 5) -> str:
