@@ -19,7 +19,8 @@ from mergeflow.params import DataParams, load_params
 from mergeflow.submission import write_submission
 
 ROOT = Path(__file__).resolve().parents[1]
-SEED_TEST = ROOT.parents[1] / "shared" / "seed-data" / "llm-merging" / "data" / "test.csv"
+# ../shared beside the checkout (main) or beside the folder of worktrees
+SEED_TEST = next((d / "shared" for d in (ROOT.parent, ROOT.parent.parent) if (d / "shared").is_dir()), ROOT.parent / "shared") / "seed-data" / "llm-merging" / "data" / "test.csv"
 needs_seed = pytest.mark.skipif(not SEED_TEST.is_file(), reason="../shared/seed-data is not beside this checkout")
 GOOD = b"id,prediction,dummy_field\n0,1,0\n1,some text,0\n"
 HEADER = "id,input,eval_type,answer_choices\n"
