@@ -110,3 +110,29 @@ def test_models_needs_only_the_selected_source():
     assert missing_keys(raw, ["models"]) == []
     assert missing_keys({"models": {"local": {"base": "b"}}}, ["models"]) == ["models.source", "models.toy"]
     assert missing_keys({"eval": {"hf": {"dtype": "auto"}}}, ["eval.hf", "eval.backend"]) == ["eval.hf.batch_size", "eval.hf.device", "eval.backend"]
+
+
+def test_merge_options_default_to_the_params_defaults():
+    import torch
+
+    from mergeflow.methods import MergeOptions
+
+    o = MergeOptions()
+    assert (o.alpha, o.weights, o.scaling, o.density, o.solver_dtype, o.device) == (0.1, None, 1.0, 0.2, torch.float32, "cpu")
+    assert (o.alpha, o.scaling, o.density, o.device) == tuple(field_default(k)[0] for k in ("alpha", "merge.scaling", "merge.density", "merge.device"))
+
+
+def test_library_entry_points_default_to_the_params_defaults():
+    """compute_grams and write_submission take the params' defaults (checked here, not imported,
+    so their signatures stay readable)."""
+    import inspect
+
+    from mergeflow.grams.collect import compute_grams
+    from mergeflow.params import GramParams, SubmitParams
+    from mergeflow.submission import write_submission
+
+    for fn, group, model in [(compute_grams, "gram", GramParams), (write_submission, "submit", SubmitParams)]:
+        signature = inspect.signature(fn).parameters
+        for name in model.model_fields:
+            default = field_default(f"{group}.{name}")[0]
+            assert as_cli(signature[name].default, isinstance(default, list)) == as_cli(default, isinstance(default, list)), f"{fn.__name__}({name}=...)"

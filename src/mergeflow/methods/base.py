@@ -19,6 +19,8 @@ from typing import Callable, ClassVar, Optional, Sequence
 
 import torch
 
+from ..params import field_default
+
 GramLoader = Callable[[], torch.Tensor]
 
 
@@ -35,12 +37,12 @@ class MergeOptions:
         when a GPU is visible (CUDA_VISIBLE_DEVICES decides which), else the CPU.
     """
 
-    alpha: float = 1.0
+    alpha: float = field_default("alpha")[0]  # defaults: params.py's, as params.yaml and the CLI
     weights: Optional[tuple[float, ...]] = None
-    scaling: float = 1.0
-    density: float = 0.2
-    solver_dtype: torch.dtype = torch.float32
-    device: str = "cpu"
+    scaling: float = field_default("merge.scaling")[0]
+    density: float = field_default("merge.density")[0]
+    solver_dtype: torch.dtype = getattr(torch, field_default("merge.solver_dtype")[0])
+    device: str = field_default("merge.device")[0]
 
     def __post_init__(self):
         if self.device == "auto":
