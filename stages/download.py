@@ -2,10 +2,11 @@
 
 from pathlib import Path
 
+from mergeflow.params import STAGE_PARAMS
 from mergeflow.stage import run_stage
 from mergeflow.zoo.sources import materialise
 
-PARAMS = ["experts", "models", "data"]  # the keys it reads: as in dvc.yaml, each required in the params file
+PARAMS = STAGE_PARAMS["download"]  # the keys it reads (dvc.yaml lists the same): each must be in the params file
 
 
 def add_arguments(parser):

@@ -3,9 +3,10 @@
 from pathlib import Path
 
 from mergeflow.evaluation.harness import evaluate_model
+from mergeflow.params import STAGE_PARAMS
 from mergeflow.stage import run_stage
 
-PARAMS = ["eval"]  # the keys it reads: as in dvc.yaml, each required in the params file
+PARAMS = STAGE_PARAMS["evaluate"]  # the keys it reads (dvc.yaml lists the same): each must be in the params file
 
 
 def add_arguments(parser):

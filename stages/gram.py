@@ -3,9 +3,10 @@
 from pathlib import Path
 
 from mergeflow.grams.collect import compute_grams
+from mergeflow.params import STAGE_PARAMS
 from mergeflow.stage import run_stage
 
-PARAMS = ["gram"]  # the keys it reads: as in dvc.yaml, each required in the params file
+PARAMS = STAGE_PARAMS["gram"]  # the keys it reads (dvc.yaml lists the same): each must be in the params file
 
 
 def add_arguments(parser):

@@ -7,9 +7,10 @@ import torch
 from mergeflow.checkpoint import parse_size
 from mergeflow.merge import merge_models
 from mergeflow.methods import MergeOptions, get_method
+from mergeflow.params import STAGE_PARAMS
 from mergeflow.stage import run_stage
 
-PARAMS = ["alpha", "method", "experts", "merge"]  # the keys it reads: as in dvc.yaml, each required in the params file
+PARAMS = STAGE_PARAMS["merge"]  # the keys it reads (dvc.yaml lists the same): each must be in the params file
 
 
 def add_arguments(parser):

@@ -2,10 +2,11 @@
 
 from pathlib import Path
 
+from mergeflow.params import STAGE_PARAMS
 from mergeflow.stage import run_stage
 from mergeflow.submission import write_submission
 
-PARAMS = ["submit", "eval.backend", "eval.hf", "eval.vllm", "eval.trust_remote_code"]  # the keys it reads: as in dvc.yaml, each required in the params file
+PARAMS = STAGE_PARAMS["submit"]  # the keys it reads (dvc.yaml lists the same): each must be in the params file
 
 
 def add_arguments(parser):

@@ -4,9 +4,10 @@ from pathlib import Path
 
 from mergeflow.evaluation.harness import evaluation_summary
 from mergeflow.io import write_json
+from mergeflow.params import STAGE_PARAMS
 from mergeflow.stage import run_stage
 
-PARAMS = ["experts"]  # the keys it reads: as in dvc.yaml, each required in the params file
+PARAMS = STAGE_PARAMS["summary"]  # the keys it reads (dvc.yaml lists the same): each must be in the params file
 
 
 def add_arguments(parser):

@@ -220,3 +220,19 @@ def test_a_stage_refuses_a_params_file_missing_its_keys(tmp_path, record_propert
     record_property("outcome", "refused: missing keys named")
     record_property("bytes_lost", 0)
 
+
+
+@pytest.mark.faults
+def test_use_refuses_a_recipe_the_stages_would_refuse(tmp_path, record_property):
+    from mergeflow.recipes import use_recipe
+
+    recipe = yaml.safe_load((ROOT / "recipes" / "llama3-code-math.yaml").read_text())
+    del recipe["gram"]["checkpoint_every"], recipe["submit"]
+    bad = tmp_path / "partial.yaml"
+    bad.write_text(yaml.safe_dump(recipe))
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    with pytest.raises(ValueError) as err:
+        use_recipe(bad, params, None)
+    assert str(err.value).startswith(f"{bad}: missing keys gram.checkpoint_every, submit; a stage reads every key of its params from the file")
+    record(record_property, "mergeflow use with a recipe missing keys", "refused: missing keys named, params.yaml kept", params, (ROOT / "params.yaml").read_bytes())

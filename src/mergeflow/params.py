@@ -198,6 +198,19 @@ class Params(Strict):
         return self
 
 
+# The keys each DVC stage script reads, as its dvc.yaml entry's `params` lists them (a group: every
+# key in it). The stages require each in the params file; `mergeflow use` requires them all.
+STAGE_PARAMS: dict[str, tuple[str, ...]] = {
+    "download": ("experts", "models", "data"),
+    "gram": ("gram",),
+    "merge": ("alpha", "method", "experts", "merge"),
+    "evaluate": ("eval",),
+    "summary": ("experts",),
+    "submit": ("submit", "eval.backend", "eval.hf", "eval.vllm", "eval.trust_remote_code"),
+}
+PIPELINE_PARAMS = tuple(sorted({key for keys in STAGE_PARAMS.values() for key in keys}))
+
+
 def _got(error: dict) -> str:
     """`, got True` for a wrong scalar (so `alpha: true` says what was read); nothing for groups."""
     value = error.get("input")

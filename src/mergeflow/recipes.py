@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from .io import atomic_file
-from .params import Params, load_params
+from .params import PIPELINE_PARAMS, Params, load_params
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def sync_merge_deps(dvc_yaml: Path, experts: list[str]) -> bool:
 def use_recipe(recipe: str | Path, params_file: str | Path = "params.yaml", dvc_yaml: str | Path | None = "dvc.yaml") -> Params:
     """Validate `recipe` and make it the pipeline's params file; return the new params."""
     recipe, params_file = Path(recipe), Path(params_file)
-    params = load_params(recipe)  # refuses unknown keys, wrong types and missing experts, naming the file
+    params = load_params(recipe, require=PIPELINE_PARAMS)  # refuses unknown or missing keys, wrong types and missing experts, naming the file
     if dvc_yaml is not None and Path(dvc_yaml).is_file():
         sync_merge_deps(Path(dvc_yaml), params.experts)
     if recipe.resolve() == params_file.resolve():
