@@ -94,7 +94,7 @@ def test_download_refuses_a_header_only_data_test_csv(tmp_path, record_property)
 
 @pytest.mark.faults
 @pytest.mark.parametrize(("name", "content", "message"), [
-    ("empty input", HEADER.encode() + b"0,q,generation,\n7,  ,generation,\n", "{path}: row id=7: empty input; every row needs the text to answer (fill it in or drop the row)"),
+    ("empty input in test.csv", HEADER.encode() + b"0,q,generation,\n7,  ,generation,\n", "{path}: row id=7: empty input; every row needs the text to answer (fill it in or drop the row)"),
     ("non-UTF-8 test.csv", HEADER.encode() + "0,caf\u00e9,generation,\n".encode("latin-1"), "{path}: not UTF-8 text (byte 0xe9 on line 2 (offset 39)); re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8`"),
     ("0-byte test.csv", b"", "{path}: empty file (0 bytes); expected the header id,input,eval_type,answer_choices and one row per question (the competition's test.csv)"),
 ])
@@ -197,7 +197,7 @@ def test_values_of_the_wrong_type_are_not_coerced(tmp_path, record_property, tex
     with pytest.raises(ValueError) as err:
         load_params(path)
     assert str(err.value) == f"{path}: invalid parameters:\n  {message}"
-    record_property("fault", f"params {text.strip()!r} (was coerced)")
+    record_property("fault", f"params `{' '.join(text.split())}` (was coerced)")
     record_property("outcome", "refused: key and value named")
     record_property("bytes_lost", 0)
 
@@ -236,3 +236,16 @@ def test_use_refuses_a_recipe_the_stages_would_refuse(tmp_path, record_property)
         use_recipe(bad, params, None)
     assert str(err.value).startswith(f"{bad}: missing keys gram.checkpoint_every, submit; a stage reads every key of its params from the file")
     record(record_property, "mergeflow use with a recipe missing keys", "refused: missing keys named, params.yaml kept", params, (ROOT / "params.yaml").read_bytes())
+
+
+@pytest.mark.faults
+def test_non_utf8_params_file_is_one_line(tmp_path, record_property):
+    path = tmp_path / "params.yaml"
+    path.write_bytes("alpha: 0.1  # caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError) as err:
+        load_params(path)
+    assert str(err.value).startswith(f"{path}: not a readable YAML file (") and str(err.value).endswith("); save it as UTF-8 YAML")
+    assert "\n" not in str(err.value)
+    record_property("fault", "non-UTF-8 params file")
+    record_property("outcome", "refused: one line naming the file")
+    record_property("bytes_lost", 0)
