@@ -177,17 +177,16 @@ def exchange(a: Path, b: Path) -> bool:
 def publish(tmp: Path, out: Path) -> None:
     """Put `tmp` in the place of `out`; the replaced `out`, if any, is deleted afterwards."""
     fault_point("publish:before")
-    if out.exists() or out.is_symlink():
-        if exchange(tmp, out):
-            fault_point("publish:exchanged")  # out is new, tmp holds the old one
-            remove_path(tmp)
-            return
-        old = temporary_name(out, "-old")  # no atomic swap here: one short window without `out`
+    if not (out.exists() or out.is_symlink()):
+        os.replace(tmp, out)
+    elif exchange(tmp, out):
+        fault_point("publish:exchanged")  # out is the new one, tmp holds the old one
+        remove_path(tmp)
+    else:  # no atomic swap on this system: one short window without `out`
+        old = temporary_name(out, "-old")
         os.replace(out, old)
         os.replace(tmp, out)
         remove_path(old)
-    else:
-        os.replace(tmp, out)
     fault_point("publish:after")
 
 

@@ -130,9 +130,9 @@ def check_magnitude(merged: torch.Tensor, name: str, tensors: Sequence[torch.Ten
         return
     culprits = [f"{r.path} (|value| {float(t.abs().amax()):.3g})" for r, t in zip(readers, tensors) if t.numel() and float(t.abs().amax()) > MAX_ABS_WEIGHT]
     source = f"from {', '.join(culprits)}, probably a corrupted weight (a flipped exponent bit): re-download or restore that expert" if culprits else (
-        f"made by {method!r} from inputs that are all within {MAX_ABS_WEIGHT:g}: try other method parameters")
+        f"made by {method!r} from inputs that are all within {MAX_ABS_WEIGHT:.0e}: try other method parameters")
     raise ValueError(
-        f"merged tensor {name}: |value| {peak:.3g} > {MAX_ABS_WEIGHT:g}, {source}; or pass --no-magnitude-check (params.yaml: merge.check_magnitude: false)"
+        f"merged tensor {name}: |value| {peak:.3g} > {MAX_ABS_WEIGHT:.0e}, {source}; or pass --no-magnitude-check (params.yaml: merge.check_magnitude: false)"
     )
 
 
