@@ -216,7 +216,7 @@ def dead_pid() -> int:
     return proc.pid
 
 
-def test_stale_temporaries_are_removed_only_when_their_owner_is_provably_dead(tmp_path, caplog):
+def test_stale_temporaries_are_removed_only_when_their_owner_is_provably_dead(tmp_path, caplog, record_property):
     out = tmp_path / "merged"
     me = io.owner_stamp()
     dead = tmp_path / f".merged.tmp-{dead_pid()}-{io.start_time(os.getpid())}-{io.boot_id()}-0000"
@@ -234,9 +234,12 @@ def test_stale_temporaries_are_removed_only_when_their_owner_is_provably_dead(tm
     assert "this machine has booted since" in caplog.text
     assert "now belongs to another process" in caplog.text
     assert f"{legacy}: a temporary of an older mergeflow (no owner recorded); remove it by hand" in caplog.text
+    record_property("fault", "temporaries left by dead (gone, rebooted, reused PID), live and older runs")
+    record_property("outcome", "recovered: the dead ones removed, saying how; live and unprovable ones kept")
+    record_property("bytes_lost", 0)
 
 
-def test_partial_dirs_record_their_owner(tmp_path):
+def test_partial_dirs_record_their_owner(tmp_path, record_property):
     partial = tmp_path / ".math.partial"
     partial.mkdir()
     assert io.owner_status(partial)[0] is True  # no record: nothing proves it dead
@@ -247,9 +250,12 @@ def test_partial_dirs_record_their_owner(tmp_path):
     (partial / io.OWNER_FILE).write_text(json.dumps({**record, "pid": dead_pid()}))
     alive, why = io.owner_status(partial)
     assert not alive and why.startswith("no process has PID")
+    record_property("fault", "a .partial checkpoint whose owner died")
+    record_property("outcome", "recovered: owner.json proves it dead; a live or unrecorded owner is left alone")
+    record_property("bytes_lost", 0)
 
 
-def test_shipped_ignore_files_cover_temporaries_and_partials(tmp_path):
+def test_shipped_ignore_files_cover_temporaries_and_partials(tmp_path, record_property):
     """git and DVC both ignore what an interrupted run leaves (git check-ignore; DVC reads .dvcignore)."""
     git(tmp_path, "init", "-q")
     shutil.copy(ROOT / ".gitignore", tmp_path / ".gitignore")
@@ -258,6 +264,9 @@ def test_shipped_ignore_files_cover_temporaries_and_partials(tmp_path):
     assert ignored == paths
     dvcignore = (ROOT / ".dvcignore").read_text().split()
     assert ".*.tmp-*" in dvcignore and ".*.partial" in dvcignore
+    record_property("fault", "debris of a killed run before the next run: git add -A / dvc")
+    record_property("outcome", "ignored: .gitignore and .dvcignore cover .*.tmp-* and .*.partial")
+    record_property("bytes_lost", 0)
 
 
 # --- faults that used to pass silently or without a path -----------------------------------------
