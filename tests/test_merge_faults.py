@@ -378,3 +378,26 @@ def test_flipped_exponent_bit_is_refused_naming_tensor_and_expert(experts, earli
     record_property("fault", "exponent bit flip in an expert's weight")
     record_property("outcome", "refused, naming tensor and expert (--no-magnitude-check to accept)")
     record_property("bytes_lost", bytes_lost(before, out))
+
+
+def test_evaluate_logs_folder_is_replaced_only_when_it_holds_sample_logs(experts, tmp_path, record_property):
+    """`mergeflow evaluate --logs DIR` replaces DIR with the new per-sample logs: only earlier logs may go."""
+    from mergeflow.evaluation.harness import check_log_dir, write_samples
+
+    victim = tmp_path / "documents"
+    victim.mkdir()
+    (victim / "toy_math.jsonl").write_text("{}\n")
+    (victim / "thesis.tex").write_text("years of work\n")
+    before = snapshot(victim)
+    with pytest.raises(FileExistsError, match=rf"^{victim}: --logs holds files mergeflow did not write \(thesis\.tex\); mergeflow never replaces them"):
+        write_samples({"toy_math": [{"doc": 1}]}, victim)
+    with pytest.raises(ValueError, match=rf"^{experts[0].parent}: --logs contains the input {experts[0]}; writing there would destroy it"):
+        check_log_dir(experts[0].parent, [experts[0]])
+    assert snapshot(victim) == before
+    lost = bytes_lost(before, victim)
+    (victim / "thesis.tex").unlink()
+    write_samples({"toy_code": [{"doc": 2}]}, victim)  # earlier logs only: replaced
+    assert snapshot(victim) == {"toy_code.jsonl": b'{"doc": 2}\n'}
+    record_property("fault", "evaluate --logs <a folder holding other files, or the model>")
+    record_property("outcome", "refused, naming the foreign files (checked before evaluating)")
+    record_property("bytes_lost", lost)
