@@ -401,3 +401,39 @@ def test_evaluate_logs_folder_is_replaced_only_when_it_holds_sample_logs(experts
     record_property("fault", "evaluate --logs <a folder holding other files, or the model>")
     record_property("outcome", "refused, naming the foreign files (checked before evaluating)")
     record_property("bytes_lost", lost)
+
+
+def test_claim_dir_refuses_a_live_owner_and_takes_over_from_a_dead_one(tmp_path, record_property):
+    partial = tmp_path / ".math.partial"
+    assert io.claim_dir(partial) is None and io.claim_dir(partial) is None  # new, then already ours
+    record = json.loads((partial / io.OWNER_FILE).read_text())
+    parent = psutil_parent()
+    (partial / io.OWNER_FILE).write_text(json.dumps({**record, "pid": parent.pid, "start": round(parent.create_time() * 100)}))
+    with pytest.raises(FileExistsError, match=rf"^{partial}: in use by another run \(PID {parent.pid} still runs"):
+        io.claim_dir(partial)
+    (partial / io.OWNER_FILE).write_text(json.dumps({**record, "pid": dead_pid()}))
+    assert io.claim_dir(partial).startswith("no process has PID")
+    assert json.loads((partial / io.OWNER_FILE).read_text())["pid"] == os.getpid()
+    record_property("fault", "two runs writing one .partial checkpoint")
+    record_property("outcome", "refused while the other runs; taken over once it is provably dead")
+    record_property("bytes_lost", 0)
+
+
+def psutil_parent():
+    import psutil
+
+    return psutil.Process(os.getpid()).parent()
+
+
+def test_publish_without_an_atomic_exchange_still_replaces_whole(tmp_path, monkeypatch, record_property):
+    """Where renameat2 is missing (not Linux, old kernels): two renames, the old model removed after."""
+    out = tmp_path / "out"
+    with io.atomic_dir(out) as tmp:
+        (tmp / "a").write_text("old")
+    monkeypatch.setattr(io, "exchange", lambda a, b: False)
+    with io.atomic_dir(out) as tmp:
+        (tmp / "a").write_text("new")
+    assert snapshot(out) == {"a": b"new"} and [p.name for p in tmp_path.iterdir()] == ["out"]
+    record_property("fault", "publishing where renameat2 is missing")
+    record_property("outcome", "recovered: two renames, nothing left behind")
+    record_property("bytes_lost", 0)

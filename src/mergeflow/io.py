@@ -108,6 +108,23 @@ def owner_status(directory: str | os.PathLike) -> tuple[bool, str]:
     return owner_alive(pid, start, boot)
 
 
+def claim_dir(directory: str | os.PathLike) -> Optional[str]:
+    """Make this process the recorded owner of `directory` (created if missing), e.g. a resumable
+    `.<out>.partial/`. Refuses while another live process owns it; returns how the previous owner
+    is known to be dead (for the log), or None when there was none recorded."""
+    directory = Path(directory)
+    previous = None
+    if (directory / OWNER_FILE).is_file():
+        alive, why = owner_status(directory)
+        mine = json.loads((directory / OWNER_FILE).read_text()).get("pid") == os.getpid() and alive
+        if alive and not mine:
+            raise FileExistsError(f"{directory}: in use by another run ({why}); wait for it to finish or stop it, then rerun")
+        previous = None if mine else why
+    directory.mkdir(parents=True, exist_ok=True)
+    record_owner(directory)
+    return previous
+
+
 def stale_temporaries(out: str | os.PathLike) -> list[tuple[Path, str]]:
     """`.<out>.tmp-*` siblings of `out` left by dead processes, each with how we know it is dead."""
     out = Path(out)

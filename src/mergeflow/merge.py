@@ -149,8 +149,9 @@ def check_disk_space(out: Path, needed: int) -> None:
     where = out.parent
     while not where.exists():
         where = where.parent
-    free = shutil.disk_usage(where).free
-    if free < needed:
+    usage = shutil.disk_usage(where)
+    free = usage.free
+    if usage.total and free < needed:  # total 0: a filesystem that reports nothing (some FUSE mounts)
         raise OSError(f"{out}: the merged model needs {human_size(needed)} but only {human_size(free)} is free there; free space or choose --out on a larger disk")
 
 
