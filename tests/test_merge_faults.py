@@ -123,12 +123,14 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
     capsys.readouterr()  # only what this command prints
     argv = sys.argv
     sys.argv = ["mergeflow", *args]
+    code = 0
     try:
-        with pytest.raises(SystemExit) as exit_:
-            run()
+        run()
+    except SystemExit as exit_:
+        code = exit_.code
     finally:
         sys.argv = argv
-    return exit_.value.code, capsys.readouterr().err
+    return code, capsys.readouterr().err
 
 
 def test_force_never_replaces_an_input_expert(experts, tmp_path, capsys, record_property):
@@ -437,3 +439,24 @@ def test_publish_without_an_atomic_exchange_still_replaces_whole(tmp_path, monke
     record_property("fault", "publishing where renameat2 is missing")
     record_property("outcome", "recovered: two renames, nothing left behind")
     record_property("bytes_lost", 0)
+
+
+def test_force_on_a_merged_model_of_an_older_mergeflow_knows_its_files(experts, tmp_path, capsys, record_property):
+    """Before `files` was recorded in mergeflow_merge.json: the usual model files are mergeflow's, nothing else."""
+    out = tmp_path / "merged"
+    merge_models(experts, average(), out)
+    config = json.loads((out / MERGE_CONFIG).read_text())
+    del config["files"]
+    (out / MERGE_CONFIG).write_text(json.dumps(config))
+    (out / "notes.md").write_text("mine\n")
+    before = snapshot(out)
+    code, err = run_cli([*merge_args(experts, out)], capsys)
+    assert code == 1 and "--out holds files mergeflow did not write (notes.md)" in err
+    assert snapshot(out) == before
+    lost = bytes_lost(before, out)
+    (out / "notes.md").unlink()
+    assert run_cli([*merge_args(experts, out)], capsys)[0] == 0
+    assert "files" in json.loads((out / MERGE_CONFIG).read_text())
+    record_property("fault", "merge --force over an older merged model plus the user's files")
+    record_property("outcome", "refused, naming them; replaced once they are gone")
+    record_property("bytes_lost", lost)

@@ -52,7 +52,8 @@ ARCHITECTURE_KEYS = (
 # keys that change behaviour but not the weights' meaning: the output keeps the first expert's; warned.
 BEHAVIOUR_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings", "rms_norm_eps", "sliding_window")
 # files a merged model directory of an older mergeflow (before `files` in mergeflow_merge.json) may hold
-LEGACY_MODEL_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "*.json", "tokenizer*", "*.jinja", "*.model", "*.txt", "README.md")
+LEGACY_MODEL_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "*.json", "tokenizer*", "*.jinja", "*.model",
+                      "merges.txt", "vocab.txt", "README.md")
 
 
 def check_same_tensors(first: CheckpointReader, other: CheckpointReader, what: str) -> None:
@@ -121,14 +122,20 @@ def warn_mixed_dtypes(readers: Sequence[CheckpointReader]) -> None:
             return
 
 
+def max_abs(tensor: torch.Tensor) -> float:
+    """The largest |value| of a float tensor, without an `abs()` copy of it (0 for others)."""
+    if not tensor.is_floating_point() or not tensor.numel():
+        return 0.0
+    low, high = torch.aminmax(tensor)
+    return max(-float(low), float(high))
+
+
 def check_magnitude(merged: torch.Tensor, name: str, tensors: Sequence[torch.Tensor], readers: Sequence[CheckpointReader], method: str) -> None:
     """Refuse a merged tensor with |value| > MAX_ABS_WEIGHT, naming the expert(s) that hold one."""
-    if not merged.is_floating_point():
-        return
-    peak = float(merged.abs().amax()) if merged.numel() else 0.0
+    peak = max_abs(merged)
     if peak <= MAX_ABS_WEIGHT:
         return
-    culprits = [f"{r.path} (|value| {float(t.abs().amax()):.3g})" for r, t in zip(readers, tensors) if t.numel() and float(t.abs().amax()) > MAX_ABS_WEIGHT]
+    culprits = [f"{r.path} (|value| {max_abs(t):.3g})" for r, t in zip(readers, tensors) if max_abs(t) > MAX_ABS_WEIGHT]
     source = f"from {', '.join(culprits)}, probably a corrupted weight (a flipped exponent bit): re-download or restore that expert" if culprits else (
         f"made by {method!r} from inputs that are all within {MAX_ABS_WEIGHT:.0e}: try other method parameters")
     raise ValueError(
