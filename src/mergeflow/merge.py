@@ -19,6 +19,7 @@ mixed dtypes get one warning saying the output's dtype, and merged values past M
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import json
@@ -26,7 +27,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -130,12 +131,12 @@ def max_abs(tensor: torch.Tensor) -> float:
     return max(-float(low), float(high))
 
 
-def check_magnitude(merged: torch.Tensor, name: str, tensors: Sequence[torch.Tensor], readers: Sequence[CheckpointReader], method: str) -> None:
-    """Refuse a merged tensor with |value| > MAX_ABS_WEIGHT, naming the expert(s) that hold one."""
+def check_magnitude(merged: torch.Tensor, name: str, inputs: Sequence[tuple[Path, torch.Tensor]], method: str) -> None:
+    """Refuse a merged tensor with |value| > MAX_ABS_WEIGHT, naming the input model(s) that hold one."""
     peak = max_abs(merged)
     if peak <= MAX_ABS_WEIGHT:
         return
-    culprits = [f"{r.path} (|value| {max_abs(t):.3g})" for r, t in zip(readers, tensors) if max_abs(t) > MAX_ABS_WEIGHT]
+    culprits = [f"{path} (|value| {max_abs(t):.3g})" for path, t in inputs if max_abs(t) > MAX_ABS_WEIGHT]
     source = f"from {', '.join(culprits)}, probably a corrupted weight (a flipped exponent bit): re-download or restore that expert" if culprits else (
         f"made by {method!r} from inputs that are all within {MAX_ABS_WEIGHT:.0e}: try other method parameters")
     raise ValueError(
@@ -149,6 +150,19 @@ def human_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+@contextlib.contextmanager
+def full_disk_reported(out: Path, needed: int) -> Iterator[None]:
+    """Turn a full disk (ENOSPC, EDQUOT) while writing `out` into one line naming it and the fix."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        full = OSError(f"{out}: no space left on the device while writing the merged model ({human_size(needed)} of weights); nothing was kept: free space or choose --out on a larger disk")
+        full.errno = err.errno
+        raise full from None
 
 
 def check_disk_space(out: Path, needed: int) -> None:
@@ -301,21 +315,8 @@ def merge_models(
     needed = sum(spec.nbytes for spec in specs)
     check_disk_space(out, needed)
     fault_point("merge:checked")
-    try:
-        config = write_merged(out, readers, base_reader, gram_dirs, solved, specs, method, experts, base, max_shard_size, block_bytes, dtype, device, check_magnitudes)
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        full = OSError(f"{out}: no space left on the device while writing the merged model ({human_size(needed)} of weights); nothing was kept: free space or choose --out on a larger disk")
-        full.errno = err.errno
-        raise full from None
-    log.info("merged %d tensors of %d experts with %s -> %s", len(specs), len(experts), method.name, out)
-    return config
 
-
-def write_merged(out, readers, base_reader, gram_dirs, solved, specs, method, experts, base, max_shard_size, block_bytes, dtype, device, check_magnitudes) -> dict:
-    """Stream the merged tensors, then the model files and the merge config, into `out` atomically."""
-    with atomic_dir(out) as tmp:
+    with full_disk_reported(out, needed), atomic_dir(out) as tmp:
         writer = ShardedWriter(tmp, specs, max_shard_size)
         for spec in tqdm(specs, desc=f"merge ({method.name})", unit="tensor"):
             module = spec.name.removesuffix(".weight")
@@ -329,7 +330,8 @@ def write_merged(out, readers, base_reader, gram_dirs, solved, specs, method, ex
                 if merged.shape != tensors[0].shape:
                     raise ValueError(f"method {method.name!r} returned shape {tuple(merged.shape)} for {spec.name}, expected {tuple(tensors[0].shape)}")
                 if check_magnitudes:
-                    check_magnitude(merged, spec.name, tensors, readers, method.name)
+                    inputs = [(r.path, t) for r, t in zip(readers, tensors)] + ([(base_reader.path, base_tensor)] if base_reader else [])
+                    check_magnitude(merged, spec.name, inputs, method.name)
                 writer.write(spec.name, merged.to(spec.dtype))
                 fault_point("merge:tensor-written")
                 del tensors, base_tensor, merged
@@ -351,6 +353,7 @@ def write_merged(out, readers, base_reader, gram_dirs, solved, specs, method, ex
         config["files"] = sorted({p.name for p in tmp.iterdir()} | {MERGE_CONFIG})  # what --force may replace later
         write_json(tmp / MERGE_CONFIG, config)
         fault_point("merge:files-written")
+    log.info("merged %d tensors of %d experts with %s -> %s", len(specs), len(experts), method.name, out)
     return config
 
 
