@@ -28,7 +28,6 @@ import os
 import re
 import shutil
 import socket
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
