@@ -94,14 +94,22 @@ def record_owner(directory: str | os.PathLike) -> None:
     write_json(Path(directory) / OWNER_FILE, {"pid": pid, "start": start_time(pid), "boot": boot_id(), "host": socket.gethostname()})
 
 
+def read_owner(directory: str | os.PathLike) -> Optional[tuple[int, int, str, Optional[str]]]:
+    """(pid, start, boot, host) from `directory`'s owner.json; None when missing or unreadable."""
+    try:
+        owner = json.loads((Path(directory) / OWNER_FILE).read_text())
+        return int(owner["pid"]), int(owner["start"]), str(owner["boot"]), owner.get("host")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def owner_status(directory: str | os.PathLike) -> tuple[bool, str]:
     """(alive, why) for the process recorded by `record_owner`; a directory without a readable
     record is treated as alive (nothing proves it dead), and so is one made on another host."""
-    try:
-        owner = json.loads((Path(directory) / OWNER_FILE).read_text())
-        pid, start, boot, host = int(owner["pid"]), int(owner["start"]), str(owner["boot"]), owner.get("host")
-    except (OSError, ValueError, KeyError, TypeError):
+    owner = read_owner(directory)
+    if owner is None:
         return True, f"{Path(directory) / OWNER_FILE} is missing or unreadable, so its owner cannot be proved dead"
+    pid, start, boot, host = owner
     if host and host != socket.gethostname():
         return True, f"made on host {host}, whose processes this machine cannot see"
     return owner_alive(pid, start, boot)
@@ -115,7 +123,7 @@ def claim_dir(directory: str | os.PathLike) -> Optional[str]:
     previous = None
     if (directory / OWNER_FILE).is_file():
         alive, why = owner_status(directory)
-        mine = json.loads((directory / OWNER_FILE).read_text()).get("pid") == os.getpid() and alive
+        mine = alive and (read_owner(directory) or (None,))[0] == os.getpid()
         if alive and not mine:
             raise FileExistsError(f"{directory}: in use by another run ({why}); wait for it to finish or stop it, then rerun")
         previous = None if mine else why
