@@ -30,7 +30,7 @@ def main(args, params):
     merge_models(
         [args.experts / name for name in params.experts], method, args.out,
         grams=[args.grams / name for name in params.experts] if method.uses_grams else [],
-        base=args.base, lm_head=m.regmean_lm_head, max_shard_size=parse_size(m.max_shard_size),
+        base=args.base, lm_head=m.regmean_lm_head, max_shard_size=parse_size(m.max_shard_size), check_magnitudes=m.check_magnitude,
     )
 
 

@@ -149,9 +149,10 @@ def grams_verify(dirs) -> None:
 @param_option("--solver-dtype", key="merge.solver_dtype", type=click.Choice(["float32", "float64"]), help="dtype of RegMean's linear solves.")
 @param_option("--device", key="merge.device", help="Where RegMean solves: cpu, cuda or auto (cuda when visible; CUDA_VISIBLE_DEVICES picks the GPU).")
 @param_option("--max-shard-size", key="merge.max_shard_size", help="Largest output shard, e.g. 500MB, 5GB.")
-@click.option("--force", is_flag=True, help="Replace --out if it already holds a model.")
+@click.option("--force", is_flag=True, help="Replace --out if it holds a merged model mergeflow wrote and nothing else (never an input, a file or foreign files).")
 @click.option("--no-verify", is_flag=True, help="Skip checking the grams' SHA-256 against grams.json (about 3 s per GB).")
-def merge(method, models, out, grams_, base, alpha, weights, scaling, density, lm_head, solver_dtype, device, max_shard_size, force, no_verify) -> None:
+@click.option("--no-magnitude-check", is_flag=True, help="Accept merged weights with |value| > 1e4 (refused by default: a flipped exponent bit in an expert).")
+def merge(method, models, out, grams_, base, alpha, weights, scaling, density, lm_head, solver_dtype, device, max_shard_size, force, no_verify, no_magnitude_check) -> None:
     """Merge experts tensor by tensor into one Hugging Face model directory.
 
     Memory stays bounded by a few tensors (huge ones in blocks of rows) plus one Linear's grams.
@@ -163,7 +164,7 @@ def merge(method, models, out, grams_, base, alpha, weights, scaling, density, l
     from .methods import MergeOptions, get_method
 
     options = MergeOptions(alpha=alpha, weights=tuple(weights) or None, scaling=scaling, density=density, solver_dtype=getattr(torch, solver_dtype), device=device)
-    merge_models(models, get_method(method)(options), out, grams=grams_, base=base, lm_head=lm_head, max_shard_size=parse_size(max_shard_size), overwrite=force, verify_grams=not no_verify)
+    merge_models(models, get_method(method)(options), out, grams=grams_, base=base, lm_head=lm_head, max_shard_size=parse_size(max_shard_size), overwrite=force, verify_grams=not no_verify, check_magnitudes=not no_magnitude_check)
 
 
 BACKEND_OPTIONS = [

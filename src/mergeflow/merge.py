@@ -7,28 +7,54 @@ into pre-planned output shards, huge ones in blocks of rows when the method allo
 memory is a few blocks plus one Linear's grams, whatever the model's size. The output is built in
 a temporary sibling renamed into place at the end: a failed or killed merge leaves nothing
 half-written, and an existing model stays as it was.
+
+An existing `out` is replaced only when mergeflow wrote it: `mergeflow_merge.json` lists every
+file of the merged model, and a directory holding anything else, a plain file, or an input of the
+merge (an expert, a gram directory, the base, or a folder containing one) is refused. Disk space
+is checked before the first byte and a full disk is reported with the output path; experts that
+differ in architecture keys of config.json are refused even when their shapes agree, experts of
+mixed dtypes get one warning saying the output's dtype, and merged values past MAX_ABS_WEIGHT
+(a flipped exponent bit in an expert: finite but absurd) are refused naming the tensor and expert.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fnmatch
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointReader, ShardedWriter, TensorSpec, copy_model_files
 from .grams import GramDir
-from .io import atomic_dir, write_json
+from .faults import fault_point
+from .io import atomic_dir, check_replaceable, write_json
 from .methods import MergeMethod
 
 log = logging.getLogger(__name__)
 MERGE_CONFIG = "mergeflow_merge.json"
 BLOCK_BYTES = 256 * 2**20
 LM_HEAD = "lm_head"
+# |weight| no trained LLM comes near (their weights are O(1), norms O(10)); an exponent bit flip
+# gives 1e19 or more. `check_magnitude=False` (--no-magnitude-check) turns the check off.
+MAX_ABS_WEIGHT = 1e4
+# config.json keys that change what the tensors mean although their shapes may agree: refused.
+ARCHITECTURE_KEYS = (
+    "model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "vocab_size", "hidden_act", "tie_word_embeddings", "attention_bias", "mlp_bias",
+)
+# keys that change behaviour but not the weights' meaning: the output keeps the first expert's; warned.
+BEHAVIOUR_KEYS = ("rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings", "rms_norm_eps", "sliding_window")
+# files a merged model directory of an older mergeflow (before `files` in mergeflow_merge.json) may hold
+LEGACY_MODEL_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "*.json", "tokenizer*", "*.jinja", "*.model",
+                      "merges.txt", "vocab.txt", "README.md")
 
 
 def check_same_tensors(first: CheckpointReader, other: CheckpointReader, what: str) -> None:
@@ -42,6 +68,112 @@ def check_same_tensors(first: CheckpointReader, other: CheckpointReader, what: s
     for name in first.names():
         if first.shape(name) != other.shape(name):
             raise ValueError(f"{what} differ in the shape of {name}: {first.shape(name)} in {first.path}, {other.shape(name)} in {other.path}")
+
+
+def merged_files(out: Path) -> Optional[set[str]]:
+    """The files mergeflow wrote in the merged model `out` (from its mergeflow_merge.json), or None
+    when `out` is not a merged model."""
+    try:
+        config = json.loads((out / MERGE_CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or "method" not in config:
+        return None
+    if "files" in config:
+        return set(config["files"]) | {MERGE_CONFIG}
+    return {p.name for p in out.iterdir() if any(fnmatch.fnmatch(p.name, pat) for pat in LEGACY_MODEL_FILES)}
+
+
+def model_config(model_dir: Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); restore the model's config.json") from None
+
+
+def check_same_config(first: Path, other: Path, what: str) -> None:
+    """Refuse experts whose config.json disagree on architecture keys; warn on behaviour keys."""
+    a, b = model_config(first), model_config(other)
+    for key in ARCHITECTURE_KEYS:
+        if key in a and key in b and a[key] != b[key]:
+            raise ValueError(
+                f"{what} differ in config.json {key!r}: {a[key]!r} in {first}, {b[key]!r} in {other}; their tensors mean different "
+                "things even where the shapes agree: merge experts fine-tuned from one base model"
+            )
+    differ = [key for key in BEHAVIOUR_KEYS if a.get(key) != b.get(key)]
+    if differ:
+        log.warning("%s differ in config.json %s (%s in %s, %s in %s): the merged model keeps %s's", what, ", ".join(map(repr, differ)),
+                    a.get(differ[0]), first, b.get(differ[0]), other, first)
+
+
+def warn_mixed_dtypes(readers: Sequence[CheckpointReader]) -> None:
+    """One line when the experts store tensors in different dtypes, saying what the output takes."""
+    first = readers[0]
+    for other in readers[1:]:
+        differ = [n for n in first.names() if first.specs[n].dtype != other.specs[n].dtype]
+        if differ:
+            n = differ[0]
+            log.warning(
+                "experts store different dtypes (%s in %s, %s in %s, %d tensors): the merge computes in float32 and writes %s, the dtype of "
+                "the first expert (--model order), whose config.json the merged model copies; list an expert of the dtype you want first",
+                str(first.specs[n].dtype).removeprefix("torch."), first.path, str(other.specs[n].dtype).removeprefix("torch."), other.path,
+                len(differ), str(first.specs[n].dtype).removeprefix("torch."),
+            )
+            return
+
+
+def max_abs(tensor: torch.Tensor) -> float:
+    """The largest |value| of a float tensor, without an `abs()` copy of it (0 for others)."""
+    if not tensor.is_floating_point() or not tensor.numel():
+        return 0.0
+    low, high = torch.aminmax(tensor)
+    return max(-float(low), float(high))
+
+
+def check_magnitude(merged: torch.Tensor, name: str, inputs: Sequence[tuple[Path, torch.Tensor]], method: str) -> None:
+    """Refuse a merged tensor with |value| > MAX_ABS_WEIGHT, naming the input model(s) that hold one."""
+    peak = max_abs(merged)
+    if peak <= MAX_ABS_WEIGHT:
+        return
+    culprits = [f"{path} (|value| {max_abs(t):.3g})" for path, t in inputs if max_abs(t) > MAX_ABS_WEIGHT]
+    source = f"from {', '.join(culprits)}, probably a corrupted weight (a flipped exponent bit): re-download or restore that expert" if culprits else (
+        f"made by {method!r} from inputs that are all within {MAX_ABS_WEIGHT:.0e}: try other method parameters")
+    raise ValueError(
+        f"merged tensor {name}: |value| {peak:.3g} > {MAX_ABS_WEIGHT:.0e}, {source}; or pass --no-magnitude-check (params.yaml: merge.check_magnitude: false)"
+    )
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+@contextlib.contextmanager
+def full_disk_reported(out: Path, needed: int) -> Iterator[None]:
+    """Turn a full disk (ENOSPC, EDQUOT) while writing `out` into one line naming it and the fix."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        full = OSError(f"{out}: no space left on the device while writing the merged model ({human_size(needed)} of weights); nothing was kept: free space or choose --out on a larger disk")
+        full.errno = err.errno
+        raise full from None
+
+
+def check_disk_space(out: Path, needed: int) -> None:
+    """Refuse before writing when the output's filesystem has less free space than the model needs."""
+    where = out.parent
+    while not where.exists():
+        where = where.parent
+    usage = shutil.disk_usage(where)
+    free = usage.free
+    if usage.total and free < needed:  # total 0: a filesystem that reports nothing (some FUSE mounts)
+        raise OSError(f"{out}: the merged model needs {human_size(needed)} but only {human_size(free)} is free there; free space or choose --out on a larger disk")
 
 
 def is_tied(model_dir: Path) -> bool:
@@ -143,21 +275,28 @@ def merge_models(
     block_bytes: int = BLOCK_BYTES,
     overwrite: bool = True,
     verify_grams: bool = True,
+    check_magnitudes: bool = True,
 ) -> dict:
-    """Merge `experts` with `method` into the HF directory `out`; return the saved merge config."""
-    if Path(out).exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    """Merge `experts` with `method` into the HF directory `out`; return the saved merge config.
+
+    An existing `out` is replaced only with `overwrite` and only if it is a merged model written by
+    mergeflow that holds nothing else (see `io.check_replaceable`)."""
+    out = Path(out)
+    check_replaceable(out, force=overwrite, inputs=[*experts, *grams, *([base] if base is not None else [])], owned_files=merged_files, what="merged model")
     if len(experts) < 2:
         raise ValueError(f"need at least two experts to merge, got {len(experts)}")
     readers = [CheckpointReader(e) for e in experts]
     for other in readers[1:]:
         check_same_tensors(readers[0], other, "experts")
+        check_same_config(readers[0].path, other.path, "experts")
+    warn_mixed_dtypes(readers)
     base_reader = None
     if method.uses_base:
         if base is None:
             raise ValueError(f"method {method.name!r} needs the base model the experts were fine-tuned from (--base, or models/base in the pipeline)")
         base_reader = CheckpointReader(base)
         check_same_tensors(readers[0], base_reader, "experts and base")
+        check_same_config(readers[0].path, base_reader.path, "experts and base")
     gram_dirs: list[GramDir] = []
     solved: set[str] = set()
     if method.uses_grams:
@@ -173,8 +312,11 @@ def merge_models(
         shared = {f"{m}.weight": gram_dirs[0].modules[m].key for m in solved}
         specs.sort(key=lambda spec: (shared.get(spec.name, spec.name), spec.name))
     dtype, device = method.options.solver_dtype, method.options.device
+    needed = sum(spec.nbytes for spec in specs)
+    check_disk_space(out, needed)
+    fault_point("merge:checked")
 
-    with atomic_dir(out) as tmp:
+    with full_disk_reported(out, needed), atomic_dir(out) as tmp:
         writer = ShardedWriter(tmp, specs, max_shard_size)
         for spec in tqdm(specs, desc=f"merge ({method.name})", unit="tensor"):
             module = spec.name.removesuffix(".weight")
@@ -187,9 +329,14 @@ def merge_models(
                 merged = check_finite(method.merge(spec.name, tensors, grams=loaders, base=base_tensor), f"merged tensor {spec.name}")
                 if merged.shape != tensors[0].shape:
                     raise ValueError(f"method {method.name!r} returned shape {tuple(merged.shape)} for {spec.name}, expected {tuple(tensors[0].shape)}")
+                if check_magnitudes:
+                    inputs = [(r.path, t) for r, t in zip(readers, tensors)] + ([(base_reader.path, base_tensor)] if base_reader else [])
+                    check_magnitude(merged, spec.name, inputs, method.name)
                 writer.write(spec.name, merged.to(spec.dtype))
+                fault_point("merge:tensor-written")
                 del tensors, base_tensor, merged
         writer.close()
+        fault_point("merge:shards-written")
         copy_model_files(experts[0], tmp)
         config = {
             **method.config(),
@@ -202,8 +349,10 @@ def merge_models(
             "lm_head_solved": LM_HEAD in solved,
             "least_squares_fallback": list(getattr(method, "fell_back", [])),
         }
-        write_json(tmp / MERGE_CONFIG, config)
         (tmp / "README.md").write_text(model_card(config))
+        config["files"] = sorted({p.name for p in tmp.iterdir()} | {MERGE_CONFIG})  # what --force may replace later
+        write_json(tmp / MERGE_CONFIG, config)
+        fault_point("merge:files-written")
     log.info("merged %d tensors of %d experts with %s -> %s", len(specs), len(experts), method.name, out)
     return config
 

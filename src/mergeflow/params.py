@@ -122,6 +122,7 @@ class MergeParams(Strict):
     solver_dtype: Literal["float32", "float64"] = "float32"
     device: str = "cpu"
     max_shard_size: str = "5GB"
+    check_magnitude: bool = True  # refuse merged weights with |value| > 1e4 (a flipped exponent bit)
 
 
 class HFBackendParams(Strict):

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_dir, write_json
+from ..io import atomic_dir, check_replaceable, write_json
 from ..params import EvalParams
 from .backends import make_lm, resolve_backend
 from .code_eval import code_execution, is_code_task
@@ -56,10 +56,21 @@ def flatten_results(results: dict) -> dict[str, dict[str, float]]:
     return flat
 
 
+def sample_logs(log_dir: Path) -> set[str]:
+    """What a sample-log folder mergeflow wrote holds: `<task>.jsonl` files only."""
+    return {p.name for p in log_dir.iterdir() if p.suffix == ".jsonl" and p.is_file()}
+
+
+def check_log_dir(log_dir: str | Path, inputs: Sequence[str | Path] = ()) -> None:
+    """Refuse a `--logs` folder that holds anything but earlier sample logs, or is (or holds) an input."""
+    check_replaceable(log_dir, force=True, inputs=inputs, owned_files=sample_logs, what="sample-log", option="--logs")
+
+
 def write_samples(samples: Mapping[str, list[dict]], log_dir: str | Path) -> None:
     """lm-eval's per-sample records as `<log_dir>/<task>.jsonl`, replacing the folder atomically."""
     from lm_eval.utils import handle_non_serializable
 
+    check_log_dir(log_dir)
     with atomic_dir(log_dir) as tmp:
         for task, records in samples.items():
             with open(tmp / f"{task}.jsonl", "w") as fh:
@@ -138,6 +149,8 @@ def evaluate_model(
         raise FileNotFoundError(f"{model_dir}: no config.json; expected a Hugging Face model directory")
     if lm is None:
         resolve_backend(params.backend)  # a missing vllm is reported before any work
+    if log_dir is not None:
+        check_log_dir(log_dir, [model_dir])  # before minutes of evaluation, not after
     unknown_files = sorted(set(params.data_files) - set(tasks))
     if unknown_files:
         log.info("eval.data_files names tasks that are not run: %s", unknown_files)
