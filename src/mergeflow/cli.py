@@ -6,7 +6,7 @@
     mergeflow merge    --method ties --base BASE --model A --model B --density 0.2 --out DIR
     mergeflow evaluate --model DIR --task toy_math --out metrics.json
     mergeflow submit   --model DIR --test data/test.csv --out submission.csv
-    mergeflow report   [--exp-show exp.json] [--out-dir plots]
+    mergeflow report   [--rev COMMIT | --all-commits | --exp-show exp.json] [--out-dir plots]
     mergeflow methods
 """
 
