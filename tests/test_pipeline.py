@@ -197,7 +197,7 @@ def test_plots_diff_draws_the_alpha_sweep_and_the_scores(repo, first_repro):
     assert PLOTS_DIFF in README
     bash(PLOTS_DIFF, repo)
     specs = vega_specs((dest / "dvc_plots/index.html").read_text())
-    assert {"alpha-sweep", "scores", "train-loss"} <= set(specs)
+    assert {"alpha-sweep", "scores"} <= set(specs)
     sweep = specs["alpha-sweep"]
     assert sweep["encoding"]["x"]["field"] == "alpha" and sweep["encoding"]["y"]["field"] == "score" and sweep["encoding"]["color"]["field"] == "metric"
     points = {(p["rev"], p["method"], float(p["alpha"]), p["metric"]) for p in sweep["data"]["values"]}
