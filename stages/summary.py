@@ -1,10 +1,12 @@
-"""DVC stage `summary`: metrics/summary.json, one table of the base, each expert and the merged model."""
+"""DVC stage `summary`: metrics/summary.json, one table of the base, each expert and the merged
+model (the pipeline's only DVC metrics file), and the tables `dvc plots` draws from it."""
 
 from pathlib import Path
 
 from mergeflow.evaluation.harness import evaluation_summary
 from mergeflow.io import write_json
 from mergeflow.params import STAGE_PARAMS
+from mergeflow.plots import SCORES_HEADER, SWEEP_HEADER, score_rows, sweep_rows, write_csv
 from mergeflow.stage import run_stage
 
 PARAMS = STAGE_PARAMS["summary"]  # the keys it reads (dvc.yaml lists the same): each must be in the params file
@@ -13,13 +15,18 @@ PARAMS = STAGE_PARAMS["summary"]  # the keys it reads (dvc.yaml lists the same):
 def add_arguments(parser):
     parser.add_argument("--metrics", type=Path, default=Path("metrics"), help="folder of base.json, experts/<name>.json, merged.json")
     parser.add_argument("--out", type=Path, required=True, help="summary JSON to write")
+    parser.add_argument("--scores", type=Path, required=True, help="CSV to write: model,metric,score (every model)")
+    parser.add_argument("--sweep", type=Path, required=True, help="CSV to write: method,alpha,metric,score (the merged model)")
 
 
 def main(args, params):
     files = {"base": args.metrics / "base.json"}
     files.update({f"expert-{name}": args.metrics / "experts" / f"{name}.json" for name in params.experts})
     files["merged"] = args.metrics / "merged.json"
-    write_json(args.out, evaluation_summary(files))
+    summary = evaluation_summary(files)
+    write_json(args.out, summary)
+    write_csv(args.scores, SCORES_HEADER, score_rows(summary))
+    write_csv(args.sweep, SWEEP_HEADER, sweep_rows(summary["merged"], params.method, params.alpha))
 
 
 if __name__ == "__main__":

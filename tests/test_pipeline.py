@@ -14,7 +14,7 @@ import subprocess
 import pandas as pd
 import pytest
 import yaml
-from helpers import ran, run, skipped
+from helpers import ROOT, ran, run, skipped
 
 pytestmark = pytest.mark.slow
 AFTER_MERGE = {"merge", "evaluate", "submit"}
@@ -112,3 +112,128 @@ def test_gram_parameter_invalidates_grams_not_download(repo, first_repro):
 def test_eval_parameter_invalidates_only_evaluation(repo, first_repro):
     status = status_after_setting(repo, "eval.limit", 4)
     assert set(status) == {"evaluate-base", "evaluate-expert@math", "evaluate-expert@code", "evaluate"}
+
+
+# --- exploring experiments: dvc exp show, dvc plots, mergeflow report, the way back --------------
+
+README = (ROOT / "README.md").read_text()
+# README, "Sweeps": the commands tested below, exactly as written there.
+EXP_SHOW_80 = r"dvc exp show --drop '.*' --keep '^(Experiment|alpha|method|merged\.toy_math\..*)$'"
+EXP_SHOW_CHANGED = "dvc exp show --only-changed --drop 'Created|.*/'"
+PLOTS_DIFF = "dvc plots diff HEAD $(dvc exp ls --name-only)"
+WAY_BACK = "git checkout -- params.yaml dvc.lock metrics/ && dvc checkout"
+
+
+def find_experiment(repo, params: dict) -> str | None:
+    """The name of an experiment of the workspace's commit with these params, per `dvc exp show`."""
+    dest, env = repo
+    for row in json.loads(run(["dvc", "exp", "show", "--json"], dest, env)):
+        for group in row.get("experiments") or []:
+            for rev in group["revs"]:
+                values = rev["data"]["params"]["params.yaml"]["data"]
+                if all(values.get(k) == v for k, v in params.items()):
+                    return rev["name"]
+    return None
+
+
+def experiment(repo, **params) -> str:
+    """The experiment with these params (from the tests above), run if there is none yet."""
+    if (name := find_experiment(repo, params)) is None:
+        dest, env = repo
+        run(["dvc", "exp", "run", *(f"-S{k}={v}" for k, v in params.items())], dest, env)
+        name = find_experiment(repo, params)
+        assert name, f"dvc exp run {params} left no such experiment"
+    return name
+
+
+def bash(command: str, repo, extra_env: dict | None = None) -> str:
+    dest, env = repo
+    proc = subprocess.run(["bash", "-ec", command], cwd=dest, env={**env, **(extra_env or {})}, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, f"{command}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_exp_show_records_each_metric_once_without_standard_errors(repo, first_repro):
+    dest, env = repo
+    experiment(repo, alpha=0.3, method="regmean")
+    rows = json.loads(run(["dvc", "exp", "show", "--json"], dest, env))
+    revs = [r for row in rows for r in [row, *(rev for g in row.get("experiments") or [] for rev in g["revs"])]]
+    assert len(revs) >= 3
+    for rev in revs:
+        metrics = rev["data"]["metrics"]
+        assert list(metrics) == ["metrics/summary.json"], rev["rev"]
+        names = [f"{model}.{task}.{m}" for model, tasks in metrics["metrics/summary.json"]["data"].items() for task, ms in tasks.items() for m in ms]
+        assert sorted(names) == sorted(f"{model}.{task}.exact_match" for model in ("base", "expert-math", "expert-code", "merged") for task in ("toy_math", "toy_code"))
+
+
+def test_readme_exp_show_fits_80_columns(repo, first_repro):
+    """The README's views of the experiments: one task's merged score with the sweep's params on
+    80 columns (no column collapsed to '…'), and what the experiments changed without hashes."""
+    experiment(repo, alpha=0.3, method="regmean")
+    experiment(repo, method="ties")
+    assert EXP_SHOW_80 in README and EXP_SHOW_CHANGED in README
+    out = bash(f"{EXP_SHOW_80} --no-pager", repo, {"COLUMNS": "80"})
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in out, out
+    assert lines[1].split() == ["Experiment", "merged.toy_math.exact_match", "alpha", "method"], out
+    assert {"0.1", "0.3"} <= {line.split()[-2] for line in lines[3:-1]}, out
+    changed = bash(f"{EXP_SHOW_CHANGED} --csv", repo).splitlines()[0].split(",")
+    assert {"alpha", "method"} <= set(changed), changed  # the params the experiments changed ...
+    assert not [c for c in changed if c.startswith(("base.", "expert-", "models.", "gram.", "eval.")) or "/" in c], changed  # ... and nothing constant or hashed
+
+
+def vega_specs(html: str) -> dict[str, dict]:
+    """plot id -> the vega-lite spec that `dvc plots diff -o` embedded in its index.html."""
+    import re
+
+    return {m[0]: json.loads(m[1]) for m in re.findall(r'<div id = "([^"]+)">\s*<script type = "text/javascript">\s*var spec = (\{.*?\});\s*vegaEmbed', html, re.DOTALL)}
+
+
+def test_plots_diff_draws_the_alpha_sweep_and_the_scores(repo, first_repro):
+    """Three alphas (the commit's 0.1 and two experiments): the HTML that `dvc plots diff` writes
+    holds every revision's merged scores against alpha, and every model's scores."""
+    dest, env = repo
+    names = {experiment(repo, alpha=a, method="regmean") for a in (0.3, 1.0)}
+    assert PLOTS_DIFF in README
+    bash(PLOTS_DIFF, repo)
+    specs = vega_specs((dest / "dvc_plots/index.html").read_text())
+    assert {"alpha-sweep", "scores"} <= set(specs)
+    sweep = specs["alpha-sweep"]
+    assert sweep["encoding"]["x"]["field"] == "alpha" and sweep["encoding"]["y"]["field"] == "score" and sweep["encoding"]["color"]["field"] == "metric"
+    points = {(p["rev"], p["method"], float(p["alpha"]), p["metric"]) for p in sweep["data"]["values"]}
+    regmean = {(rev, alpha) for rev, method, alpha, _ in points if method == "regmean"}
+    assert {("HEAD", 0.1)} | {(n, a) for n, a in regmean if n in names} == regmean and {a for _, a in regmean} == {0.1, 0.3, 1.0}
+    assert {m for *_, m in points} == {"toy_math.exact_match", "toy_code.exact_match"}
+    committed = json.loads(run(["git", "show", "HEAD:metrics/summary.json"], dest, env))
+    scores = {(s["model"], s["metric"]): float(s["score"]) for s in specs["scores"]["data"]["values"] if s["rev"] == "HEAD"}
+    assert scores == {(model, f"{task}.{m}"): v for model, tasks in committed.items() for task, ms in tasks.items() for m, v in ms.items()}
+    assert {s["rev"] for s in specs["scores"]["data"]["values"]} >= {"HEAD", *names}
+
+
+def test_report_selects_experiments_and_their_own_references(repo, first_repro, tmp_path):
+    dest, env = repo
+    experiment(repo, alpha=0.3, method="regmean")
+    out = run(["mergeflow", "report", "--repo", str(dest), "--rev", "HEAD", "--out-dir", str(tmp_path)], dest, env)
+    assert "selected regmean: " in out and " alpha(s) from commit(s) " in out and "0.1 (" in out and "0.3 (" in out
+    assert "warning:" not in out  # one zoo: base and experts agree across the experiments
+    rows = pd.read_csv(tmp_path / "alpha_sweep.csv")
+    summary = json.loads(run(["git", "show", "HEAD:metrics/summary.json"], dest, env))
+    math_expert = rows[rows["model"] == "math expert"].iloc[0]
+    assert math_expert["toy_math.exact_match"] == summary["expert-math"]["toy_math"]["exact_match"]
+
+
+def test_the_way_back_to_the_committed_state(repo, first_repro):
+    """`dvc exp apply` brings an experiment into the workspace, `dvc exp branch` keeps it, and the
+    README's way back restores the committed params, metrics and outputs from DVC's cache."""
+    dest, env = repo
+    name = experiment(repo, alpha=0.3, method="regmean")
+    run(["dvc", "exp", "apply", name], dest, env)
+    assert json.loads((dest / "models/merged/mergeflow_merge.json").read_text())["alpha"] == 0.3
+    run(["dvc", "exp", "branch", name, "alpha-0.3"], dest, env)
+    assert yaml.safe_load(run(["git", "show", "alpha-0.3:params.yaml"], dest, env))["alpha"] == 0.3
+    assert WAY_BACK in README
+    bash(WAY_BACK, repo)
+    assert run(["git", "status", "--porcelain", "--untracked-files=no"], dest, env) == ""
+    assert "Data and pipelines are up to date." in run(["dvc", "status"], dest, env)
+    config = json.loads((dest / "models/merged/mergeflow_merge.json").read_text())
+    assert config["alpha"] == 0.1 and config["method"] == "regmean"

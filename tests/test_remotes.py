@@ -346,3 +346,40 @@ def test_corrupt_file_dvc_accepts_is_caught_by_mergeflow(origin, bad_remote, tmp
     assert recovery.returncode == 0, recovery.stderr
     assert "ok" in run(["mergeflow", "grams", "verify", "models/grams/math"], dest, env)
     assert digests(dest / "models/grams/math") == digests(origin.path / "models/grams/math")
+
+
+def readme_remote_repair(remote: Path, name: str) -> str:
+    """README, "Integrity": the commands that repair a corrupt object on a remote, as written
+    there, with its first line (which file, which remote) set to ours."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("d=models/grams/math; f=layer_007.safetensors; remote=")
+    lines = readme[start:readme.index("```", start)].splitlines()
+    return "\n".join([f"d=models/grams/math; f={name}; remote={remote}", *lines[1:]]) + "\n"
+
+
+@pytest.mark.slow
+def test_corrupt_object_on_a_remote_is_repaired_as_the_readme_says(origin, bad_remote, tmp_path):
+    """`dvc push` skips a directory whose `.dir` manifest the remote has, even with an object of
+    it deleted; the README's repair deletes both and pushes the good copy, which then passes a
+    verifying pull."""
+    bad, md5 = bad_remote
+    dest, env = clone(origin, tmp_path), origin.env
+    run(["dvc", "pull", "gram@math"], dest, env)  # a good copy (from `shared`)
+    run(["dvc", "remote", "add", "--local", "-d", "bad", str(bad)], dest, env)
+    obj = bad / "files/md5" / md5[:2] / md5[2:]
+    corrupt = obj.read_bytes()
+    obj.unlink()
+    assert "Everything is up to date." in run(["dvc", "push", "models/grams/math"], dest, env)
+    assert not obj.exists()  # why the manifest must go too
+    obj.write_bytes(corrupt)
+
+    repair = subprocess.run(["bash", "-ec", readme_remote_repair(bad, "layer_000.safetensors")], cwd=dest, env=env, capture_output=True, text=True, check=False)
+    assert repair.returncode == 0, repair.stdout + repair.stderr
+    assert "2 files pushed" in repair.stdout + repair.stderr
+    assert hashlib.md5(obj.read_bytes()).hexdigest() == md5
+
+    check = clone(origin, tmp_path, "check")
+    run(["dvc", "remote", "add", "--local", "bad", str(bad)], check, env)
+    run(["dvc", "remote", "modify", "--local", "bad", "verify", "true"], check, env)
+    run(["dvc", "pull", "-r", "bad", "gram@math"], check, env)
+    assert digests(check / "models/grams/math") == digests(origin.path / "models/grams/math")

@@ -89,6 +89,53 @@ def test_report_command_reads_a_saved_document(doc, tmp_path):
     assert (tmp_path / "p/alpha_sweep.png").is_file()
 
 
+def summary_row(rev, name, alpha, merged, *, math_expert=(0.5, 0.0)):
+    """A row of a commit whose only metrics file is metrics/summary.json (base, expert-*, merged)."""
+    r = row(rev, name, alpha, "regmean", merged)
+    table = lambda m, c: {"toy_math": {"exact_match": m}, "toy_code": {"exact_match": c}}  # noqa: E731
+    summary = {"base": table(0.0, 0.0), "expert-math": table(*math_expert), "expert-code": table(0.0, 1.0), "merged": table(*merged)}
+    r["data"]["metrics"] = {"metrics/summary.json": {"data": summary}}
+    return r
+
+
+def test_summary_metrics_give_points_and_references_of_the_same_experiments():
+    baseline = summary_row("a" * 40, "main", 0.1, (0.1, 0.0))
+    baseline["experiments"] = [{"name": "exp-one", "revs": [summary_row("b" * 40, "exp-one", 1.0, (0.24, 0.25))]}]
+    sweep = collect([baseline])
+    assert [(a, n) for a, n, _ in sweep.points] == [(0.1, "main"), (1.0, "exp-one")]
+    assert sweep.references == {"base": {"toy_math.exact_match": 0.0, "toy_code.exact_match": 0.0}, "code expert": {"toy_math.exact_match": 0.0, "toy_code.exact_match": 1.0}, "math expert": {"toy_math.exact_match": 0.5, "toy_code.exact_match": 0.0}}
+    assert sweep.warnings == []
+    assert sweep.selection() == "regmean: 2 alpha(s) from commit(s) main: 0.1 (main), 1 (exp-one)"
+
+
+def test_references_that_differ_across_experiments_are_warned_about():
+    """A sweep on a new zoo next to one on the committed zoo: the experts disagree, and the user is told which."""
+    old = summary_row("a" * 40, "old", 0.1, (0.1, 0.0))
+    new = summary_row("b" * 40, "new", 0.5, (0.2, 0.1), math_expert=(0.64, 0.0))
+    sweep = collect([new, old])
+    assert sweep.references["math expert"] == {"toy_math.exact_match": 0.64, "toy_code.exact_match": 0.0}
+    assert sweep.warnings == [
+        "the math expert differs across the selected experiments (new: toy_code.exact_match=0 toy_math.exact_match=0.64; "
+        "old: toy_code.exact_match=0 toy_math.exact_match=0.5); drawing the first; select experiments of one zoo with --rev"
+    ]
+    assert sweep.baselines == ["new", "old"]
+
+
+def test_a_single_point_says_how_to_select_earlier_experiments(tmp_path):
+    """After a commit, `dvc exp show` lists only the new commit: the report says so, never silently one point."""
+    (tmp_path / "exp.json").write_text(json.dumps([summary_row("a" * 40, "main", 0.1, (0.1, 0.0))]))
+    result = CliRunner().invoke(main, ["report", "--exp-show", str(tmp_path / "exp.json"), "--out-dir", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    assert "selected regmean: 1 alpha(s) from commit(s) main: 0.1 (main)\n" in result.stderr
+    assert "warning: one alpha only: experiments are listed under the commit they started from, so after a commit select the earlier ones with --rev <commit> or --all-commits\n" in result.stderr
+
+
+def test_rev_and_a_saved_document_are_refused_together(doc, tmp_path):
+    (tmp_path / "exp.json").write_text(json.dumps(doc))
+    result = CliRunner().invoke(main, ["report", "--exp-show", str(tmp_path / "exp.json"), "--rev", "HEAD~1"])
+    assert result.exit_code == 2 and "--rev and --all-commits select what `dvc exp show` reads" in result.output
+
+
 def test_no_sweep_is_a_clear_error(doc):
     with pytest.raises(ValueError, match="no finished experiment with method=ties"):
         collect(doc, method="ties")

@@ -6,7 +6,7 @@
     mergeflow merge    --method ties --base BASE --model A --model B --density 0.2 --out DIR
     mergeflow evaluate --model DIR --task toy_math --out metrics.json
     mergeflow submit   --model DIR --test data/test.csv --out submission.csv
-    mergeflow report   [--exp-show exp.json] [--out-dir plots]
+    mergeflow report   [--rev COMMIT | --all-commits | --exp-show exp.json] [--out-dir plots]
     mergeflow methods
 """
 
@@ -245,19 +245,27 @@ def submit(model: Path, test_csv: Path, out: Path, max_new_tokens: int, stop: tu
 @main.command()
 @click.option("--exp-show", "exp_show_file", default=None, type=PATH, help="A saved `dvc exp show --json` [default: run it in --repo].")
 @click.option("--repo", default=".", show_default=True, type=EXISTING_DIR, help="The DVC repository whose experiments to read.")
+@click.option("--rev", "revs", multiple=True, help="Experiments based on this commit (repeatable) [default: the current commit's], as `dvc exp show --rev`.")
+@click.option("--all-commits", "-A", is_flag=True, help="Experiments based on every commit, as `dvc exp show --all-commits`.")
 @click.option("--out-dir", default=Path("plots"), show_default=True, type=PATH, help="Writes alpha_sweep.csv and alpha_sweep.png here.")
 @param_option("--method", key="method", help="The merge method whose alpha sweep to plot.")
 @click.option("--reference", default=None, type=PATH, help="Published numbers to print ours beside (e.g. recipes/llama3-code-math.reference.csv).")
-def report(exp_show_file: Path | None, repo: Path, out_dir: Path, method: str, reference: Path | None) -> None:
+def report(exp_show_file: Path | None, repo: Path, revs: tuple[str, ...], all_commits: bool, out_dir: Path, method: str, reference: Path | None) -> None:
     """Tabulate and plot an alpha sweep (dvc exp run --queue -S alpha=...) against the experts.
 
-    Reference lines: the base model, each expert and, if an experiment ran it, method=average.
+    Reference lines: the base model and each expert of the same experiments (a warning when they
+    disagree) and, if an experiment ran it, method=average.
     """
     from .report import exp_show, load_doc
     from .report import report as write_report
 
-    doc = load_doc(exp_show_file) if exp_show_file else exp_show(repo)
+    if exp_show_file and (revs or all_commits):
+        raise click.UsageError("--rev and --all-commits select what `dvc exp show` reads; a saved --exp-show file is already selected")
+    doc = load_doc(exp_show_file) if exp_show_file else exp_show(repo, revs, all_commits)
     sweep = write_report(doc, out_dir, method)
+    click.echo(f"selected {sweep.selection()}", err=True)
+    for warning in sweep.warnings:
+        click.echo(f"warning: {warning}", err=True)
     click.echo(f"{'alpha':>6}  " + "  ".join(f"{m:>22}" for m in sweep.metrics))
     for alpha, _, values in sweep.points:
         click.echo(f"{alpha:>6g}  " + "  ".join(f"{values.get(m, float('nan')):>22.4f}" for m in sweep.metrics))

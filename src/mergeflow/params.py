@@ -206,7 +206,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "gram": ("gram",),
     "merge": ("alpha", "method", "experts", "merge"),
     "evaluate": ("eval",),
-    "summary": ("experts",),
+    "summary": ("experts", "alpha", "method"),
     "submit": ("submit", "eval.backend", "eval.hf", "eval.vllm", "eval.trust_remote_code"),
 }
 PIPELINE_PARAMS = tuple(sorted({key for keys in STAGE_PARAMS.values() for key in keys}))

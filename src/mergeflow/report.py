@@ -2,10 +2,15 @@
 
 Reads `dvc exp show --json` (a list of rows: the workspace, then each baseline commit with its
 `experiments`, groups whose `revs` are the experiments; each row's `data` holds `params` and
-`metrics` by file). The merged model's metrics (`metrics/merged.json`) of every experiment of
-the swept method become one point per alpha; the base model, each expert
-(`metrics/experts/<name>.json`) and the `average` merge, where an experiment ran it, become
-horizontal reference lines.
+`metrics` by file) for the experiments selected as `dvc exp show` selects them: the current
+commit's by default, `--rev <commit>` (repeatable) or `--all-commits`. The merged model's metrics
+of every finished experiment of the swept method become one point per alpha; the base model and
+each expert of those same experiments (and the `average` merge, where one ran it) become
+horizontal reference lines, with a warning when the experiments disagree about them (another zoo
+or other evaluation settings). The metrics are `metrics/summary.json` (`{model: {task: {metric:
+value}}}` with models `base`, `expert-<name>`, `merged`), or the per-model files that commits
+made before it was the only metrics file recorded (`metrics/merged.json`, `metrics/base.json`,
+`metrics/experts/<name>.json`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,7 @@ from .evaluation.harness import is_stderr
 from .io import atomic_file
 
 log = logging.getLogger(__name__)
+SUMMARY = "metrics/summary.json"
 MERGED = "metrics/merged.json"
 BASE = "metrics/base.json"
 EXPERTS = "metrics/experts/"
@@ -32,46 +38,72 @@ EXPERTS = "metrics/experts/"
 
 @dataclass
 class Run:
-    """One experiment (or commit) of `dvc exp show`: its name, params and metrics by file."""
+    """One experiment (or commit) of `dvc exp show`: its name, params, metrics by file, and the
+    commit it is based on (its own rev for a commit)."""
 
     name: str
     rev: str
     params: dict[str, Any]
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    baseline: str = ""
+
+    def models(self) -> dict[str, dict[str, float]]:
+        """Scores by model label: `merged`, `base`, `<name> expert`."""
+        found: dict[str, dict[str, float]] = {}
+        summary = self.metrics.get(SUMMARY) or {}
+        for model, table in summary.items():
+            if isinstance(table, dict):
+                label = f"{model.removeprefix('expert-')} expert" if model.startswith("expert-") else model
+                found[label] = scores(table)
+        if MERGED in self.metrics:
+            found.setdefault("merged", scores(self.metrics[MERGED]))
+        if BASE in self.metrics:
+            found.setdefault("base", scores(self.metrics[BASE]))
+        for path, metrics in self.metrics.items():
+            if path.startswith(EXPERTS) and path.endswith(".json"):
+                found.setdefault(f"{Path(path).stem} expert", scores(metrics))
+        return {label: s for label, s in found.items() if s}
 
 
-def exp_show(repo: str | Path = ".") -> list[dict]:
-    """Run `dvc exp show --json` in `repo` and parse it."""
+def exp_show(repo: str | Path = ".", revs: Sequence[str] = (), all_commits: bool = False) -> list[dict]:
+    """Run `dvc exp show --json` in `repo` (for `revs`, or every commit) and parse it."""
     dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
-    proc = subprocess.run([dvc, "exp", "show", "--json"], cwd=repo, capture_output=True, text=True, check=False)
+    cmd = [dvc, "exp", "show", "--json"]
+    if all_commits:
+        cmd.append("--all-commits")
+    for rev in revs:
+        cmd += ["--rev", rev]
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        raise OSError(f"`dvc exp show --json` failed in {repo}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+        raise OSError(f"`{' '.join(cmd[1:])}` failed in {repo}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
     return json.loads(proc.stdout)
 
 
-def _run(row: dict) -> Run | None:
+def _run(row: dict, baseline: str) -> Run | None:
     data = row.get("data") or {}
     if row.get("error") or not data:
         return None
     params = (data.get("params") or {}).get("params.yaml", {}).get("data") or {}
     metrics = {path: (m or {}).get("data") or {} for path, m in (data.get("metrics") or {}).items()}
-    return Run(name=row.get("name") or str(row.get("rev", ""))[:7], rev=str(row.get("rev", "")), params=params, metrics=metrics)
+    rev = str(row.get("rev", ""))
+    return Run(name=row.get("name") or rev[:7], rev=rev, params=params, metrics=metrics, baseline=baseline)
 
 
 def runs(doc: list[dict]) -> Iterator[Run]:
     """Every finished commit and experiment in a `dvc exp show --json` document (not the workspace)."""
     for row in doc:
-        if row.get("rev") != "workspace" and (run := _run(row)) is not None:
+        baseline = row.get("name") or str(row.get("rev", ""))[:7]
+        if row.get("rev") != "workspace" and (run := _run(row, baseline)) is not None:
             yield run
         for group in row.get("experiments") or []:
             for rev in group.get("revs") or []:
-                if (run := _run(rev)) is not None:
+                if (run := _run(rev, baseline)) is not None:
                     yield run
 
 
 def scores(metrics: dict[str, Any]) -> dict[str, float]:
     """`{task: {metric: v}}` -> `{"task.metric": v}`, standard errors left out."""
-    return {f"{task}.{name}": float(v) for task, values in metrics.items() for name, v in values.items() if not is_stderr(name) and isinstance(v, (int, float))}
+    return {f"{task}.{name}": float(v) for task, values in metrics.items() if isinstance(values, dict) for name, v in values.items() if not is_stderr(name) and isinstance(v, (int, float))}
 
 
 @dataclass
@@ -79,36 +111,82 @@ class Sweep:
     method: str
     points: list[tuple[float, str, dict[str, float]]]  # (alpha, experiment, scores), by alpha
     references: dict[str, dict[str, float]]           # label -> scores
+    baselines: list[str] = field(default_factory=list)  # the commits the points are based on
+    warnings: list[str] = field(default_factory=list)   # what the caller should tell the user
 
     @property
     def metrics(self) -> list[str]:
         names = {m for _, _, s in self.points for m in s}
         return sorted(names)
 
+    def selection(self) -> str:
+        """One line saying what was selected, for the user to check."""
+        alphas = ", ".join(f"{a:g} ({n})" for a, n, _ in self.points)
+        return f"{self.method}: {len(self.points)} alpha(s) from commit(s) {', '.join(self.baselines)}: {alphas}"
+
+
+def _fmt(s: dict[str, float]) -> str:
+    return " ".join(f"{m}={v:g}" for m, v in sorted(s.items()))
+
+
+def _references(sources: list[tuple[str, dict[str, dict[str, float]]]]) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """One score table per reference model from the experiments that gave points, and a warning
+    for each model whose scores differ between them (the first experiment's are kept)."""
+    seen: dict[str, list[tuple[dict[str, float], list[str]]]] = {}
+    for name, models in sources:
+        for label, s in models.items():
+            if label == "merged":
+                continue
+            variants = seen.setdefault(label, [])
+            for known, names in variants:
+                if known == s:
+                    names.append(name)
+                    break
+            else:
+                variants.append((s, [name]))
+    warnings = []
+    for label, variants in seen.items():
+        if len(variants) > 1:
+            detail = "; ".join(f"{', '.join(names)}: {_fmt(s)}" for s, names in variants)
+            warnings.append(f"the {label} differs across the selected experiments ({detail}); drawing the first; select experiments of one zoo with --rev")
+    return {label: variants[0][0] for label, variants in seen.items()}, warnings
+
 
 def collect(doc: list[dict], method: str = "regmean") -> Sweep:
-    """The sweep over alpha of `method`, and the reference models, from `dvc exp show --json`."""
+    """The sweep over alpha of `method` and its reference models, from `dvc exp show --json`."""
     by_alpha: dict[float, tuple[str, dict[str, float]]] = {}
-    references: dict[str, dict[str, float]] = {}
+    sources: list[tuple[str, dict[str, dict[str, float]]]] = []
+    average: dict[str, float] = {}
+    baselines: list[str] = []
+    warnings: list[str] = []
     for run in runs(doc):
-        merged = scores(run.metrics.get(MERGED, {}))
+        models = run.models()
+        merged = models.get("merged", {})
         if run.params.get("method") == method and merged and "alpha" in run.params:
             alpha = float(run.params["alpha"])
-            if alpha in by_alpha and by_alpha[alpha][1] != merged:
-                log.warning("alpha=%s: %s and %s differ (other params changed?); keeping %s", alpha, by_alpha[alpha][0], run.name, run.name)
+            if alpha in by_alpha:
+                if by_alpha[alpha][1] != merged:
+                    warnings.append(f"alpha={alpha:g}: {by_alpha[alpha][0]} and {run.name} differ (other params changed?); keeping {by_alpha[alpha][0]}")
+                continue
             by_alpha[alpha] = (run.name, merged)
         elif run.params.get("method") == "average" and merged:
-            references.setdefault("average", merged)
-        if BASE in run.metrics:
-            references.setdefault("base", scores(run.metrics[BASE]))
-        for path, metrics in run.metrics.items():
-            if path.startswith(EXPERTS) and path.endswith(".json"):
-                references.setdefault(f"{Path(path).stem} expert", scores(metrics))
+            average = average or merged
+        else:
+            continue
+        sources.append((run.name, models))
+        if run.baseline not in baselines:
+            baselines.append(run.baseline)
     if not by_alpha:
-        raise ValueError(f"no finished experiment with method={method} and {MERGED} in `dvc exp show`; run e.g. dvc exp run --queue -S alpha=0.0,0.1,0.5 then dvc queue start")
+        raise ValueError(f"no finished experiment with method={method} and {SUMMARY} among the selected ones; run e.g. dvc exp run --queue -S alpha=0.0,0.1,0.5 then dvc queue start, or select others with --rev / --all-commits")
+    references, differ = _references(sources)
+    warnings += differ
+    if average:
+        references["average"] = average
+    if len(by_alpha) == 1:
+        warnings.append("one alpha only: experiments are listed under the commit they started from, so after a commit select the earlier ones with --rev <commit> or --all-commits")
     points = [(alpha, name, s) for alpha, (name, s) in sorted(by_alpha.items())]
     order = ["base"] + sorted(k for k in references if k.endswith(" expert")) + (["average"] if "average" in references else [])
-    return Sweep(method=method, points=points, references={k: references[k] for k in order if k in references})
+    return Sweep(method=method, points=points, references={k: references[k] for k in order if k in references}, baselines=baselines, warnings=warnings)
 
 
 def write_csv(sweep: Sweep, path: str | Path) -> None:
