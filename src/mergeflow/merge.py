@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointReader, ShardedWriter, TensorSpec, copy_model_files
 from .grams import GramDir
+from .grams.format import check_grams_match
 from .io import atomic_dir, write_json
 from .methods import MergeMethod
 
@@ -164,6 +165,7 @@ def merge_models(
         if len(grams) != len(experts):
             raise ValueError(f"method {method.name!r} needs one gram directory per expert: {len(experts)} experts, {len(grams)} gram dirs (--gram)")
         gram_dirs = [GramDir.open(g) for g in grams]
+        check_grams_match(gram_dirs, experts)
         if verify_grams:  # DVC does not rehash what it pulls or caches: a flipped bit would merge silently
             for g in tqdm(gram_dirs, desc="verify grams (SHA-256)", unit="dir"):
                 g.verify()
