@@ -305,10 +305,11 @@ def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
 
 
 def model_identity(model_dir: str | Path) -> Optional[str]:
-    """A SHA-256 that tells experts apart without reading their weights: every tensor's name, dtype
-    and shape and the first `IDENTITY_BYTES` of its data (fine-tuning changes almost every value of
-    a tensor it trains), whatever the shard layout. About 1 MB read for an 8B model; None for a
-    model without safetensors files."""
+    """A SHA-256 that tells experts apart without reading their weights: the name, dtype, shape and
+    first `IDENTITY_BYTES` of every tensor in the transformer blocks (`layers.N.`; fine-tuning
+    changes almost every value of a tensor it trains), whatever the shard layout and whether a tied
+    `lm_head` is stored or not. About 1 MB read for an 8B model; None for a model without
+    safetensors files."""
     digest = hashlib.sha256()
     entries = []
     files = sorted(Path(model_dir).glob("*.safetensors"))
@@ -322,7 +323,7 @@ def model_identity(model_dir: str | Path) -> Optional[str]:
             except (struct.error, ValueError) as err:
                 raise ValueError(f"{file}: not a readable safetensors file ({err}); it may be truncated or corrupt") from None
             for name, info in header.items():
-                if name == "__metadata__":
+                if name == "__metadata__" or not _LAYER.search(f".{name}"):
                     continue
                 start, end = info["data_offsets"]
                 f.seek(8 + size + start)
