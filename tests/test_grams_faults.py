@@ -141,6 +141,22 @@ def test_a_checkpoint_whose_owner_died_is_resumed_and_says_why(experts, calib_fi
     record_property("bytes_lost", 0)
 
 
+def test_a_checkpoint_missing_a_finished_layer_is_not_built_on(experts, calib_file, reference, tmp_path, monkeypatch, caplog, record_property):
+    out = tmp_path / "g"
+    monkeypatch.setenv("MERGEFLOW_FAULT", "grams:publish-begin")
+    with pytest.raises(KeyboardInterrupt):
+        compute_grams(experts[0], calib_file, out, **KWARGS)
+    monkeypatch.delenv("MERGEFLOW_FAULT")
+    (tmp_path / ".g.partial" / "done" / "layer_000.safetensors").unlink()  # what the old code's move lost
+    with caplog.at_level("WARNING", logger="mergeflow"):
+        compute_grams(experts[0], calib_file, out, **KWARGS)
+    assert f"{tmp_path / '.g.partial'}: finished layer files ['layer_000.safetensors'] are missing or damaged; starting over" in caplog.text
+    assert digests(out) == reference[1] and debris(tmp_path) == []
+    record_property("fault", "gram checkpoint that lost a finished layer")
+    record_property("outcome", "recovered: recomputed instead of publishing a broken dir")
+    record_property("bytes_lost", 0)
+
+
 # --- grams sum: verified, one model, one calibration, each shard once ------------------------------
 
 @pytest.fixture(scope="module")
@@ -291,7 +307,7 @@ def test_enospc_from_a_plain_write_names_the_path(tmp_path):
 
     from mergeflow.grams.format import disk_errors
 
-    with pytest.raises(OSError, match=rf"^{tmp_path / 'x.json'}: no space left on the device; .* GB free there"):
+    with pytest.raises(OSError, match=rf"^{tmp_path / 'x.json'}: no space left on the device; [\d.]+ GB free there: free space on that disk \(or write the grams to another one\) and rerun the same command$"):
         with disk_errors(tmp_path / "x.json"):
             raise OSError(errno.ENOSPC, "No space left on device")
 

@@ -295,8 +295,8 @@ def disk_fix(path: str | Path) -> str:
     while not where.exists() and where != where.parent:
         where = where.parent
     free = shutil.disk_usage(where).free
-    return (f"{free / 1e9:.1f} GB free there: free space on that disk (or write the grams to another one) and rerun the "
-            "same command; layers already finished are kept and not computed again")
+    kept = "; layers already finished are kept and not computed again" if any(p.name.endswith(".partial") for p in Path(path).parents) else ""
+    return f"{free / 1e9:.1f} GB free there: free space on that disk (or write the grams to another one) and rerun the same command{kept}"
 
 
 def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
