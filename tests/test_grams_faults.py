@@ -187,14 +187,14 @@ def summed(shards, tmp_path) -> Path:
     return tmp_path / "sum"
 
 
-def test_sum_refuses_a_bit_flipped_part(shards, summed, tmp_path, record_property):
+def test_sum_refuses_a_bit_flipped_part(experts, calib_file, shards, summed, tmp_path, record_property):
     bad = tmp_path / "flipped"
     shutil.copytree(shards / "part1", bad)
     data = bytearray((bad / "layer_001.safetensors").read_bytes())
     data[-5] ^= 0x01
     (bad / "layer_001.safetensors").write_bytes(bytes(data))
     message = (f"{bad / 'layer_001.safetensors'}: SHA-256 differs from the one in {bad / 'grams.json'}; the file is corrupt: "
-               f"recompute it: `{__import__('mergeflow.grams.format', fromlist=['x']).recompute_command(bad)}`")
+               f"recompute it: `rm -rf {bad} && mergeflow grams --model {experts[0]} --data {calib_file} --out {bad} --max-length 16 --shard 1/2`")
     refused_sum([shards / "part0", bad], summed, message, record_property, "grams sum with a bit-flipped part")
 
 

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import CheckpointReader
 from ..io import atomic_dir
-from .format import GramWriter, check_gram_output, file_for, model_identity
+from .format import GramWriter, check_gram_output, disk_errors, file_for, model_identity
 
 log = logging.getLogger(__name__)
 _IN_BLOCK = re.compile(r"(^|\.)layers\.\d+\.")
@@ -60,7 +60,8 @@ class _Spiller:
         digest = f"{digest}-{tuple(tensor.shape)}-{tensor.dtype}"
         if digest not in self.by_digest:
             path = self.folder / f"{len(self.by_digest):05d}.safetensors"
-            save_file({"gram": tensor}, str(path))
+            with disk_errors(path):
+                save_file({"gram": tensor}, str(path))
             self.by_digest[digest] = Spilled(path, digest, tuple(tensor.shape))
         return self.by_digest[digest]
 
