@@ -36,6 +36,7 @@ PHASES = [
     "grams:publish-displaced",  # the previous output moved into the checkpoint, the new one not yet in place
     "grams:publish-renamed",  # the new output in place, the checkpoint still there
     "grams:partial-unmarked",  # the checkpoint's fingerprint removed, the rest not yet
+    "grams:partial-emptied",  # only the checkpoint's owner.json left
 ]
 
 

@@ -84,7 +84,7 @@ class Checkpoint:
                                       f"wait for it or stop it, then rerun (if it is over, remove the checkpoint: rm -rf '{self.root}')")
             if not marker.is_file() or marker.read_text().strip() != self.fingerprint:
                 log.warning("%s: a checkpoint of a different command (model, data or parameters) or an incomplete one; starting over (%s)", self.root, why)
-                shutil.rmtree(self.root)
+                self.clear()
             else:
                 log.info("%s: a checkpoint of this command, left by an interrupted run (%s)", self.root, why)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -173,10 +173,20 @@ class Checkpoint:
         self.clear()
 
     def clear(self) -> None:
-        """Remove the checkpoint, its fingerprint first: a half-removed one is never resumed."""
+        """Remove the checkpoint: its fingerprint first (a half-removed one is never resumed), its
+        owner record last (a half-removed one can still be proved dead, and removed by the rerun)."""
         (self.root / "fingerprint").unlink(missing_ok=True)
         fault_point("grams:partial-unmarked")
-        shutil.rmtree(self.root, ignore_errors=True)
+        if not self.root.is_dir():
+            return
+        for item in self.root.iterdir():
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item)
+            elif item.name != OWNER_FILE:
+                item.unlink()
+        fault_point("grams:partial-emptied")
+        (self.root / OWNER_FILE).unlink(missing_ok=True)
+        self.root.rmdir()
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
