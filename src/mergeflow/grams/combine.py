@@ -67,8 +67,8 @@ def check_parts(dirs: Sequence[GramDir]) -> None:
     first = dirs[0]
     seen: dict[int, GramDir] = {}
     for d in dirs:
-        if d.model_id is None or d.calibration is None:
-            raise ValueError(f"{d.path / INDEX}: records no model_id or calibration (written by an older mergeflow), so it cannot be checked against the other parts; recompute it")
+        if d.calibration is None:
+            raise ValueError(f"{d.path / INDEX}: records no calibration or model_id (written by an older mergeflow), so it cannot be checked against the other parts; recompute it")
         if d.model_id != first.model_id:
             raise ValueError(f"{d.path}: grams of another model ({d.model}) than {first.path} ({first.model}); only slices of one expert's grams can be added")
         if d.calibration != first.calibration:
