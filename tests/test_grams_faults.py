@@ -214,6 +214,17 @@ def test_sum_refuses_a_shard_twice(shards, summed, record_property):
     refused_sum([shards / "part0", shards / "part1", shards / "part1"], summed, message, record_property, "grams sum with a duplicate shard")
 
 
+def test_sum_refuses_a_part_without_identity_records(shards, summed, tmp_path, record_property):
+    old = tmp_path / "old-part"
+    shutil.copytree(shards / "part1", old)
+    meta = json.loads((old / "grams.json").read_text())
+    for key in ("model_id", "calibration", "data"):
+        del meta[key]
+    (old / "grams.json").write_text(json.dumps(meta))
+    message = f"{old / 'grams.json'}: records no calibration or model_id (written by an older mergeflow), so it cannot be checked against the other parts; recompute it"
+    refused_sum([shards / "part0", old], summed, message, record_property, "grams sum with a part of an older mergeflow")
+
+
 def test_sum_of_verified_shards_records_what_it_adds(shards, summed):
     meta = json.loads((summed / "grams.json").read_text())
     part = json.loads((shards / "part0" / "grams.json").read_text())
