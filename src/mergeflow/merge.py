@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointReader, ShardedWriter, TensorSpec, copy_model_files
 from .grams import GramDir
 from .faults import fault_point
+from .grams.format import check_grams_match
 from .io import atomic_dir, check_replaceable, write_json
 from .methods import MergeMethod
 
@@ -303,6 +304,7 @@ def merge_models(
         if len(grams) != len(experts):
             raise ValueError(f"method {method.name!r} needs one gram directory per expert: {len(experts)} experts, {len(grams)} gram dirs (--gram)")
         gram_dirs = [GramDir.open(g) for g in grams]
+        check_grams_match(gram_dirs, experts)
         if verify_grams:  # DVC does not rehash what it pulls or caches: a flipped bit would merge silently
             for g in tqdm(gram_dirs, desc="verify grams (SHA-256)", unit="dir"):
                 g.verify()

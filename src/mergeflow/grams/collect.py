@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -23,11 +22,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoint import parse_size
-from ..io import atomic_dir, atomic_file
 from ..models import load_causal_lm
 from .accumulate import GramAccumulator, symmetric
 from .data import load_rows, parse_shard, slice_of, tokenize
-from .format import GramWriter, file_for
+from .format import check_gram_output, file_for, model_identity, sha256_of
 from .resume import Checkpoint, Progress, file_identity, fingerprint
 
 log = logging.getLogger(__name__)
@@ -157,6 +155,7 @@ def compute_grams(
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: no config.json; --model must be a Hugging Face model directory")
     shard_index, shard_count = parse_shard(shard)
+    check_gram_output(out)
     budget = parse_size(max_gram_memory) if isinstance(max_gram_memory, str) else max_gram_memory
     acc_dtype = DTYPES[dtype]
 
@@ -191,6 +190,12 @@ def compute_grams(
     ), ranks.rank)
     if ranks.main:
         ckpt.prepare()
+        files = {file_for(o) for owners in groups[: ckpt.groups_finished()] for o in owners}
+        lost = sorted(f for f in files if ckpt.done_record(f) is None)
+        if lost:  # never build on half a previous attempt
+            log.warning("%s: finished layer files %s are missing or damaged; starting over", ckpt.root, lost[:3])
+            ckpt.clear()
+            ckpt.prepare()
     ranks.barrier()
     progress, saved = ckpt.load(device if accumulate_on == "device" else "cpu")
 
@@ -237,14 +242,12 @@ def compute_grams(
     if num_tokens is None:  # every group was done before a kill between the last group and the output
         num_tokens = progress.num_tokens
     if ranks.main:
-        with atomic_dir(out) as tmp:
-            writer = GramWriter(tmp)
-            for file in sorted(ckpt.done.glob("*.safetensors")):
-                shutil.move(file, tmp / file.name)
-                writer.add_file(file.name)
-            writer.finish(keys, num_tokens=num_tokens, model=str(model_dir), dtype=dtype,
-                          shard=f"{shard_index}/{shard_count}" if shard_count > 1 else None)
-        ckpt.clear()
+        calibration = {"sha256": sha256_of(data), "rows": len(selected), "text_field": text_field, "num_samples": num_samples, "seed": seed, "max_length": max_length}
+        ckpt.publish(
+            sorted({file_for(o) for o in keys.values()}), keys, num_tokens=num_tokens, model=str(model_dir), dtype=dtype,
+            shard=f"{shard_index}/{shard_count}" if shard_count > 1 else None,
+            model_id=model_identity(model_dir), data=str(data), calibration=calibration,
+        )
     ranks.barrier()
     if ranks.world > 1:
         torch.distributed.destroy_process_group()
@@ -255,13 +258,8 @@ def compute_grams(
 
 def write_group(ckpt: Checkpoint, sums: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
     """A finished layer group's grams, as final per-layer files in the checkpoint's `done/`."""
-    from safetensors.torch import save_file
-
-    from .format import FORMAT
-
     files: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in sums.items():
         files.setdefault(file_for(key), {})[key] = tensor.to(dtype).contiguous()
     for file, tensors in files.items():
-        with atomic_file(ckpt.done / file) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": FORMAT})
+        ckpt.write_done(file, tensors)

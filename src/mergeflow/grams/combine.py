@@ -1,5 +1,9 @@
 """Adding gram directories: grams are sums over tokens, so slices of the data computed apart
-(`mergeflow grams --shard i/n`, on different machines) add up to the grams of the whole."""
+(`mergeflow grams --shard i/n`, on different machines) add up to the grams of the whole.
+
+Nothing is trusted: every part's files are checked against the SHA-256 in its grams.json before
+anything is added, and the parts must be distinct slices of one run: the same model (`model_id`),
+the same calibration selection (`calibration`) and no shard twice."""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ import torch
 
 from ..checkpoint import open_safetensors
 from ..io import atomic_dir
-from .format import INDEX, GramDir, GramWriter
+from .data import parse_shard
+from .format import INDEX, GramDir, GramWriter, check_gram_output
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +25,7 @@ def sum_grams(parts: Sequence[str | Path], out: str | Path) -> GramDir:
     """Write the sum of the gram directories `parts` (same model, summed grams) to `out`."""
     if len(parts) < 2:
         raise ValueError(f"need at least two gram directories to add, got {len(parts)}")
+    check_gram_output(out)
     dirs = [GramDir.open(p) for p in parts]
     first = dirs[0]
     for d in dirs:
@@ -27,6 +33,9 @@ def sum_grams(parts: Sequence[str | Path], out: str | Path) -> GramDir:
             raise ValueError(f"{d.path / INDEX}: holds mean grams without token counts; only summed grams (from `mergeflow grams`) can be added")
         if {m: r.key for m, r in d.modules.items()} != {m: r.key for m, r in first.modules.items()}:
             raise ValueError(f"{d.path / INDEX}: lists other modules than {first.path / INDEX}; the parts must come from one model and one command")
+    check_parts(dirs)
+    for d in dirs:
+        d.verify()
     files = sorted({ref.file for ref in first.modules.values()})
     with atomic_dir(out) as tmp:
         writer = GramWriter(tmp)
@@ -47,6 +56,32 @@ def sum_grams(parts: Sequence[str | Path], out: str | Path) -> GramDir:
         writer.finish(
             {m: r.key for m, r in first.modules.items()}, num_tokens=sum(d.num_tokens for d in dirs), model=first.model,
             dtype=str(dtype).removeprefix("torch."), parts=[str(d.path) for d in dirs],
+            model_id=first.model_id, calibration=first.calibration, shards=[d.shard or "0/1" for d in dirs],
         )
     log.info("added %d gram directories (%d tokens) -> %s", len(dirs), sum(d.num_tokens for d in dirs), out)
     return GramDir.open(out)
+
+
+def check_parts(dirs: Sequence[GramDir]) -> None:
+    """Refuse parts that are not distinct slices of one run (one line naming the part and why)."""
+    first = dirs[0]
+    seen: dict[int, GramDir] = {}
+    for d in dirs:
+        if d.calibration is None:
+            raise ValueError(f"{d.path / INDEX}: records no calibration or model_id (written by an older mergeflow), so it cannot be checked against the other parts; recompute it")
+        if d.model_id != first.model_id:
+            raise ValueError(f"{d.path}: grams of another model ({d.model}) than {first.path} ({first.model}); only slices of one expert's grams can be added")
+        if d.calibration != first.calibration:
+            differ = sorted(k for k in {*d.calibration, *first.calibration} if d.calibration.get(k) != first.calibration.get(k))
+            shown = ", ".join(f"{k} {first.calibration.get(k)!r} vs {d.calibration.get(k)!r}" for k in differ[:3])
+            raise ValueError(f"{d.path}: computed on other calibration data than {first.path} ({shown}); only slices of one calibration run can be added")
+        index, count = parse_shard(d.shard)
+        _, first_count = parse_shard(first.shard)
+        if count != first_count:
+            raise ValueError(f"{d.path}: shard {index}/{count}, but {first.path} is one of {first_count} shards; add the slices of one --shard i/n split")
+        if index in seen:
+            raise ValueError(f"{d.path}: shard {index}/{count} again (also {seen[index].path}); each slice may be added once")
+        seen[index] = d
+    _, count = parse_shard(first.shard)
+    if len(seen) < count:
+        log.warning("adding %d of %d shards (missing %s): the sum holds only part of the calibration rows", len(seen), count, sorted(set(range(count)) - set(seen)))

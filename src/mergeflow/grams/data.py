@@ -28,16 +28,21 @@ def load_rows(path: str | Path, field: str = "text", *, num_samples: Optional[in
         raise ValueError(f"{path}: unknown calibration data format {path.suffix!r}; use one of {sorted(BUILDERS)}")
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: is empty; grams need calibration text")
+    if builder != "parquet":
+        check_text_file(path)
     datasets.disable_progress_bars()
     try:
         kwargs = csv_as_text(path) if builder == "csv" else {}
         data = datasets.load_dataset(builder, data_files=str(path), split="train", keep_in_memory=True, **kwargs)
     except Exception as err:  # datasets wraps parser errors in several exception types
+        if "corresponds to no data" in str(err):  # a CSV header without rows
+            raise ValueError(f"{path}: holds no rows; grams need calibration text: add rows") from None
         raise ValueError(f"{path}: could not be read as {builder} ({type(err).__name__}: {err})") from None
     if len(data) == 0:
-        raise ValueError(f"{path}: holds no rows; grams need calibration text")
+        raise ValueError(f"{path}: holds no rows; grams need calibration text: add rows")
     if field not in data.column_names:
         raise ValueError(f"{path}: rows have no {field!r} field (fields: {sorted(data.column_names)}); set gram.text_field / --text-field")
+    check_values(path, field, data[field])
     if seed is not None:
         data = data.shuffle(seed=seed)
     if num_samples:
@@ -47,6 +52,35 @@ def load_rows(path: str | Path, field: str = "text", *, num_samples: Optional[in
     if missing:
         raise ValueError(f"{path}: rows {missing[:5]} (of the selection) have no {field!r} value")
     return values
+
+
+def check_text_file(path: Path) -> None:
+    """Refuse, naming the line, what the parsers would report as their own internals: NUL bytes
+    (a binary file), bytes that are not UTF-8, a file of blank lines only."""
+    text_seen = False
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if b"\0" in line:
+                raise ValueError(f"{path}: line {number} holds a NUL byte, so this is not a text file; write the calibration data as UTF-8 JSON lines or CSV")
+            try:
+                decoded = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}: line {number} is not UTF-8 (byte 0x{line[err.start]:02x} at column {err.start + 1}); "
+                                 f"re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 {path} > fixed{path.suffix})") from None
+            text_seen = text_seen or bool(decoded.strip())
+    if not text_seen:
+        raise ValueError(f"{path}: holds only blank lines; grams need calibration text: one row per line with a text field")
+
+
+def check_values(path: Path, field: str, values) -> None:
+    """Every present value must be text or chat messages: a number or an object is refused,
+    naming its row, rather than tokenised as `str(value)`."""
+    for number, value in enumerate(values, start=1):
+        if value is None or value == "" or value == [] or isinstance(value, str) or is_chat(value):
+            continue
+        kind = {bool: "a boolean", int: "a number", float: "a number", dict: "an object", list: "a list that is not chat messages"}.get(type(value), type(value).__name__)
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ValueError(f"{path}: row {number}: {field!r} is {kind} ({shown}), not text or chat messages; write it as a string or fix the row")
 
 
 def csv_as_text(path: Path) -> dict:
@@ -89,8 +123,10 @@ def tokenize(values: Sequence, tokenizer, max_length: int) -> list[list[int]]:
         if is_chat(v):  # the template writes the special tokens (BOS) itself
             text = tokenizer.apply_chat_template(as_messages(v), tokenize=False)
             ids.append(tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"])
+        elif isinstance(v, str):
+            ids.append(tokenizer(v, truncation=True, max_length=max_length)["input_ids"])
         else:
-            ids.append(tokenizer(str(v), truncation=True, max_length=max_length)["input_ids"])
+            raise ValueError(f"calibration row {len(ids) + 1}: {type(v).__name__} {v!r:.40} is not text or chat messages")
     empty = [i + 1 for i, t in enumerate(ids) if not t]
     if empty:
         raise ValueError(f"calibration rows {empty[:5]} tokenise to nothing")

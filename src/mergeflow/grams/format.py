@@ -16,19 +16,33 @@ same input (q/k/v, gate/up) point to the same key, so each distinct input is sto
 `files` records each file's size (checked on every open, which catches truncation) and SHA-256
 (checked by `mergeflow grams verify`, which catches any corruption). Directories written before
 `reduction` and `files` existed are read as sums without integrity records.
+
+What the grams belong to, so they cannot be mixed up silently: `model_id` (`model_identity`: a
+hash of the expert's tensor names, shapes and first bytes of every tensor), `calibration` (the
+calibration file's SHA-256 and the row selection, identical for every slice of one run) and `shard`
+(`"i/n"`, or null for a whole run). `mergeflow grams sum` refuses parts that differ in the first two
+or repeat a shard; a merge refuses grams whose `model_id` is not their expert's (`check_grams_match`).
+Errors name the exact command that fetches or recomputes a broken directory (`recompute_command`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
+import shlex
+import shutil
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Mapping, Optional
+from typing import Iterator, Literal, Mapping, Optional, Sequence
 
 import torch
+import yaml
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ..checkpoint import open_safetensors
@@ -37,13 +51,70 @@ from ..io import atomic_dir, umask, write_json
 FORMAT = "mergeflow.grams/1"
 INDEX = "grams.json"
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
-# A corrupt file in the workspace is the corrupt object in DVC's cache (outputs are hard links into
-# it), and `dvc checkout`/`dvc pull --force` re-link that same object: it must be deleted first.
-RECOVER = (
-    'delete the corrupt object from the DVC cache, then fetch or recompute the directory: '
-    '`find "$(dvc cache dir)" -samefile FILE -delete && rm -rf DIR && dvc pull gram@<expert>` '
-    "(or `dvc repro -f gram@<expert>` instead of the pull)"
-)
+IDENTITY_BYTES = 4096  # sampled from the start of every tensor by `model_identity`
+
+
+def dvc_stage_of(path: Path) -> Optional[tuple[str, Path]]:
+    """(stage, repository root) when `dvc.lock` records `path` as a stage's output, else None."""
+    target = Path(path).resolve()
+    for root in target.parents:
+        lock = root / "dvc.lock"
+        if lock.is_file():
+            try:
+                stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+            except (OSError, yaml.YAMLError):
+                return None
+            for stage, info in stages.items():
+                if any((root / out.get("path", "")).resolve() == target for out in (info or {}).get("outs", []) or []):
+                    return stage, root
+            return None
+        if (root / "dvc.yaml").is_file() or (root / ".git").exists():
+            return None
+    return None
+
+
+def _in_root(root: Path, command: str) -> str:
+    return command if root == Path.cwd().resolve() else f"cd {shlex.quote(str(root))} && {command}"
+
+
+def recompute_command(path: str | Path) -> str:
+    """The exact command that recomputes the gram directory `path`: its DVC stage alone
+    (`dvc repro -s -f gram@<expert>`, never the stages upstream of it) when `dvc.lock` records it,
+    else the `mergeflow grams` command that grams.json says made it."""
+    path = Path(path)
+    found = dvc_stage_of(path)
+    if found:
+        stage, root = found
+        return _in_root(root, f"dvc repro -s -f {stage}")
+    try:
+        meta = json.loads((path / INDEX).read_text())
+    except (OSError, ValueError):
+        meta = {}
+    calibration = meta.get("calibration") or {}
+    args = ["mergeflow", "grams", "--model", meta.get("model") or "<expert dir>", "--data", meta.get("data") or "<calibration file>", "--out", str(path)]
+    for option, key in (("--text-field", "text_field"), ("--max-length", "max_length"), ("--num-samples", "num_samples"), ("--seed", "seed")):
+        if calibration.get(key) is not None and (key, calibration[key]) != ("text_field", "text"):
+            args += [option, str(calibration[key])]
+    if meta.get("shard"):
+        args += ["--shard", meta["shard"]]
+    return "rm -rf " + shlex.quote(str(path)) + " && " + " ".join(shlex.quote(str(a)) if not a.startswith("<") else a for a in args)
+
+
+def recover_advice(path: str | Path, file: Optional[str | Path] = None) -> str:
+    """How to replace a broken gram directory, with its real paths: under DVC, delete the corrupt
+    object from the cache first (workspace files are links into it, and `dvc checkout`/`dvc pull
+    --force` would link that same object again), then pull the stage's output or recompute it."""
+    path = Path(path)
+    found = dvc_stage_of(path)
+    if not found:
+        return f"recompute it: `{recompute_command(path)}`"
+    stage, root = found
+    rel = os.path.relpath(path.resolve(), root)
+    purge = f'find "$(dvc cache dir)" -samefile "$(readlink -f {shlex.quote(os.path.relpath(Path(file).resolve(), root))})" -delete && ' if file else ""
+    return (
+        f"fetch it again: `{_in_root(root, f'{purge}rm -rf {shlex.quote(rel)} && dvc pull {stage}')}` "
+        f"(or recompute it: `{recompute_command(path)}`)"
+    )
 
 
 @dataclass(frozen=True)
@@ -70,6 +141,9 @@ class GramDir:
     modules: Mapping[str, GramRef]
     reduction: Literal["sum", "mean"] = "sum"
     files: Mapping[str, Mapping] = field(default_factory=dict)
+    model_id: Optional[str] = None
+    calibration: Optional[Mapping] = None
+    shard: Optional[str] = None
 
     @classmethod
     def open(cls, path: str | Path) -> "GramDir":
@@ -80,7 +154,7 @@ class GramDir:
         try:
             meta = json.loads(index.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{index}: not valid JSON ({err}); {RECOVER}") from None
+            raise ValueError(f"{index}: not valid JSON ({err}); {recover_advice(path, index)}") from None
         if meta.get("format") != FORMAT:
             raise ValueError(f"{index}: format {meta.get('format')!r} is not {FORMAT!r}")
         reduction = meta.get("reduction", "sum")
@@ -95,24 +169,24 @@ class GramDir:
         files = meta.get("files") or {}
         for file in sorted({ref.file for ref in modules.values()}):
             if not (path / file).is_file():
-                raise FileNotFoundError(f"{path / file}: listed in {index} but missing; {RECOVER}")
+                raise FileNotFoundError(f"{path / file}: listed in {index} but missing; {recover_advice(path)}")
             expected = files.get(file, {}).get("bytes")
             actual = (path / file).stat().st_size
             if expected is not None and expected != actual:
-                raise ValueError(f"{path / file}: {actual} bytes, but {index} records {expected}; the file is truncated or corrupt: {RECOVER}")
+                raise ValueError(f"{path / file}: {actual} bytes, but {index} records {expected}; the file is truncated or corrupt: {recover_advice(path, path / file)}")
             with open_safetensors(path / file) as f:
                 keys = set(f.keys())
             missing = sorted({ref.key for ref in modules.values() if ref.file == file} - keys)
             if missing:
-                raise ValueError(f"{path / file}: lacks tensors {missing[:3]} that {index} points to; {RECOVER}")
-        return cls(path, num_tokens, str(meta.get("model", "")), modules, reduction, files)
+                raise ValueError(f"{path / file}: lacks tensors {missing[:3]} that {index} points to; {recover_advice(path, index)}")
+        return cls(path, num_tokens, str(meta.get("model", "")), modules, reduction, files, meta.get("model_id"), meta.get("calibration"), meta.get("shard"))
 
     def verify(self) -> list[str]:
         """Check every file's SHA-256 against `grams.json`; return the files checked."""
         checked = []
         for file, record in sorted(self.files.items()):
             if "sha256" in record and sha256_of(self.path / file) != record["sha256"]:
-                raise ValueError(f"{self.path / file}: SHA-256 differs from the one in {self.path / INDEX}; the file is corrupt: {RECOVER}")
+                raise ValueError(f"{self.path / file}: SHA-256 differs from the one in {self.path / INDEX}; the file is corrupt: {recover_advice(self.path, self.path / file)}")
             checked.append(file)
         return checked
 
@@ -153,29 +227,32 @@ class GramWriter:
     def write_file(self, file: str, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> None:
         if file in self.files:
             raise ValueError(f"{file} written twice")
-        save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(self.out / file), metadata={"format": FORMAT})
+        with disk_errors(self.out / file):
+            save_tensors({k: v.to(dtype).contiguous() for k, v in tensors.items()}, self.out / file)
         self.add_file(file)
 
-    def add_file(self, file: str) -> None:
-        """Record a file already placed in the directory (readable as the umask allows, like grams.json)."""
+    def add_file(self, file: str, record: Optional[Mapping] = None) -> None:
+        """Record a file already placed in the directory (readable as the umask allows, like
+        grams.json); `record` ({bytes, sha256}) when its hash is already known."""
         os.chmod(self.out / file, 0o666 & ~umask())
-        self.files[file] = {"bytes": (self.out / file).stat().st_size, "sha256": sha256_of(self.out / file)}
+        self.files[file] = dict(record) if record else file_record(self.out / file)
 
     def finish(self, keys: Mapping[str, str], *, num_tokens: Optional[int], model: str, reduction: str = "sum", dtype: str = "float32", **extra) -> None:
         """`keys`: module -> the stored key it reads (its own, or the module whose input it shares)."""
-        write_json(
-            self.out / INDEX,
-            {
-                "format": FORMAT,
-                "reduction": reduction,
-                "num_tokens": int(num_tokens) if num_tokens is not None else None,
-                "model": model,
-                "dtype": dtype,
-                **extra,
-                "modules": {m: {"file": file_for(k), "key": k} for m, k in sorted(keys.items())},
-                "files": dict(sorted(self.files.items())),
-            },
-        )
+        with disk_errors(self.out / INDEX):
+            write_json(
+                self.out / INDEX,
+                {
+                    "format": FORMAT,
+                    "reduction": reduction,
+                    "num_tokens": int(num_tokens) if num_tokens is not None else None,
+                    "model": model,
+                    "dtype": dtype,
+                    **extra,
+                    "modules": {m: {"file": file_for(k), "key": k} for m, k in sorted(keys.items())},
+                    "files": dict(sorted(self.files.items())),
+                },
+            )
 
 
 def write_grams(
@@ -191,3 +268,111 @@ def write_grams(
         for file, tensors in sorted(files.items()):
             writer.write_file(file, tensors, dtype)
         writer.finish(keys, num_tokens=num_tokens, model=model, reduction=reduction, dtype=str(dtype).removeprefix("torch."), **extra)
+
+
+def file_record(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+
+
+@contextlib.contextmanager
+def disk_errors(path: str | Path) -> Iterator[None]:
+    """A full disk while writing `path` as one line naming it and the fix, instead of safetensors'
+    `SafetensorError: ... IoError(StorageFull)` or a bare `[Errno 28]` without a path."""
+    try:
+        yield
+    except SafetensorError as err:
+        full = "StorageFull" in str(err) or "No space left" in str(err) or "os error 28" in str(err)
+        reason = "no space left on the device" if full else f"could not be written ({err})"
+        raise OSError(f"{path}: {reason}{'; ' + disk_fix(path) if full else ''}") from None
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise OSError(f"{path}: no space left on the device; {disk_fix(path)}") from None
+
+
+def disk_fix(path: str | Path) -> str:
+    where = Path(path).parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    kept = "; layers already finished are kept and not computed again" if any(p.name.endswith(".partial") for p in Path(path).parents) else ""
+    return f"{free / 1e9:.1f} GB free there: free space on that disk (or write the grams to another one) and rerun the same command{kept}"
+
+
+def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """safetensors' `save_file` with the format metadata (callers name the path in `disk_errors`)."""
+    save_file(dict(tensors), str(path), metadata={"format": FORMAT})
+
+
+def model_identity(model_dir: str | Path) -> Optional[str]:
+    """A SHA-256 that tells experts apart without reading their weights: the name, dtype, shape and
+    first `IDENTITY_BYTES` of every tensor in the transformer blocks (`layers.N.`; fine-tuning
+    changes almost every value of a tensor it trains), whatever the shard layout and whether a tied
+    `lm_head` is stored or not. About 1 MB read for an 8B model; None for a model without
+    safetensors files."""
+    digest = hashlib.sha256()
+    entries = []
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return None
+    for file in files:
+        with open(file, "rb") as f:
+            try:
+                size = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(size))
+            except (struct.error, ValueError) as err:
+                raise ValueError(f"{file}: not a readable safetensors file ({err}); it may be truncated or corrupt") from None
+            for name, info in header.items():
+                if name == "__metadata__" or not _LAYER.search(f".{name}"):
+                    continue
+                start, end = info["data_offsets"]
+                f.seek(8 + size + start)
+                entries.append((name, info["dtype"], info["shape"], f.read(min(IDENTITY_BYTES, end - start))))
+    for name, dtype, shape, head in sorted(entries):
+        digest.update(json.dumps([name, dtype, shape]).encode())
+        digest.update(head)
+    return digest.hexdigest()
+
+
+def check_grams_match(grams: Sequence[GramDir], experts: Sequence[str | Path]) -> None:
+    """Refuse gram directories that are not their expert's (given in another order than the experts,
+    or computed for another model), by the `model_id` each grams.json records. Directories written
+    before `model_id` existed are not checked."""
+    if not any(g.model_id for g in grams):
+        return
+    ids = [model_identity(e) for e in experts]
+    for g, expert, own in zip(grams, experts, ids):
+        if g.model_id is None or own is None or g.model_id == own:
+            continue
+        if g.model_id in ids:
+            other = experts[ids.index(g.model_id)]
+            raise ValueError(f"{g.path}: holds the grams of {other}, but is given for {expert}; list the gram directories in the order of the experts (--gram after --gram as --model after --model)")
+        raise ValueError(f"{g.path}: grams of another model ({g.model or 'unknown'}), not of {expert}; recompute them for this expert: `{recompute_command(g.path)}`")
+
+
+def owned_files(out: Path) -> Optional[set[str]]:
+    """The files a gram directory of mergeflow holds (grams.json and the files it lists), or None
+    when `out` is not one."""
+    try:
+        meta = json.loads((out / INDEX).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return None
+    return {INDEX, *(meta.get("files") or {}), *(ref.get("file") for ref in (meta.get("modules") or {}).values() if isinstance(ref, dict))}
+
+
+def check_gram_output(out: str | Path) -> None:
+    """Refuse to write grams over anything but an earlier gram directory (a plain file, a model,
+    a directory with files mergeflow did not write there)."""
+    out = Path(out)
+    if not (out.exists() or out.is_symlink()):
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise FileExistsError(f"{out}: --out is {'a symbolic link' if out.is_symlink() else 'a file'}, not a gram directory; mergeflow never replaces it: choose another --out")
+    owned = owned_files(out)
+    if owned is None:
+        raise FileExistsError(f"{out}: --out exists and is not a gram directory (no {INDEX} of {FORMAT!r}); mergeflow never replaces it: choose another --out or remove it yourself")
+    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name not in owned or p.is_dir())
+    if foreign:
+        raise FileExistsError(f"{out}: holds files mergeflow did not write ({', '.join(foreign[:5])}); mergeflow never replaces them: move them away or choose another --out")

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import CheckpointReader
 from ..io import atomic_dir
-from .format import GramWriter, file_for
+from .format import GramWriter, check_gram_output, disk_errors, file_for, model_identity
 
 log = logging.getLogger(__name__)
 _IN_BLOCK = re.compile(r"(^|\.)layers\.\d+\.")
@@ -60,7 +60,8 @@ class _Spiller:
         digest = f"{digest}-{tuple(tensor.shape)}-{tensor.dtype}"
         if digest not in self.by_digest:
             path = self.folder / f"{len(self.by_digest):05d}.safetensors"
-            save_file({"gram": tensor}, str(path))
+            with disk_errors(path):
+                save_file({"gram": tensor}, str(path))
             self.by_digest[digest] = Spilled(path, digest, tuple(tensor.shape))
         return self.by_digest[digest]
 
@@ -127,6 +128,7 @@ def import_grams(path: str | Path, model: str | Path, out: str | Path) -> dict:
     path, model, out = Path(path), Path(model), Path(out)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: gram file not found")
+    check_gram_output(out)
     expected = expected_modules(model)
     tied = json.loads((model / "config.json").read_text()).get("tie_word_embeddings", False) if (model / "config.json").is_file() else False
     with atomic_dir(out) as tmp:
@@ -158,7 +160,7 @@ def import_grams(path: str | Path, model: str | Path, out: str | Path) -> dict:
         for spilled in spill_dir.iterdir():
             spilled.unlink()
         spill_dir.rmdir()
-        writer.finish(keys, num_tokens=None, model=str(model), reduction="mean", imported_from=path.name)
+        writer.finish(keys, num_tokens=None, model=str(model), reduction="mean", imported_from=path.name, model_id=model_identity(model))
         index = json.loads((tmp / "grams.json").read_text())
     log.info("imported %d module grams (%d distinct) from %s -> %s", len(keys), len(set(keys.values())), path, out)
     return index

@@ -1,12 +1,25 @@
-"""Checkpoints of partial gram sums, so a killed run continues instead of losing hours.
+"""Resuming a killed gram run: a checkpoint of the partial sums every N batches, so a kill after
+hours of forward passes (preemption, OOM, Ctrl-C) continues instead of losing hours.
 
-The checkpoint lives next to the output, in a hidden `.<out>.partial/` directory (ignored by DVC,
-see `.dvcignore`), and is removed once the grams are written. Each rank writes its partial sums
-into a fresh `rank<R>-step-<N>/` directory, one safetensors file per tensor (memory: one tensor's
-copy), then atomically replaces `rank<R>.json`, which names that directory: a kill at any moment
-leaves the previous complete checkpoint. Layer groups already finished (`max_gram_memory`) are
-kept as final gram files in `done/`. A checkpoint made by a different command (another model, data
-file or parameter) is recognised by its fingerprint and discarded.
+The checkpoint lives next to the output, in a hidden `.<out>.partial/` directory (ignored by git and
+DVC: `.gitignore`, `.dvcignore`). Each rank writes its partial sums into a fresh
+`rank<R>-step-<N>/` directory, one safetensors file per tensor (memory: one tensor's copy), then
+atomically replaces `rank<R>.json`, which names that directory: a kill at any moment leaves the
+previous complete checkpoint. Layer groups already finished (`max_gram_memory`) are kept as final
+gram files in `done/`, each with its size and SHA-256 beside it (`<file>.json`, written after the
+file, before the checkpoint says the group is finished). A checkpoint made by a different command
+(another model, data file or parameter), or whose finished files are not all there, is discarded.
+
+Publishing is one rename, and the checkpoint survives it: the finished files are hard-linked (never
+moved) into a fresh `publish/` inside the checkpoint, grams.json is written there, `publish/`
+is renamed to the output, and only then is the checkpoint removed (its `fingerprint` first, so a
+half-removed checkpoint is never resumed). A kill at any instant leaves the output absent or
+complete (the old one or the new one), and the rerun publishes the same bytes again.
+
+`owner.json` records who is writing the checkpoint (PID, the process's start time, boot id and
+host): a checkpoint whose owner still runs is never touched (the command refuses, in one line);
+one whose owner is dead (no such PID, a PID now used by a process started at another time, or
+an earlier boot) is resumed or discarded, and the log says how we know it is dead.
 """
 
 from __future__ import annotations
@@ -14,15 +27,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
+import socket
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
+import psutil
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..io import atomic_file, write_json
+from ..faults import fault_point
+from ..io import atomic_file, umask, write_json
+from .format import GramWriter, disk_errors, file_record, save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +65,31 @@ class Progress:
 
 class Checkpoint:
     def __init__(self, out: Path, fingerprint: str, rank: int = 0):
+        self.out = out
         self.root = out.parent / f".{out.name}.partial"
         self.fingerprint, self.rank = fingerprint, rank
         self.done = self.root / "done"
         self._state = self.root / f"rank{rank}.json"
 
     def prepare(self) -> None:
-        """Keep a checkpoint of this same command; discard any other (rank 0 only)."""
+        """Resume a checkpoint of this same command left by a dead process; discard any other;
+        refuse one whose owner still runs (rank 0 only)."""
         marker = self.root / "fingerprint"
-        if self.root.exists() and (not marker.is_file() or marker.read_text().strip() != self.fingerprint):
-            log.warning("%s: a checkpoint of a different command (model, data or parameters); starting over", self.root)
-            shutil.rmtree(self.root)
-        self.done.mkdir(parents=True, exist_ok=True)
+        if self.root.exists():
+            alive, why = owner_status(self.root)
+            if is_mine(self.root):
+                why = "left by an earlier, interrupted call in this process"
+            elif alive and any(self.root.iterdir()):
+                raise BlockingIOError(f"{self.root}: the checkpoint of a gram run for {self.out} that may still be running ({why}); "
+                                      f"wait for it or stop it, then rerun (if it is over, remove the checkpoint: rm -rf '{self.root}')")
+            if not marker.is_file() or marker.read_text().strip() != self.fingerprint:
+                log.warning("%s: a checkpoint of a different command (model, data or parameters) or an incomplete one; starting over (%s)", self.root, why)
+                self.clear()
+            else:
+                log.info("%s: a checkpoint of this command, left by an interrupted run (%s)", self.root, why)
+        self.root.mkdir(parents=True, exist_ok=True)
+        record_owner(self.root)
+        self.done.mkdir(exist_ok=True)
         if not marker.is_file():
             marker.write_text(self.fingerprint + "\n")
 
@@ -81,15 +113,150 @@ class Checkpoint:
             shutil.rmtree(step)
         step.mkdir(parents=True)
         for i, (key, tensor) in enumerate(sorted(sums.items())):
-            with atomic_file(step / f"{i:04d}.safetensors") as tmp:
+            with disk_errors(step / f"{i:04d}.safetensors"), atomic_file(step / f"{i:04d}.safetensors") as tmp:
                 save_file({key: tensor.detach().cpu().contiguous()}, str(tmp))
-        write_json(self._state, {"group": progress.group, "batch": progress.batch, "num_tokens": progress.num_tokens, "step": step_name})
+        with disk_errors(self._state):
+            write_json(self._state, {"group": progress.group, "batch": progress.batch, "num_tokens": progress.num_tokens, "step": step_name})
         if previous and previous != step_name:
             shutil.rmtree(self.root / previous, ignore_errors=True)
 
-    def done_file(self, name: str) -> Optional[Path]:
-        path = self.done / name
-        return path if path.is_file() else None
+    def write_done(self, file: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        """A finished layer file in `done/`, then its record (size, SHA-256) beside it."""
+        with disk_errors(self.done / file), atomic_file(self.done / file) as tmp:
+            save_tensors(tensors, tmp)
+            record = file_record(tmp)  # hashed while it is in the page cache
+        fault_point("grams:group-written")
+        with disk_errors(self.done / f"{file}.json"):
+            write_json(self.done / f"{file}.json", record)
+        fault_point("grams:group-recorded")
+
+    def groups_finished(self) -> int:
+        """How many layer groups this rank's checkpoint says are finished."""
+        try:
+            return int(json.loads(self._state.read_text())["group"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
+    def done_record(self, file: str) -> Optional[dict]:
+        """The record of a finished file whose size still matches it, else None."""
+        try:
+            record = json.loads((self.done / f"{file}.json").read_text())
+            return record if (self.done / file).stat().st_size == record["bytes"] else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def publish(self, files: list[str], keys: Mapping[str, str], **meta) -> None:
+        """Put the finished `files` and their grams.json in the place of `out` in one rename, then
+        remove the checkpoint (rank 0 only). Every step can be interrupted and redone."""
+        fault_point("grams:publish-begin")
+        staging, previous = self.root / "publish", self.root / "previous"
+        for leftover in (staging, previous):  # half of an earlier attempt: never built on
+            if leftover.exists():
+                shutil.rmtree(leftover)
+        staging.mkdir()
+        writer = GramWriter(staging)
+        for file in files:
+            record = self.done_record(file)
+            if record is None:
+                raise ValueError(f"{self.done / file}: missing or not the file its record describes; remove {self.root} and rerun the same command")
+            link_or_copy(self.done / file, staging / file)
+            writer.add_file(file, record)
+            fault_point("grams:publish-linked")
+        writer.finish(keys, **meta)
+        fault_point("grams:publish-indexed")
+        os.chmod(staging, 0o777 & ~umask())
+        if self.out.exists() or self.out.is_symlink():
+            os.replace(self.out, previous)
+            fault_point("grams:publish-displaced")
+        os.replace(staging, self.out)
+        fault_point("grams:publish-renamed")
+        self.clear()
 
     def clear(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        """Remove the checkpoint: its fingerprint first (a half-removed one is never resumed), its
+        owner record last (a half-removed one can still be proved dead, and removed by the rerun)."""
+        (self.root / "fingerprint").unlink(missing_ok=True)
+        fault_point("grams:partial-unmarked")
+        if not self.root.is_dir():
+            return
+        for item in self.root.iterdir():
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item)
+            elif item.name != OWNER_FILE:
+                item.unlink()
+        fault_point("grams:partial-emptied")
+        (self.root / OWNER_FILE).unlink(missing_ok=True)
+        self.root.rmdir()
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link (instant, no extra disk), or a copy where the filesystem has none."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        with disk_errors(dst):
+            shutil.copy2(src, dst)
+
+
+# --- who owns a checkpoint, and is it dead (the same facts as io's `.tmp-` names record) ----------
+
+OWNER_FILE = "owner.json"
+
+
+@lru_cache(maxsize=1)
+def boot_id() -> str:
+    """This boot's id: a PID recorded under another boot belongs to a dead process."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:  # not Linux: the boot time stands in for it
+        return f"boot-{int(psutil.boot_time())}"
+
+
+def start_time(pid: int) -> Optional[float]:
+    """When process `pid` started (seconds since the epoch); None if no such process runs."""
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+    except psutil.AccessDenied:  # another user's live process
+        return -1.0
+
+
+def record_owner(directory: Path) -> None:
+    pid = os.getpid()
+    write_json(directory / OWNER_FILE, {"pid": pid, "start": start_time(pid), "boot": boot_id(), "host": socket.gethostname()})
+
+
+def _owner(directory: Path) -> Optional[dict]:
+    try:
+        owner = json.loads((directory / OWNER_FILE).read_text())
+        return {"pid": int(owner["pid"]), "start": float(owner["start"]), "boot": str(owner["boot"]), "host": owner.get("host")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def owner_status(directory: Path) -> tuple[bool, str]:
+    """(alive, why): whether the process recorded in `directory`'s owner.json may still run, and
+    how we know. No readable record, or another host, proves nothing: treated as alive."""
+    owner = _owner(directory)
+    if owner is None:
+        return True, f"{directory / OWNER_FILE} is missing or unreadable, so its owner cannot be proved dead"
+    pid = owner["pid"]
+    if owner["host"] and owner["host"] != socket.gethostname():
+        return True, f"PID {pid} on host {owner['host']}, whose processes this machine cannot see"
+    if owner["boot"] != boot_id():
+        return False, f"PID {pid} ran before this machine last booted"
+    now = start_time(pid)
+    if now is None:
+        return False, f"no process has PID {pid} any more"
+    if now < 0:
+        return True, f"PID {pid} runs (as another user)"
+    if abs(now - owner["start"]) > 0.05:
+        return False, f"PID {pid} now belongs to another process, started at another time"
+    return True, f"PID {pid} still runs"
+
+
+def is_mine(directory: Path) -> bool:
+    """Recorded by this very process (an earlier call interrupted by Ctrl-C, caught by a caller)."""
+    owner = _owner(directory)
+    return bool(owner) and owner["pid"] == os.getpid() and owner["boot"] == boot_id() and abs((start_time(os.getpid()) or 0) - owner["start"]) <= 0.05
