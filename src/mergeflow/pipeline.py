@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 CODE = ["stages/download.py", "src/mergeflow/zoo"]
 DOWNLOAD_STAGES = ("download-base", "download", "download-eval")
 PLUGIN_DIR = "methods"  # merge method plugins (`method: methods/x.py:Class`) live here: a dependency of merge
-FIX = "run `mergeflow use params.yaml` to regenerate them"
 
 # The fields of each zoo's params that each step reads: the params of its stage.
 _TOY_ARCH = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")
@@ -230,8 +229,9 @@ def check_in_sync(dvc_yaml: Path, params: Params, params_file: str = "params.yam
     wrong = out_of_sync(dvc_yaml, params)
     if wrong:
         raise ValueError(
-            f"{dvc_yaml}: {', '.join(wrong)} do not match {params_file} (models.source {params.models.source!r}, experts {params.experts}), "
-            f"so DVC would not watch every input; {FIX.replace('params.yaml', params_file)}"
+            f"{dvc_yaml}: {', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} out of date for {params_file} (models.source "
+            f"{params.models.source!r}, experts {params.experts}): DVC would not watch every input; "
+            f"run `mergeflow use {params_file}` to regenerate {'it' if len(wrong) == 1 else 'them'}"
         )
 
 
