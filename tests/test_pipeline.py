@@ -3,7 +3,9 @@
 Checks what a user relies on: `dvc repro` produces every output; a second `dvc repro` does nothing;
 `dvc exp run -S alpha=0.3` and `-S method=ties` rerun merge, evaluate and submit only (and
 `dvc metrics diff` reads the metrics); a gram parameter invalidates the grams and not the
-download, an evaluation parameter only the evaluations, as `dvc status` reports them.
+download stages, an expert's toy parameter the expert stages only, a plugin method's file the
+merge, an evaluation parameter only the evaluations, as `dvc status` reports them; switching to
+a recipe and undoing it as the README says leaves nothing to rerun.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from helpers import ran, run, skipped
 
 pytestmark = pytest.mark.slow
 AFTER_MERGE = {"merge", "evaluate", "submit"}
-ALL_STAGES = {"download", "gram@math", "gram@code", "merge", "evaluate-base", "evaluate-expert@math", "evaluate-expert@code", "evaluate", "summary", "submit"}
+DOWNLOAD = {"download-base", "download@math", "download@code", "download-eval"}
+ALL_STAGES = {*DOWNLOAD, "gram@math", "gram@code", "merge", "evaluate-base", "evaluate-expert@math", "evaluate-expert@code", "evaluate", "summary", "submit"}
 MAYBE = {"summary"}  # reruns only when a metrics file it reads changed (tiny models often score 0 either way)
 
 
@@ -65,6 +68,18 @@ def test_second_repro_is_up_to_date(repo, first_repro):
     assert "Data and pipelines are up to date." in run(["dvc", "status"], dest, env)
 
 
+def test_recipe_switch_and_the_readme_undo(repo, first_repro):
+    """`mergeflow use` another recipe rewrites params.yaml and dvc.yaml (printing what it changed);
+    the README's undo, `git checkout params.yaml dvc.yaml`, leaves nothing to rerun."""
+    dest, env = repo
+    out = run(["mergeflow", "use", "recipes/smollm2-cpu.yaml"], dest, env)
+    assert "params.yaml: models: source, " in out and "dvc.yaml: stage merge: deps +models/experts/list +models/grams/list -models/experts/code -models/grams/code" in out
+    assert {"download-base", "download@list", "gram@list", "merge"} <= set(json.loads(run(["dvc", "status", "--json"], dest, env)))
+    run(["git", "checkout", "params.yaml", "dvc.yaml"], dest, env)
+    assert "Data and pipelines are up to date." in run(["dvc", "status"], dest, env)
+    assert ran(run(["dvc", "repro"], dest, env)) == set()
+
+
 def test_alpha_experiment_reruns_only_merge_and_after(repo, first_repro):
     dest, env = repo
     out = run(["dvc", "exp", "run", "-S", "alpha=0.3"], dest, env)
@@ -94,13 +109,35 @@ def status_after_setting(repo, key: str, value) -> dict:
     original = path.read_text()
     assert json.loads(run(["dvc", "status", "--json"], dest, env)) == {}
     params = yaml.safe_load(original)
-    group, _, name = key.rpartition(".")
-    (params[group] if group else params)[name] = value
+    *groups, name = key.split(".")
+    node = params
+    for group in groups:
+        node = node[group]
+    node[name] = value
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         return json.loads(run(["dvc", "status", "--json"], dest, env))
     finally:
         path.write_text(original)
+
+
+def test_plugin_method_file_invalidates_merge(repo, first_repro):
+    """The merge stage depends on the plugin folder methods/, so `dvc exp run -S
+    method=methods/median.py:Median` reruns merge whenever that file is edited."""
+    dest, env = repo
+    plugin = dest / "methods" / "median.py"
+    original = plugin.read_text()
+    assert json.loads(run(["dvc", "status", "--json"], dest, env)) == {}
+    plugin.write_text(original.replace(".median(dim=0).values", ".mean(dim=0)"))
+    try:
+        assert json.loads(run(["dvc", "status", "--json"], dest, env)) == {"merge": [{"changed deps": {"methods": "modified"}}]}
+    finally:
+        plugin.write_text(original)
+
+
+def test_toy_expert_parameter_invalidates_the_experts_not_the_base(repo, first_repro):
+    status = status_after_setting(repo, "models.toy.expert_lr", 0.001)
+    assert status == {f"download@{e}": [{"changed deps": {"params.yaml": {"models.toy.expert_lr": "modified"}}}] for e in ("math", "code")}
 
 
 def test_gram_parameter_invalidates_grams_not_download(repo, first_repro):

@@ -63,7 +63,8 @@ def test_use_switches_params_and_refuses_a_bad_recipe(tmp_path):
     run(ROOT / "recipes" / "llm-merging-competition.yaml")
     merge = yaml.safe_load(dvc_yaml.read_text())["stages"]["merge"]
     assert [d for d in merge["deps"] if d.startswith("models/grams/")] == ["models/grams/gsm8k", "models/grams/fingpt"]
-    assert "# One gram directory per expert" in dvc_yaml.read_text()  # comments kept
+    assert "# One model and one gram directory per expert" in dvc_yaml.read_text()  # comments kept
+    assert [d for d in merge["deps"] if d.startswith("models/experts")] == ["models/experts/gsm8k", "models/experts/fingpt"]
     run(ROOT / "recipes" / "llama3-code-math.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("alpha: 2\n")

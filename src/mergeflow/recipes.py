@@ -37,7 +37,9 @@ def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:
 def params_changes(old_text: str, new_text: str, params_file: Path) -> list[str]:
     """One line per top-level group of `params_file` whose values changed: the keys that did."""
     old, new = _leaves(yaml.safe_load(old_text) or {}), _leaves(yaml.safe_load(new_text) or {})
-    changed = sorted((k for k in old.keys() | new.keys() if old.get(k, KeyError) != new.get(k, KeyError)), key=lambda k: (list(new).index(k) if k in new else len(new), k))
+    changed = [k for k in old.keys() | new.keys() if old.get(k, KeyError) != new.get(k, KeyError)]
+    changed = sorted((k for k in changed if not any(o.startswith(f"{k}.") for o in changed)),  # `calib: {}` -> `calib: {a: ...}`: calib.a
+                     key=lambda k: (list(new).index(k) if k in new else len(new), k))
     groups: dict[str, list[str]] = {}
     for key in changed:
         groups.setdefault(key.split(".")[0], []).append(key)
