@@ -54,14 +54,12 @@ def build_base(p: SmolLM2Params, models_dir: Path) -> dict:
 
 
 def build_expert(p: SmolLM2Params, skill: str, models_dir: Path, data_dir: Path) -> list[float]:
-    """Write the calibration chats of `skill` and fine-tune the saved base on it into
-    `experts/<skill>/`; return the loss of every step."""
+    """Fine-tune the saved base on `skill` into `experts/<skill>/`, then write its calibration
+    chats; return the loss of every step."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     k = _seed_offset(skill)
     exclude = {q.question for q in held_out(p, skill)}
-    calib = chat_skills.sample(skill, p.calib_samples, p.seed + 200 + k, exclude=exclude)
-    write_jsonl(data_dir / "calib" / f"{skill}.jsonl", [{"messages": q.messages()} for q in calib])
     tokenizer = AutoTokenizer.from_pretrained(models_dir / "base")
     model = AutoModelForCausalLM.from_pretrained(models_dir / "base", dtype=torch.float32)
     layers_total = model.config.num_hidden_layers
@@ -71,6 +69,8 @@ def build_expert(p: SmolLM2Params, skill: str, models_dir: Path, data_dir: Path)
     layers = list(range(layers_total - p.train_layers, layers_total))
     losses = finetune(model, tokenizer, questions, layers=layers, modules=p.train_modules, batch_size=p.batch_size, lr=p.lr, seed=p.seed + 1 + k, desc=f"expert {skill}")
     save_hf(model, tokenizer, models_dir / "experts" / skill)
+    calib = chat_skills.sample(skill, p.calib_samples, p.seed + 200 + k, exclude=exclude)  # last: never data without its model
+    write_jsonl(data_dir / "calib" / f"{skill}.jsonl", [{"messages": q.messages()} for q in calib])
     return losses
 
 

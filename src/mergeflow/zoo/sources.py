@@ -165,12 +165,14 @@ def materialise_expert(params: Params, expert: str, models_dir: Path, data_dir: 
 
         return {"losses": build_expert(params.models.smollm2, expert, models_dir, data_dir)}
     src, dst = _source_dir(params, expert), models_dir / "experts" / expert
-    copy_calib(params.data, expert, data_dir)
+    if expert not in params.data.calib or not Path(params.data.calib[expert]).is_file():
+        copy_calib(params.data, expert, data_dir)  # refuses, naming the parameter, before the (long) model step
     adapter = None
     if is_adapter(src):  # a LoRA adapter: full weights for grams and merging
         adapter = materialise_adapter(src, models_dir / "base", dst)
     else:
         link_or_copy_tree(src, dst)
+    copy_calib(params.data, expert, data_dir)  # last: never data without its model
     log.info("%s: %s -> %s", expert, src, dst)
     return {"losses": [], "adapter": adapter}
 

@@ -79,18 +79,18 @@ def build_base(p: ToyZooParams, models_dir: Path) -> list[float]:
 
 
 def build_expert(p: ToyZooParams, skill: str, models_dir: Path, data_dir: Path) -> list[float]:
-    """Fine-tune the saved base on `skill` into `experts/<skill>/` and write its calibration data;
-    return the loss of every step."""
+    """Fine-tune the saved base on `skill` into `experts/<skill>/`, then write its calibration
+    data; return the loss of every step."""
     k = _seed_offset(skill)
     exclude = {ex.prompt for ex in held_out(p, skill)}
-    calib = skills.sample(skill, p.calib_samples, p.seed + 200 + k, exclude=exclude)
-    write_jsonl(data_dir / "calib" / f"{skill}.jsonl", [{"text": ex.text} for ex in calib])
     tokenizer = build_tokenizer(MAX_LENGTH * 2)
     model = LlamaForCausalLM(toy_config(p, len(tokenizer), tokenizer))  # the base's architecture, then its weights
     model.load_state_dict(load_file(models_dir / "base" / "model.safetensors"))
     data = skills.sample(skill, p.expert_steps * p.batch_size, p.seed + 1 + k, exclude=exclude)
     losses = train(model, tokenizer, data, batch_size=p.batch_size, lr=p.expert_lr, seed=p.seed + 1 + k, desc=f"expert {skill}")
     _save(model, tokenizer, models_dir / "experts" / skill)
+    calib = skills.sample(skill, p.calib_samples, p.seed + 200 + k, exclude=exclude)  # last: never data without its model
+    write_jsonl(data_dir / "calib" / f"{skill}.jsonl", [{"text": ex.text} for ex in calib])
     return losses
 
 
