@@ -138,20 +138,24 @@ def _yaml():
     return yaml
 
 
-def _describe(old: Any, new: Any) -> str:
-    """What differs between two generated stage definitions, briefly (deps, params, outs...)."""
+def _names(items: list) -> list[str]:
+    return [x if isinstance(x, str) else next(iter(x)) for x in items]  # `{path: {cache: false}}` -> path
+
+
+def _describe(old: dict | None, new: dict) -> str:
+    """What differs between two stage definitions, briefly: the deps and outs added (+) and
+    removed (-), the number of params, the names of other fields."""
     if old is None:
         return "added"
-    old_body, new_body = (d.get("do", d) if isinstance(d, dict) else {} for d in (old, new))
+    old, new = ({**d.get("do", {}), **d} for d in (old, new))  # foreach stages keep their body under `do`
     parts = []
     for key in ("foreach", "matrix", "cmd", "deps", "params", "outs"):
-        a, b = (old.get(key) if key in ("foreach", "matrix") else old_body.get(key)), (new.get(key) if key in ("foreach", "matrix") else new_body.get(key))
+        a, b = old.get(key), new.get(key)
         if a == b:
             continue
         if isinstance(a, list) and isinstance(b, list):
-            added = [x if isinstance(x, str) else next(iter(x)) for x in b if x not in a]
-            removed = [x if isinstance(x, str) else next(iter(x)) for x in a if x not in b]
-            if key == "params":  # many: their number
+            added, removed = [x for x in _names(b) if x not in _names(a)], [x for x in _names(a) if x not in _names(b)]
+            if key == "params":
                 parts.append(f"params +{len(added)} -{len(removed)}")
             else:
                 parts.append(key + "".join(f" +{x}" for x in added) + "".join(f" -{x}" for x in removed))
@@ -189,7 +193,7 @@ def sync_dvc_yaml(dvc_yaml: Path, params: Params) -> list[str]:
             del deps[i]
         for i, dep in enumerate(new):
             deps.insert(first + i, dep)
-        changes.append(f"{dvc_yaml}: stage merge: deps {_describe({'deps': current}, {'deps': new})[5:]}")
+        changes.append(f"{dvc_yaml}: stage merge: {_describe({'deps': current}, {'deps': new})}")
     if changes:
         out = io.StringIO()
         yaml.dump(doc, out)
