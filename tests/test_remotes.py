@@ -157,7 +157,7 @@ def test_alpha_experiment_on_fresh_clone_pulls_only_what_merge_needs(origin, tmp
     assert json.loads((dest / "models/merged/mergeflow_merge.json").read_text())["alpha"] == 0.3
     assert digests(dest / "models/grams") == digests(origin.path / "models/grams")
     assert digests(dest / "models/experts") == digests(origin.path / "models/experts")
-    assert not (dest / "data/calib").exists()  # gram@* inputs: not needed, not fetched
+    assert not list((dest / "data/calib").glob("*.jsonl"))  # gram@* inputs: not needed, not fetched (git holds data/calib/.gitignore)
 
 
 # --- S3 (moto in server mode on loopback) ---------------------------------------------------------
