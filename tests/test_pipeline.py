@@ -49,6 +49,10 @@ def test_repro_builds_every_output(repo, first_repro):
         assert set(metrics) == {"toy_math", "toy_code"} and all(0 <= m["exact_match"] <= 1 for m in metrics.values())
         assert sorted(p.name for p in (dest / "logs/eval" / name).iterdir()) == ["toy_code.jsonl", "toy_math.jsonl"]
         assert len((dest / "logs/eval" / name / "toy_math.jsonl").read_text().splitlines()) == 8
+    for name in ("base", "math", "code"):  # the zoo's loss curves: one row per step (TINY_TOY: 10 steps each), in git
+        curve = pd.read_csv(dest / "metrics/train" / f"{name}.csv")
+        assert list(curve.columns) == ["step", "loss"] and curve["step"].tolist() == list(range(1, 11)) and (curve["loss"] > 0).all()
+    assert "metrics/train/math.csv" in subprocess.run(["git", "ls-files", "metrics/train"], cwd=dest, capture_output=True, text=True).stdout
     summary = json.loads((dest / "metrics/summary.json").read_text())
     assert list(summary) == ["base", "expert-math", "expert-code", "merged"]
     assert summary["merged"]["toy_math"] == {"exact_match": json.loads((dest / "metrics/merged.json").read_text())["toy_math"]["exact_match"]}

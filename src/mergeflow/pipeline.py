@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -204,12 +205,13 @@ def sync_dvc_yaml(dvc_yaml: Path, params: Params) -> list[str]:
 
 def _blank_line_between_stages(text: str) -> str:
     """One empty line before each stage (or the comment above it), as a person writes dvc.yaml."""
-    lines, out, in_stages = text.splitlines(keepends=True), [], False
-    for line in lines:
-        starts_stage = in_stages and line.startswith("  ") and not line.startswith("   ")
-        if starts_stage and out and out[-1].strip() and not (out[-1].startswith("  #") or out[-1].rstrip() == "stages:"):
+    out: list[str] = []
+    in_stages = False
+    for line in text.splitlines(keepends=True):
+        if re.match(r"[A-Za-z_]", line):  # a top-level key: stages, plots, vars...
+            in_stages = line.startswith("stages:")
+        elif in_stages and re.match(r"  [A-Za-z_]", line) and out[-1].strip() and not out[-1].startswith(("  #", "stages:")):
             out.append("\n")
-        in_stages = (in_stages or line.rstrip() == "stages:") and not (line[:1].strip() and line.rstrip() != "stages:")
         out.append(line)
     return "".join(out)
 
