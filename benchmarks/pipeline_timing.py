@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["download", "gram@math", "gram@code", "merge", "evaluate-base", "evaluate-expert@math", "evaluate-expert@code", "evaluate", "submit"]
+ORDER = ["download-base", "download@math", "download@code", "download-eval", "gram@math", "gram@code", "merge", "evaluate-base", "evaluate-expert@math", "evaluate-expert@code", "evaluate", "submit"]
 
 
 def timed(cmd: list[str], cwd: Path, env: dict) -> float:

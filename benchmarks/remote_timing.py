@@ -14,7 +14,7 @@ the local file system, not of a network.
 
 `toy`: on the default toy zoo, a from-scratch `dvc repro --force` in a fresh clone of the committed
 repository, against a fresh clone that `dvc pull`s what it pushed and runs `dvc repro` (nothing to
-recompute), and one that pulls only `download` and the grams and recomputes merge and what follows.
+recompute), and one that pulls only the download stages and the grams and recomputes merge and what follows.
 
 Prints Markdown tables and writes benchmarks/results/remote-<mode>.json; the figures measured on
 the reference machine are in benchmarks/README.md. Temporary files go to $TMPDIR and are removed.
@@ -183,7 +183,7 @@ def bench_toy() -> dict:
         full_ran = ran(out)
         grams = tmp / "clone-grams"
         fresh_clone(origin, grams, env, tmp)
-        pull_grams_s, _ = timed(["dvc", "pull", "download", "gram@math", "gram@code"], grams, env)
+        pull_grams_s, _ = timed(["dvc", "pull", "download-base", "download", "download-eval", "gram@math", "gram@code"], grams, env)
         repro_grams_s, out = timed(["dvc", "repro"], grams, env)
         grams_ran = ran(out)
     return {
@@ -197,7 +197,7 @@ def print_toy(r: dict) -> None:
     print("| fresh clone of the committed repository | seconds | stages run |\n|---|---|---|")
     print(f"| from scratch: `dvc repro --force` | {r['scratch_repro_force_s']:.1f} | {len(r['scratch_ran'])} |")
     print(f"| `dvc pull` (everything) + `dvc repro` | {r['clone_pull_s']:.1f} + {r['clone_repro_s']:.1f} = {r['clone_pull_s'] + r['clone_repro_s']:.1f} | {len(r['clone_ran'])} |")
-    print(f"| `dvc pull download gram@math gram@code` + `dvc repro` | {r['clone_pull_grams_s']:.1f} + {r['clone_repro_after_grams_s']:.1f} = "
+    print(f"| `dvc pull download-base download download-eval gram@math gram@code` + `dvc repro` | {r['clone_pull_grams_s']:.1f} + {r['clone_repro_after_grams_s']:.1f} = "
           f"{r['clone_pull_grams_s'] + r['clone_repro_after_grams_s']:.1f} | {len(r['clone_after_grams_ran'])}: {', '.join(r['clone_after_grams_ran'])} |")
     print(f"| (`dvc push` of the whole run to a local remote) | {r['push_s']:.1f} | |")
 

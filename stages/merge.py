@@ -1,4 +1,5 @@
-"""DVC stage `merge`: merge the experts (params: method, alpha, experts, merge)."""
+"""DVC stage `merge`: merge the experts (params: method, alpha, experts, merge). A plugin method
+(`method: methods/x.py:Class`) must live in methods/, a dependency of this stage."""
 
 from pathlib import Path
 
@@ -8,6 +9,7 @@ from mergeflow.checkpoint import parse_size
 from mergeflow.merge import merge_models
 from mergeflow.methods import MergeOptions, get_method
 from mergeflow.params import STAGE_PARAMS
+from mergeflow.pipeline import check_plugin
 from mergeflow.stage import run_stage
 
 PARAMS = STAGE_PARAMS["merge"]  # the keys it reads (dvc.yaml lists the same): each must be in the params file
@@ -18,9 +20,11 @@ def add_arguments(parser):
     parser.add_argument("--grams", type=Path, required=True, help="folder holding one gram directory per expert")
     parser.add_argument("--base", type=Path, required=True, help="the base model (task_arithmetic, ties)")
     parser.add_argument("--out", type=Path, required=True, help="merged model directory to write")
+    parser.add_argument("--dvc-yaml", type=Path, default=Path("dvc.yaml"), help="pipeline whose plugin folder a `file.py:Class` method must be in")
 
 
 def main(args, params):
+    check_plugin(params.method, args.dvc_yaml)
     m = params.merge
     options = MergeOptions(
         alpha=params.alpha, weights=tuple(m.weights) if m.weights else None, scaling=m.scaling, density=m.density,

@@ -61,10 +61,12 @@ def test_competition_recipe_end_to_end_on_toy_stand_ins(tmp_path_factory):
 
     out = run(["mergeflow", "use", "recipes/llm-merging-competition.yaml"], repo, env)
     assert "experts gsm8k, fingpt (hub), method average" in out
+    assert "params.yaml: models.hub.experts.gsm8k.revision: main -> " in out  # pinned from the cache's refs/main
+    assert "dvc.yaml: stage download-eval: deps +data-src/test.csv" in out
     params = deep_update(yaml.safe_load((repo / "params.yaml").read_text()), CPU)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run(["dvc", "repro", "evaluate", "submit"], repo, env)  # the reference evaluations of base and experts are left out
-    assert ran(out) == {"download", "gram@gsm8k", "gram@fingpt", "merge", "evaluate", "submit"}
+    assert ran(out) == {"download-base", "download@gsm8k", "download@fingpt", "download-eval", "gram@gsm8k", "gram@fingpt", "merge", "evaluate", "submit"}
 
     merge_config = json.loads((repo / "models" / "merged" / "mergeflow_merge.json").read_text())
     assert merge_config["method"] == "average" and merge_config["weights"] == [0.8, 0.2]

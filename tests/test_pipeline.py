@@ -3,7 +3,9 @@
 Checks what a user relies on: `dvc repro` produces every output; a second `dvc repro` does nothing;
 `dvc exp run -S alpha=0.3` and `-S method=ties` rerun merge, evaluate and submit only (and
 `dvc metrics diff` reads the metrics); a gram parameter invalidates the grams and not the
-download, an evaluation parameter only the evaluations, as `dvc status` reports them.
+download stages, an expert's toy parameter the expert stages only, a plugin method's file the
+merge, an evaluation parameter only the evaluations, as `dvc status` reports them; switching to
+a recipe and undoing it as the README says leaves nothing to rerun.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from helpers import ROOT, ran, run, skipped
 
 pytestmark = pytest.mark.slow
 AFTER_MERGE = {"merge", "evaluate", "submit"}
-ALL_STAGES = {"download", "gram@math", "gram@code", "merge", "evaluate-base", "evaluate-expert@math", "evaluate-expert@code", "evaluate", "summary", "submit"}
+DOWNLOAD = {"download-base", "download@math", "download@code", "download-eval"}
+ALL_STAGES = {*DOWNLOAD, "gram@math", "gram@code", "merge", "evaluate-base", "evaluate-expert@math", "evaluate-expert@code", "evaluate", "summary", "submit"}
 MAYBE = {"summary"}  # reruns only when a metrics file it reads changed (tiny models often score 0 either way)
 
 
@@ -46,6 +49,10 @@ def test_repro_builds_every_output(repo, first_repro):
         assert set(metrics) == {"toy_math", "toy_code"} and all(0 <= m["exact_match"] <= 1 for m in metrics.values())
         assert sorted(p.name for p in (dest / "logs/eval" / name).iterdir()) == ["toy_code.jsonl", "toy_math.jsonl"]
         assert len((dest / "logs/eval" / name / "toy_math.jsonl").read_text().splitlines()) == 8
+    for name in ("base", "math", "code"):  # the zoo's loss curves: one row per step (TINY_TOY: 10 steps each), in git
+        curve = pd.read_csv(dest / "metrics/train" / f"{name}.csv")
+        assert list(curve.columns) == ["step", "loss"] and curve["step"].tolist() == list(range(1, 11)) and (curve["loss"] > 0).all()
+    assert "metrics/train/math.csv" in subprocess.run(["git", "ls-files", "metrics/train"], cwd=dest, capture_output=True, text=True).stdout
     summary = json.loads((dest / "metrics/summary.json").read_text())
     assert list(summary) == ["base", "expert-math", "expert-code", "merged"]
     assert summary["merged"]["toy_math"] == {"exact_match": json.loads((dest / "metrics/merged.json").read_text())["toy_math"]["exact_match"]}
@@ -63,6 +70,18 @@ def test_second_repro_is_up_to_date(repo, first_repro):
     out = run(["dvc", "repro"], dest, env)
     assert ran(out) == set() and skipped(out) == ALL_STAGES
     assert "Data and pipelines are up to date." in run(["dvc", "status"], dest, env)
+
+
+def test_recipe_switch_and_the_readme_undo(repo, first_repro):
+    """`mergeflow use` another recipe rewrites params.yaml and dvc.yaml (printing what it changed);
+    the README's undo, `git checkout params.yaml dvc.yaml`, leaves nothing to rerun."""
+    dest, env = repo
+    out = run(["mergeflow", "use", "recipes/smollm2-cpu.yaml"], dest, env)
+    assert "params.yaml: models: source, " in out and "dvc.yaml: stage merge: deps +models/experts/list +models/grams/list -models/experts/code -models/grams/code" in out
+    assert {"download-base", "download@list", "gram@list", "merge"} <= set(json.loads(run(["dvc", "status", "--json"], dest, env)))
+    run(["git", "checkout", "params.yaml", "dvc.yaml"], dest, env)
+    assert "Data and pipelines are up to date." in run(["dvc", "status"], dest, env)
+    assert ran(run(["dvc", "repro"], dest, env)) == set()
 
 
 def test_alpha_experiment_reruns_only_merge_and_after(repo, first_repro):
@@ -94,13 +113,35 @@ def status_after_setting(repo, key: str, value) -> dict:
     original = path.read_text()
     assert json.loads(run(["dvc", "status", "--json"], dest, env)) == {}
     params = yaml.safe_load(original)
-    group, _, name = key.rpartition(".")
-    (params[group] if group else params)[name] = value
+    *groups, name = key.split(".")
+    node = params
+    for group in groups:
+        node = node[group]
+    node[name] = value
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         return json.loads(run(["dvc", "status", "--json"], dest, env))
     finally:
         path.write_text(original)
+
+
+def test_plugin_method_file_invalidates_merge(repo, first_repro):
+    """The merge stage depends on the plugin folder methods/, so `dvc exp run -S
+    method=methods/median.py:Median` reruns merge whenever that file is edited."""
+    dest, env = repo
+    plugin = dest / "methods" / "median.py"
+    original = plugin.read_text()
+    assert json.loads(run(["dvc", "status", "--json"], dest, env)) == {}
+    plugin.write_text(original.replace(".median(dim=0).values", ".mean(dim=0)"))
+    try:
+        assert json.loads(run(["dvc", "status", "--json"], dest, env)) == {"merge": [{"changed deps": {"methods": "modified"}}]}
+    finally:
+        plugin.write_text(original)
+
+
+def test_toy_expert_parameter_invalidates_the_experts_not_the_base(repo, first_repro):
+    status = status_after_setting(repo, "models.toy.expert_lr", 0.001)
+    assert status == {f"download@{e}": [{"changed deps": {"params.yaml": {"models.toy.expert_lr": "modified"}}}] for e in ("math", "code")}
 
 
 def test_gram_parameter_invalidates_grams_not_download(repo, first_repro):

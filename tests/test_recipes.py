@@ -63,7 +63,8 @@ def test_use_switches_params_and_refuses_a_bad_recipe(tmp_path):
     run(ROOT / "recipes" / "llm-merging-competition.yaml")
     merge = yaml.safe_load(dvc_yaml.read_text())["stages"]["merge"]
     assert [d for d in merge["deps"] if d.startswith("models/grams/")] == ["models/grams/gsm8k", "models/grams/fingpt"]
-    assert "# One gram directory per expert" in dvc_yaml.read_text()  # comments kept
+    assert "# One model and one gram directory per expert" in dvc_yaml.read_text()  # comments kept
+    assert [d for d in merge["deps"] if d.startswith("models/experts")] == ["models/experts/gsm8k", "models/experts/fingpt"]
     run(ROOT / "recipes" / "llama3-code-math.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("alpha: 2\n")
@@ -114,3 +115,24 @@ def test_plan_names_the_missing_config_and_the_fix(llama3_configs_in_cache, tmp_
     raw["models"]["hub"]["experts"]["code"] = {"repo_id": "org/absent", "revision": "main"}
     with pytest.raises(FileNotFoundError, match=r"org/absent@main: config\.json is not in the Hugging Face cache .* `hf download org/absent config\.json --revision main`"):
         make_plan(Params.model_validate(raw), tflops=100)
+
+
+def test_recipes_switch_both_ways(tmp_path):
+    """Toy -> SmolLM2 -> competition -> `mergeflow use recipes/toy.yaml` (the README's way back)
+    gives back the committed params.yaml and dvc.yaml byte for byte, each step printing its changes."""
+    from mergeflow.recipes import use_recipe
+
+    params, dvc_yaml = tmp_path / "params.yaml", tmp_path / "dvc.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    shutil.copy(ROOT / "dvc.yaml", dvc_yaml)
+    assert (ROOT / "recipes" / "toy.yaml").read_bytes() == params.read_bytes()
+    _, changes = use_recipe(ROOT / "recipes" / "smollm2-cpu.yaml", params, dvc_yaml)
+    assert f"{params}: experts: ['math', 'code'] -> ['math', 'list']" in changes
+    assert f"{dvc_yaml}: stage merge: deps +models/experts/list +models/grams/list -models/experts/code -models/grams/code" in changes
+    _, changes = use_recipe(ROOT / "recipes" / "llm-merging-competition.yaml", params, dvc_yaml)
+    assert f"{dvc_yaml}: stage download-eval: deps +data-src/test.csv -models/base, params +2 -3" in changes
+    stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
+    assert stages["download"]["foreach"] == {"gsm8k": {"calib": "data-src/validation/cosmos_qa.csv"}, "fingpt": {"calib": "data-src/validation/xsum.csv"}}
+    _, changes = use_recipe(ROOT / "recipes" / "toy.yaml", params, dvc_yaml)
+    assert params.read_bytes() == (ROOT / "params.yaml").read_bytes() and dvc_yaml.read_bytes() == (ROOT / "dvc.yaml").read_bytes()
+    assert use_recipe(ROOT / "recipes" / "toy.yaml", params, dvc_yaml)[1] == []  # nothing left to change

@@ -43,7 +43,7 @@ class Origin:
     partial: Path  # local remote holding the outputs of `before` only
     graph: dict[str, set[str]]  # stage -> the stages that read its outputs
     after: set[str]  # merge and every stage downstream of it
-    before: set[str]  # every other stage (download, gram@*, the reference evaluations)
+    before: set[str]  # every other stage (download-*, download@*, gram@*, the reference evaluations)
 
 
 def stage_graph(repo: Path, env: dict) -> dict[str, set[str]]:
@@ -96,7 +96,7 @@ def origin(pipeline_run, tmp_path_factory) -> Origin:
     graph = stage_graph(dest, env)
     after = {"merge"} | downstream(graph, "merge")
     before = set(graph) - after
-    assert {"download", "gram@math", "gram@code"} <= before and {"merge", "evaluate", "submit"} <= after
+    assert {"download-base", "download@math", "download@code", "download-eval", "gram@math", "gram@code"} <= before and {"merge", "evaluate", "submit"} <= after
     run(["dvc", "push", "-r", "partial", *sorted(before)], dest, env)
     return Origin(dest, env, shared, partial, graph, after, before)
 
@@ -128,7 +128,7 @@ def test_pull_grams_then_repro_pull_recomputes_only_what_the_remote_lacks(origin
     assert digests(dest / "models/grams") == digests(origin.path / "models/grams")
     assert not (dest / "models/experts").exists() and not (dest / "models/merged").exists()
     out = run(["dvc", "repro", "--pull"], dest, env)
-    assert "download" in pulled(out) and {"gram@math", "gram@code"} <= skipped(out)
+    assert {"download-base", "download@math", "download@code", "download-eval"} <= pulled(out) and {"gram@math", "gram@code"} <= skipped(out)
     assert ran(out) & origin.before == set()
     assert {"merge", "submit"} <= ran(out) <= origin.after
     assert digests(dest / "models/merged") == digests(origin.path / "models/merged")
@@ -157,7 +157,7 @@ def test_alpha_experiment_on_fresh_clone_pulls_only_what_merge_needs(origin, tmp
     assert json.loads((dest / "models/merged/mergeflow_merge.json").read_text())["alpha"] == 0.3
     assert digests(dest / "models/grams") == digests(origin.path / "models/grams")
     assert digests(dest / "models/experts") == digests(origin.path / "models/experts")
-    assert not (dest / "data/calib").exists()  # gram@* inputs: not needed, not fetched
+    assert not list((dest / "data/calib").glob("*.jsonl"))  # gram@* inputs: not needed, not fetched (git holds data/calib/.gitignore)
 
 
 # --- S3 (moto in server mode on loopback) ---------------------------------------------------------

@@ -62,9 +62,10 @@ def hub_params(tmp_path, **experts):
     })
 
 
-def test_hub_source_resolves_a_prefilled_cache_offline(hub_cache, tmp_path):
+def test_hub_source_resolves_a_prefilled_cache_offline(hub_cache, tmp_path, caplog):
     params = hub_params(tmp_path, math="org/math", code="org/code")
     materialise(params, tmp_path / "models", tmp_path / "data")
+    assert "params.yaml: models.hub.experts.code.revision 'main' is a moving ref, DVC cannot tell when it moves; `mergeflow use params.yaml` pins it to its commit" in caplog.messages
     for name, src in [("base", "org/base"), ("experts/math", "org/math"), ("experts/code", "org/code")]:
         out = tmp_path / "models" / name
         assert (out / "model.safetensors").read_bytes() == (tmp_path / "src" / src / "model.safetensors").read_bytes()

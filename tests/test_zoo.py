@@ -71,3 +71,26 @@ def test_unknown_toy_expert_is_refused(tmp_path):
         build_toy_zoo(TINY, ["math", "poetry"], tmp_path / "m", tmp_path / "d")
     with pytest.raises(ValueError, match="unknown toy skill"):
         skills.sample("poetry", 1, 0)
+
+
+@pytest.mark.faults
+def test_expert_stage_killed_while_training_leaves_no_data_without_its_model(zoo, tmp_path, monkeypatch, record_property):
+    """download@<expert> writes the model first and its calibration data last, each atomically:
+    a kill during training leaves neither (DVC reruns the stage, which it never recorded)."""
+    import shutil
+
+    from mergeflow.zoo import toy
+
+    shutil.copytree(zoo / "models" / "base", tmp_path / "models" / "base")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(toy, "train", killed)
+    with pytest.raises(KeyboardInterrupt):
+        toy.build_expert(TINY, "math", tmp_path / "models", tmp_path / "data")
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file() and "base" not in p.parts)
+    record_property("fault", "download@math killed while training the expert")
+    record_property("outcome", "recovered: no model, no calibration data, stage not recorded" if not left else f"debris: {left}")
+    record_property("bytes_lost", 0)
+    assert left == []

@@ -291,16 +291,22 @@ def methods() -> None:
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--params", "params_file", default="params.yaml", show_default=True, type=PATH, help="The pipeline's params file to replace.")
-@click.option("--dvc-yaml", default="dvc.yaml", show_default=True, type=PATH, help="Pipeline whose merge stage gets one gram dependency per expert.")
+@click.option("--dvc-yaml", default="dvc.yaml", show_default=True, type=PATH, help="Pipeline whose download stages and merge deps follow the params.")
 def use(recipe: Path, params_file: Path, dvc_yaml: Path) -> None:
-    """Switch the pipeline to RECIPE (e.g. recipes/llama3-code-math.yaml): validate it, write it
-    over params.yaml and point dvc.yaml's merge stage at its experts' grams. Then `mergeflow plan` to see the cost, `dvc repro` to run; `git diff
-    params.yaml` shows the switch and `git checkout params.yaml` undoes it."""
+    """Switch the pipeline to RECIPE (e.g. recipes/llama3-code-math.yaml; recipes/toy.yaml is the
+    default): validate it, write it over params.yaml, pin its hub branches to commits and
+    regenerate dvc.yaml's download stages and merge deps (local inputs become DVC dependencies),
+    printing every change. `mergeflow use params.yaml` does the last two after editing params.yaml
+    by hand. Then `mergeflow plan` to see the cost, `dvc repro` to run."""
     from .recipes import use_recipe
 
-    params = use_recipe(recipe, params_file, dvc_yaml)
+    params, changes = use_recipe(recipe, params_file, dvc_yaml)
+    for line in changes:
+        click.echo(line)
+    if not changes:
+        click.echo(f"{params_file}, {dvc_yaml}: unchanged")
     click.echo(f"{params_file} <- {recipe}: experts {', '.join(params.experts)} ({params.models.source}), method {params.method}, alpha {params.alpha}")
-    click.echo("next: `mergeflow plan` (cost), `dvc repro` (run), `dvc exp run -S alpha=0.3` (sweep)")
+    click.echo("next: `mergeflow plan` (cost), `dvc repro` (run), `dvc exp run -S alpha=0.3` (sweep); undo: `mergeflow use recipes/toy.yaml`")
 
 
 @main.command()

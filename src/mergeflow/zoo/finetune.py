@@ -50,8 +50,8 @@ def trainable_parameters(model, layers: Sequence[int], modules: str) -> list[tor
     return params
 
 
-def finetune(model, tokenizer, questions: Sequence[Question], *, layers: Sequence[int], modules: str, batch_size: int, lr: float, seed: int, desc: str) -> float:
-    """Train in place for one pass over `questions`; return the mean loss of the last 10% of steps.
+def finetune(model, tokenizer, questions: Sequence[Question], *, layers: Sequence[int], modules: str, batch_size: int, lr: float, seed: int, desc: str) -> list[float]:
+    """Train in place for one pass over `questions`; return the loss of every step.
 
     AdamW with warm-up and cosine decay; a fixed seed and a fixed order make the run repeatable.
     """
@@ -79,9 +79,8 @@ def finetune(model, tokenizer, questions: Sequence[Question], *, layers: Sequenc
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    final = closing_loss(losses)
-    log.info("%s: %d steps of %d, final loss %.4f", desc, steps, batch_size, final)
-    return final
+    log.info("%s: %d steps of %d, final loss %.4f", desc, steps, batch_size, closing_loss(losses))
+    return losses
 
 
 def scored(text: str, question: Question) -> str:

@@ -10,12 +10,16 @@
 Hub and local models are hard-linked into place where the file system allows (no copy of a
 16 GB expert), else copied; an expert given as a LoRA adapter (`adapter_config.json`, no
 `config.json`) is merged into its base (see `adapters.py`). Data files come from the `data` group.
+
+The pipeline runs one step per DVC stage (`download-base`, `download@<expert>`, `download-eval`),
+each with exactly its own inputs as dependencies (see `pipeline.py`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -24,6 +28,7 @@ from ..params import DataParams, HubModel, Params
 from .adapters import is_adapter, materialise_adapter
 
 log = logging.getLogger(__name__)
+COMMIT = re.compile(r"[0-9a-f]{40}")
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
 
 
@@ -59,20 +64,24 @@ def hub_snapshot(model: HubModel) -> Path:
         ) from None
 
 
-def copy_data(data: DataParams, experts: list[str], data_dir: Path) -> None:
-    """Copy each expert's calibration file (required: grams need it), its evaluation file for the
-    toy tasks (optional: lm-eval's own tasks bring their data) and the test CSV into `data_dir`."""
+def copy_calib(data: DataParams, expert: str, data_dir: Path) -> None:
+    """Copy the expert's calibration file (required: grams need it) to `calib/<expert>.jsonl`."""
+    if expert not in data.calib:
+        raise ValueError(f"params.yaml: data.calib.{expert} is not set; give the calibration file of expert {expert!r}")
+    src, dst = Path(data.calib[expert]), data_dir / "calib" / f"{expert}.jsonl"
+    if src.suffix.lower() in (".parquet", ".csv", ".json"):  # the pipeline reads calib/<expert>.jsonl
+        _convert_to_jsonl(src, dst, f"data.calib.{expert}")
+    else:
+        _copy_file(src, dst, f"data.calib.{expert}")
+
+
+def copy_eval_data(data: DataParams, experts: list[str], data_dir: Path) -> None:
+    """Copy each expert's evaluation file for the toy tasks (optional: lm-eval's own tasks bring
+    their data) into `eval/`, and the test CSV to `test.csv`."""
+    (data_dir / "eval").mkdir(parents=True, exist_ok=True)
     for expert in experts:
-        if expert not in data.calib:
-            raise ValueError(f"params.yaml: data.calib.{expert} is not set; give the calibration file of expert {expert!r}")
-        src, dst = Path(data.calib[expert]), data_dir / "calib" / f"{expert}.jsonl"
-        if src.suffix.lower() in (".parquet", ".csv", ".json"):  # the pipeline reads calib/<expert>.jsonl
-            _convert_to_jsonl(src, dst, f"data.calib.{expert}")
-        else:
-            _copy_file(src, dst, f"data.calib.{expert}")
         if expert in data.eval:
             _copy_file(Path(data.eval[expert]), data_dir / "eval" / f"{expert}.jsonl", f"data.eval.{expert}")
-    (data_dir / "eval").mkdir(parents=True, exist_ok=True)
     if data.test_csv:
         src = Path(data.test_csv)
         if src.is_file():  # refuse a bad or empty file now, not at submit (where an empty one would pass: see submission.py)
@@ -107,38 +116,98 @@ def _copy_file(src: Path, dst: Path, param: str) -> None:
         shutil.copyfile(src, tmp)
 
 
-def _require_all(group, experts: list[str], name: str):
-    """`group` (models.hub or models.local) must name a base and every expert."""
-    missing = (["base"] if group.base is None else []) + [e for e in experts if e not in group.experts]
-    if missing:
-        raise ValueError(f"params.yaml: models.{name} needs a base and every expert; missing: {missing}")
-    return group
+def is_pinned(revision: str) -> bool:
+    """A full commit hash: the only hub revision that cannot move under a cached result."""
+    return bool(COMMIT.fullmatch(revision))
+
+
+def _source_dir(params: Params, name: str) -> Path:
+    """Where model `name` (`base` or an expert) comes from, for the hub and local sources."""
+    group = getattr(params.models, params.models.source)
+    entry = group.base if name == "base" else group.experts.get(name)
+    if entry is None:
+        raise ValueError(f"params.yaml: models.{params.models.source} needs a base and every expert; missing: {name!r}")
+    if params.models.source == "local":
+        return Path(entry)
+    if not is_pinned(entry.revision):
+        key = "base" if name == "base" else f"experts.{name}"
+        log.warning("params.yaml: models.hub.%s.revision %r is a moving ref, DVC cannot tell when it moves; "
+                    "`mergeflow use params.yaml` pins it to its commit", key, entry.revision)
+    return hub_snapshot(entry)
+
+
+def materialise_base(params: Params, models_dir: Path) -> list[float]:
+    """Put the base model at `models_dir/base`; return its training losses (empty when not trained)."""
+    source = params.models.source
+    if source == "toy":
+        from .toy import build_base
+
+        return build_base(params.models.toy, models_dir)
+    if source == "smollm2":
+        from .smollm2 import build_base
+
+        build_base(params.models.smollm2, models_dir)
+        return []
+    src = _source_dir(params, "base")
+    link_or_copy_tree(src, models_dir / "base")
+    log.info("base: %s -> %s", src, models_dir / "base")
+    return []
+
+
+def materialise_expert(params: Params, expert: str, models_dir: Path, data_dir: Path) -> dict:
+    """Put expert `expert` at `models_dir/experts/<expert>` (from the base already at
+    `models_dir/base` for the zoos and adapters) and its calibration data at
+    `data_dir/calib/<expert>.jsonl`; return its training `losses` (empty when not trained) and,
+    for a LoRA adapter, what was merged (`adapter`)."""
+    source = params.models.source
+    if expert not in params.experts:
+        raise ValueError(f"params.yaml: {expert!r} is not among experts {params.experts}")
+    if source == "toy":
+        from .toy import build_expert
+
+        return {"losses": build_expert(params.models.toy, expert, models_dir, data_dir)}
+    if source == "smollm2":
+        from .smollm2 import build_expert
+
+        return {"losses": build_expert(params.models.smollm2, expert, models_dir, data_dir)}
+    src, dst = _source_dir(params, expert), models_dir / "experts" / expert
+    if expert not in params.data.calib or not Path(params.data.calib[expert]).is_file():
+        copy_calib(params.data, expert, data_dir)  # refuses, naming the parameter, before the (long) model step
+    adapter = None
+    if is_adapter(src):  # a LoRA adapter: full weights for grams and merging
+        adapter = materialise_adapter(src, models_dir / "base", dst)
+    else:
+        link_or_copy_tree(src, dst)
+    copy_calib(params.data, expert, data_dir)  # last: never data without its model
+    log.info("%s: %s -> %s", expert, src, dst)
+    return {"losses": [], "adapter": adapter}
+
+
+def materialise_eval(params: Params, models_dir: Path, data_dir: Path) -> None:
+    """Put the evaluation data at `data_dir/eval/` and the test file at `data_dir/test.csv`."""
+    source = params.models.source
+    if source == "toy":
+        from .toy import write_eval_data
+
+        write_eval_data(params.models.toy, params.experts, data_dir)
+    elif source == "smollm2":
+        from .smollm2 import write_eval_data
+
+        write_eval_data(params.models.smollm2, params.experts, models_dir, data_dir)
+    else:
+        copy_eval_data(params.data, params.experts, data_dir)
 
 
 def materialise(params: Params, models_dir: Path, data_dir: Path) -> dict:
-    """Put `base/`, `experts/<name>/` under `models_dir` and the data under `data_dir`."""
-    source, experts = params.models.source, params.experts
-    if source == "toy":
-        from .toy import build_toy_zoo
-
-        return {"source": "toy", "final_loss": build_toy_zoo(params.models.toy, experts, models_dir, data_dir)}
-    if source == "smollm2":
-        from .smollm2 import build_smollm2_zoo
-
-        return {"source": "smollm2", **build_smollm2_zoo(params.models.smollm2, experts, models_dir, data_dir)}
-    if source == "hub":
-        hub = _require_all(params.models.hub, experts, "hub")
-        dirs = {"base": hub_snapshot(hub.base), **{e: hub_snapshot(hub.experts[e]) for e in experts}}
-    else:
-        local = _require_all(params.models.local, experts, "local")
-        dirs = {"base": Path(local.base), **{e: Path(local.experts[e]) for e in experts}}
-    copy_data(params.data, experts, data_dir)
+    """Everything at once (the pipeline runs these steps as separate stages): the base, the
+    evaluation data, then each expert; return the training `losses` of each model and the
+    `adapters` merged into the base."""
+    losses = {"base": materialise_base(params, models_dir)}
+    materialise_eval(params, models_dir, data_dir)
     adapters = {}
-    for name, src in dirs.items():
-        dst = models_dir / "base" if name == "base" else models_dir / "experts" / name
-        if name != "base" and is_adapter(src):  # a LoRA adapter: full weights for grams and merging
-            adapters[name] = materialise_adapter(src, dirs["base"], dst)
-        else:
-            link_or_copy_tree(src, dst)
-        log.info("%s: %s -> %s", name, src, dst)
-    return {"source": source, "models": {k: str(v) for k, v in dirs.items()}, "adapters": adapters}
+    for expert in params.experts:
+        done = materialise_expert(params, expert, models_dir, data_dir)
+        losses[expert] = done["losses"]
+        if done.get("adapter"):
+            adapters[expert] = done["adapter"]
+    return {"losses": losses, "adapters": adapters}

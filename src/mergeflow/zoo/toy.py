@@ -4,7 +4,8 @@ The base is pretrained on copying strings (`copy`); the experts start from it an
 one skill each (`math`: addition, `code`: string reversal). All randomness flows from `seed`, so
 the same parameters give the same weights and data on the same machine. Next to the models it
 writes each skill's calibration data (for grams), disjoint evaluation data and a toy `test.csv`
-in the LLM-Merging competition's format.
+in the LLM-Merging competition's format. The pipeline builds the base, each expert and the
+evaluation data in separate DVC stages, so each step reads only its own parameters.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Callable
 
 import pandas as pd
 import torch
+from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ..io import atomic_dir, atomic_file, write_jsonl
@@ -26,6 +28,7 @@ from .train import train
 
 log = logging.getLogger(__name__)
 MAX_LENGTH = 32
+TOY_SKILLS = ("math", "code")  # the experts a toy zoo can have; their order sets their seeds
 
 
 def toy_config(p: ToyZooParams, vocab_size: int, tokenizer) -> LlamaConfig:
@@ -50,39 +53,56 @@ def _save(model: LlamaForCausalLM, tokenizer, out: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
 
-def build_models(p: ToyZooParams, experts: list[str], models_dir: Path, held_out: dict[str, set[str]]) -> dict[str, float]:
-    """Train the base and one expert per skill; save them as `base/` and `experts/<skill>/`."""
+def _seed_offset(skill: str) -> int:
+    """An expert's seeds follow its skill's place in TOY_SKILLS, not its place in `experts`, so that
+    each expert is built from the parameters and its own name alone (one DVC stage per expert)."""
+    if skill not in TOY_SKILLS:
+        raise ValueError(f"params.yaml: expert {skill!r} has no toy skill; with models.source: toy, experts must be among {sorted(TOY_SKILLS)}")
+    return TOY_SKILLS.index(skill)
+
+
+def held_out(p: ToyZooParams, skill: str) -> list[skills.Example]:
+    """The evaluation examples of `skill` then its test rows: never trained on nor calibrated with."""
+    return skills.sample(skill, p.eval_samples + p.test_rows, p.seed + 100 + _seed_offset(skill), unique=True)
+
+
+def build_base(p: ToyZooParams, models_dir: Path) -> list[float]:
+    """Pretrain the base on copying strings and save it as `base/`; return the loss of every step."""
     torch.manual_seed(p.seed)
     tokenizer = build_tokenizer(MAX_LENGTH * 2)
     model = LlamaForCausalLM(toy_config(p, len(tokenizer), tokenizer))
     log.info("toy base: %.2fM parameters", sum(t.numel() for t in model.parameters()) / 1e6)
-    losses = {}
     copy_data = skills.sample("copy", p.base_steps * p.batch_size, p.seed)
-    losses["base"] = train(model, tokenizer, copy_data, batch_size=p.batch_size, lr=p.base_lr, seed=p.seed, desc="base (copy)")
+    losses = train(model, tokenizer, copy_data, batch_size=p.batch_size, lr=p.base_lr, seed=p.seed, desc="base (copy)")
     _save(model, tokenizer, models_dir / "base")
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    for i, skill in enumerate(experts):
-        model.load_state_dict(base_state)
-        data = skills.sample(skill, p.expert_steps * p.batch_size, p.seed + 1 + i, exclude=held_out[skill])
-        losses[skill] = train(model, tokenizer, data, batch_size=p.batch_size, lr=p.expert_lr, seed=p.seed + 1 + i, desc=f"expert {skill}")
-        _save(model, tokenizer, models_dir / "experts" / skill)
     return losses
 
 
-def write_data(p: ToyZooParams, experts: list[str], data_dir: Path) -> dict[str, set[str]]:
-    """Write calibration and evaluation JSONL per skill and a toy `test.csv`; return held-out prompts."""
-    held_out: dict[str, set[str]] = {}
+def build_expert(p: ToyZooParams, skill: str, models_dir: Path, data_dir: Path) -> list[float]:
+    """Fine-tune the saved base on `skill` into `experts/<skill>/`, then write its calibration
+    data; return the loss of every step."""
+    k = _seed_offset(skill)
+    exclude = {ex.prompt for ex in held_out(p, skill)}
+    tokenizer = build_tokenizer(MAX_LENGTH * 2)
+    model = LlamaForCausalLM(toy_config(p, len(tokenizer), tokenizer))  # the base's architecture, then its weights
+    model.load_state_dict(load_file(models_dir / "base" / "model.safetensors"))
+    data = skills.sample(skill, p.expert_steps * p.batch_size, p.seed + 1 + k, exclude=exclude)
+    losses = train(model, tokenizer, data, batch_size=p.batch_size, lr=p.expert_lr, seed=p.seed + 1 + k, desc=f"expert {skill}")
+    _save(model, tokenizer, models_dir / "experts" / skill)
+    calib = skills.sample(skill, p.calib_samples, p.seed + 200 + k, exclude=exclude)  # last: never data without its model
+    write_jsonl(data_dir / "calib" / f"{skill}.jsonl", [{"text": ex.text} for ex in calib])
+    return losses
+
+
+def write_eval_data(p: ToyZooParams, experts: list[str], data_dir: Path) -> None:
+    """Write the evaluation JSONL of each skill and a toy `test.csv` from their held-out examples."""
     test_rows: list[tuple[str, str, list[str] | None]] = []
-    for i, skill in enumerate(experts):
-        evaluation = skills.sample(skill, p.eval_samples + p.test_rows, p.seed + 100 + i, unique=True)
-        held_out[skill] = {ex.prompt for ex in evaluation}
-        calib = skills.sample(skill, p.calib_samples, p.seed + 200 + i, exclude=held_out[skill])
+    for skill in experts:
+        evaluation = held_out(p, skill)
         write_jsonl(data_dir / "eval" / f"{skill}.jsonl", [{"prompt": ex.prompt, "answer": ex.answer} for ex in evaluation[: p.eval_samples]])
-        write_jsonl(data_dir / "calib" / f"{skill}.jsonl", [{"text": ex.text} for ex in calib])
-        test_rows += submission_rows(evaluation[p.eval_samples :], skills.SKILLS[skill], random.Random(p.seed + 300 + i))
+        test_rows += submission_rows(evaluation[p.eval_samples :], skills.SKILLS[skill], random.Random(p.seed + 300 + _seed_offset(skill)))
     random.Random(p.seed).shuffle(test_rows)
     write_test_csv(data_dir / "test.csv", test_rows)
-    return held_out
 
 
 def submission_rows(examples: list[skills.Example], draw: Callable[[random.Random], Any], rng: random.Random) -> list[tuple[str, str, list[str] | None]]:
@@ -115,10 +135,14 @@ def write_test_csv(path: Path, rows: list[tuple[str, str, list[str] | None]]) ->
         frame.to_csv(tmp, index=False)
 
 
-def build_toy_zoo(p: ToyZooParams, experts: list[str], models_dir: Path, data_dir: Path) -> dict[str, float]:
-    """Build the whole toy zoo: data first (so training can avoid the held-out prompts), then models."""
-    unknown = sorted(set(experts) - {"math", "code"})
+def build_toy_zoo(p: ToyZooParams, experts: list[str], models_dir: Path, data_dir: Path) -> dict[str, list[float]]:
+    """The whole toy zoo at once (the pipeline runs these steps as separate stages): evaluation
+    data, the base, then each expert; return the loss of every training step per model."""
+    unknown = sorted(set(experts) - set(TOY_SKILLS))
     if unknown:
-        raise ValueError(f"params.yaml: experts {unknown} have no toy skill; with models.source: toy, experts must be among ['code', 'math']")
-    held_out = write_data(p, experts, data_dir)
-    return build_models(p, experts, models_dir, held_out)
+        raise ValueError(f"params.yaml: experts {unknown} have no toy skill; with models.source: toy, experts must be among {sorted(TOY_SKILLS)}")
+    write_eval_data(p, experts, data_dir)
+    losses = {"base": build_base(p, models_dir)}
+    for skill in experts:
+        losses[skill] = build_expert(p, skill, models_dir, data_dir)
+    return losses

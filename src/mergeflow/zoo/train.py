@@ -59,8 +59,9 @@ def train(
     lr: float,
     seed: int,
     desc: str,
-) -> float:
-    """Train `model` in place for one pass over `examples`; return the mean loss of the last 10%.
+) -> list[float]:
+    """Train `model` in place for one pass over `examples`; return the loss of every step
+    (`closing_loss` of them is what a run reports).
 
     Warm-up then cosine decay of the learning rate; a fixed seed makes the run repeatable.
     """
@@ -80,6 +81,5 @@ def train(
         batch = _batch(prompts[rows], full[rows], tokenizer.pad_token_id)
         losses.append(optimizer_step(model(**batch).loss, model.parameters(), optimizer, schedule))
     model.eval()
-    final = closing_loss(losses)
-    log.info("%s: %d steps, final loss %.4f", desc, steps, final)
-    return final
+    log.info("%s: %d steps, final loss %.4f", desc, steps, closing_loss(losses))
+    return losses
