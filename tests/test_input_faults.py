@@ -78,7 +78,7 @@ def test_pipeline_without_a_test_csv_writes_a_header_only_submission(tmp_path, c
 
 @pytest.mark.faults
 def test_download_refuses_a_header_only_data_test_csv(tmp_path, record_property):
-    from mergeflow.zoo.sources import copy_data
+    from mergeflow.zoo.sources import copy_eval_data
 
     calib, test = tmp_path / "calib.jsonl", tmp_path / "empty.csv"
     calib.write_text('{"text": "a"}\n')
@@ -87,7 +87,7 @@ def test_download_refuses_a_header_only_data_test_csv(tmp_path, record_property)
     previous.parent.mkdir()
     previous.write_bytes(b"id,input,eval_type,answer_choices\n0,x,generation,\n")
     with pytest.raises(ValueError) as err:
-        copy_data(DataParams(calib={"a": str(calib)}, test_csv=str(test)), ["a"], tmp_path / "data")
+        copy_eval_data(DataParams(calib={"a": str(calib)}, test_csv=str(test)), ["a"], tmp_path / "data")
     assert str(err.value) == f"{test}: no rows, only the header (params.yaml: data.test_csv); give the competition's test.csv, or unset data.test_csv"
     record(record_property, "header-only data.test_csv (download)", "refused: data/test.csv kept", previous, b"id,input,eval_type,answer_choices\n0,x,generation,\n")
 
