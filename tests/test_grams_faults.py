@@ -11,13 +11,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
+from mergeflow import io
 from mergeflow.grams import GramDir
 from mergeflow.grams.collect import compute_grams
 from mergeflow.grams.combine import sum_grams
@@ -33,7 +34,7 @@ PHASES = [
     "grams:publish-begin",  # every layer finished, nothing published
     "grams:publish-linked",  # the first layer file linked into the checkpoint's publish/
     "grams:publish-indexed",  # publish/ complete with grams.json, not renamed
-    "grams:publish-displaced",  # the previous output moved into the checkpoint, the new one not yet in place
+    "publish:exchanged",  # the new output swapped into place, the previous one inside the checkpoint's publish/
     "grams:publish-renamed",  # the new output in place, the checkpoint still there
     "grams:partial-unmarked",  # the checkpoint's fingerprint removed, the rest not yet
     "grams:partial-emptied",  # only the checkpoint's owner.json left
@@ -94,31 +95,35 @@ def test_ctrl_c_at_every_phase_then_rerun_gives_the_same_bytes(fault, experts, c
 @pytest.mark.parametrize("fault", PHASES)
 def test_sigkill_at_every_phase_then_rerun_gives_the_same_bytes(fault, experts, calib_file, reference, previous, record_property):
     out, old = previous
-    cmd = [sys.executable, "-m", "mergeflow", "grams", "--model", str(experts[0]), "--data", str(calib_file), "--out", str(out), *CLI_ARGS]
+    cmd = [sys.executable, "-m", "mergeflow", "grams", "--model", str(experts[0]), "--data", str(calib_file), "--out", str(out), "--force", *CLI_ARGS]
     proc = subprocess.run(cmd, env={**os.environ, "MERGEFLOW_FAULT": f"{fault}:kill"}, capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     check_rerun(record_property, experts, calib_file, reference, out, old, fault, "SIGKILL")
 
 
-def test_a_checkpoint_of_a_live_run_is_not_touched(experts, calib_file, tmp_path, record_property):
+@pytest.mark.parametrize("owner", ["live", "unrecorded"])
+def test_a_checkpoint_of_a_live_or_unknown_run_is_not_touched(owner, experts, calib_file, tmp_path, record_property):
     partial = tmp_path / ".g.partial"
     partial.mkdir()
     (partial / "fingerprint").write_text("another run\n")
-    parent = os.getppid()  # alive for as long as this test runs
-    import psutil
-
-    owner = {"pid": parent, "start": psutil.Process(parent).create_time(), "boot": Path("/proc/sys/kernel/random/boot_id").read_text().strip(), "host": socket.gethostname()}
-    (partial / "owner.json").write_text(json.dumps(owner))
+    parent = psutil.Process(os.getppid())  # alive for as long as this test runs
+    why = f"{partial / io.OWNER_FILE} is missing or unreadable, so its owner cannot be proved dead"
+    if owner == "live":
+        io.record_owner(partial)
+        record = json.loads((partial / io.OWNER_FILE).read_text())
+        (partial / io.OWNER_FILE).write_text(json.dumps({**record, "pid": parent.pid, "start": round(parent.create_time() * 100)}))
+        why = io.owner_status(partial)[1]
+        assert why.startswith(f"PID {parent.pid} still runs")
     before = digests(partial)
     with pytest.raises(BlockingIOError) as err:
         compute_grams(experts[0], calib_file, tmp_path / "g", **KWARGS)
     assert str(err.value) == (
-        f"{partial}: the checkpoint of a gram run for {tmp_path / 'g'} that may still be running (PID {parent} still runs); "
-        f"wait for it or stop it, then rerun (if it is over, remove the checkpoint: rm -rf '{partial}')"
+        f"{partial}: the checkpoint of a gram run for {tmp_path / 'g'} that may still be in use ({why}); "
+        f"wait for its run to finish or stop it, then rerun (if none runs any more, remove it: rm -rf '{partial}')"
     )
     assert digests(partial) == before and not (tmp_path / "g").exists()
-    record_property("fault", "gram run while another live run owns the checkpoint")
-    record_property("outcome", "refused: names the PID, checkpoint untouched")
+    record_property("fault", f"gram run while a {owner} run owns the checkpoint")
+    record_property("outcome", "refused: names the owner (or its missing record) and the rm -rf, checkpoint untouched")
     record_property("bytes_lost", 0)
 
 
@@ -364,7 +369,7 @@ def test_grams_never_replace_what_mergeflow_did_not_write(experts, calib_file, t
     before = digests(victim)
     with pytest.raises(FileExistsError) as err:
         compute_grams(experts[0], calib_file, victim, **KWARGS)
-    assert str(err.value) == f"{victim}: --out exists and is not a gram directory (no grams.json of 'mergeflow.grams/1'); mergeflow never replaces it: choose another --out or remove it yourself"
+    assert str(err.value) == f"{victim}: --out exists and is not a gram mergeflow wrote; mergeflow never replaces it: choose another --out or remove it yourself"
     assert digests(victim) == before and debris(tmp_path) == []
     record_property("fault", "grams --out naming a model directory")
     record_property("outcome", "refused: names the directory")

@@ -411,7 +411,7 @@ def test_claim_dir_refuses_a_live_owner_and_takes_over_from_a_dead_one(tmp_path,
     record = json.loads((partial / io.OWNER_FILE).read_text())
     parent = psutil_parent()
     (partial / io.OWNER_FILE).write_text(json.dumps({**record, "pid": parent.pid, "start": round(parent.create_time() * 100)}))
-    with pytest.raises(FileExistsError, match=rf"^{partial}: in use by another run \(PID {parent.pid} still runs"):
+    with pytest.raises(BlockingIOError, match=rf"^{partial}: a run's working directory that may still be in use \(PID {parent.pid} still runs"):
         io.claim_dir(partial)
     (partial / io.OWNER_FILE).write_text(json.dumps({**record, "pid": dead_pid()}))
     assert io.claim_dir(partial).startswith("no process has PID")
