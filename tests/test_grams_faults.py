@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import psutil
@@ -289,7 +287,7 @@ def test_disk_full_is_one_line_and_the_rerun_keeps_the_finished_layers(experts, 
     report(record_property, "disk full while writing grams (SafetensorError)", "refused: one line with the path; rerun resumed")
 
 
-def test_enospc_from_a_plain_write_names_the_path(tmp_path):
+def test_enospc_from_a_plain_write_names_the_path(tmp_path, record_property):
     import errno
 
     from mergeflow.grams.format import disk_errors
@@ -297,6 +295,7 @@ def test_enospc_from_a_plain_write_names_the_path(tmp_path):
     with pytest.raises(OSError, match=rf"^{tmp_path / 'x.json'}: no space left on the device; [\d.]+ GB free there: free space on that disk \(or write the grams to another one\) and rerun the same command$"):
         with disk_errors(tmp_path / "x.json"):
             raise OSError(errno.ENOSPC, "No space left on device")
+    report(record_property, "disk full writing a gram record (plain write, not safetensors)", "refused: one line naming the path and the free space")
 
 
 BAD_CALIBRATION = {
@@ -323,12 +322,12 @@ def test_bad_calibration_file_is_one_line_naming_it(name, experts, previous, rec
     report(record_property, f"calibration file: {name}", "refused: one line naming the file (and line or row)")
 
 
-def test_cli_reports_a_bad_calibration_file_in_one_line(experts, tmp_path):
+def test_cli_reports_a_bad_calibration_file_in_one_line(experts, tmp_path, capsys, record_property):
     data = tmp_path / "nul.jsonl"
     data.write_bytes(b"\0\0\0")
-    proc = subprocess.run([sys.executable, "-m", "mergeflow", "grams", "--model", str(experts[0]), "--data", str(data), "--out", str(tmp_path / "g")], capture_output=True, text=True)
-    assert proc.returncode == 1
-    assert proc.stderr == f"mergeflow: error: {data}: line 1 holds a NUL byte, so this is not a text file; write the calibration data as UTF-8 JSON lines or CSV\n"
+    message = f"{data}: line 1 holds a NUL byte, so this is not a text file; write the calibration data as UTF-8 JSON lines or CSV"
+    report(record_property, "mergeflow grams on a binary calibration file", "refused: one line, no traceback",
+           refused(["grams", "--model", str(experts[0]), "--data", str(data), "--out", str(tmp_path / "g")], capsys, tmp_path / "g", message))
 
 
 def test_grams_never_replace_what_mergeflow_did_not_write(experts, calib_file, tmp_path, record_property):
@@ -376,8 +375,9 @@ def test_gram_commands_replace_only_their_own_earlier_grams(case, experts, calib
     report(record_property, f"mergeflow grams {case}", "refused: one line naming --out and the fix", lost)
 
 
-def test_gram_force_replaces_earlier_grams_whole(experts, calib_file, reference, previous, capsys):
+def test_gram_force_replaces_earlier_grams_whole(experts, calib_file, reference, previous, capsys, record_property):
     out, _ = previous
     code, err = run_cli(["grams", "compute", "--model", str(experts[0]), "--data", str(calib_file), "--out", str(out), "--force", *CLI_ARGS], capsys)
     assert code == 0, err
     assert snapshot(out) == reference[1] and debris(out.parent) == []
+    report(record_property, "mergeflow grams compute --force over its own earlier grams", "recovered: replaced whole in one swap, no debris")
