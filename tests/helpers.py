@@ -1,11 +1,13 @@
-"""Tiny random Llama models for tests (hidden 16, 2 layers, grouped-query attention), and DVC
-pipeline runs in temporary copies of the repository."""
+"""Tiny random Llama models for tests (hidden 16, 2 layers, grouped-query attention), DVC
+pipeline runs in temporary copies of the repository, and what the fault tests share (snapshots of
+outputs, bytes lost, SIGKILL at a fault point, in-process CLI runs, the properties they report)."""
 
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +111,68 @@ def copy_repo(dest: Path, site_cache: Path, toy: dict | None = None) -> dict[str
     run(["git", "add", "-A"], dest, env)
     run(["git", "commit", "-qm", "copy"], dest, env)
     return env
+
+
+# --- fault tests (issue 14: tests marked `faults`) ------------------------------------------------
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    """Every file under `path` (relative name -> bytes); {path.name: bytes} for a file, {} when absent."""
+    path = Path(path)
+    if not path.is_dir():
+        return {path.name: path.read_bytes()} if path.is_file() else {}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def bytes_lost(before: dict[str, bytes], path: Path) -> int:
+    """Bytes of `before` (an earlier good output, or the bytes it should hold) missing or changed at `path`."""
+    after = snapshot(path)
+    return sum(len(data) for name, data in before.items() if after.get(name) != data)
+
+
+def report(record_property, fault: str, outcome: str, lost: int = 0) -> None:
+    """The three properties `benchmarks/faults.py` tabulates (fault, outcome, bytes lost)."""
+    record_property("fault", fault)
+    record_property("outcome", outcome)
+    record_property("bytes_lost", lost)
+
+
+def dead_pid() -> int:
+    """The PID of a process that has just exited (nothing runs under it)."""
+    proc = subprocess.Popen([sys.executable, "-c", ""])
+    proc.wait()
+    return proc.pid
+
+
+def killed_at(point: str, args: list[str]) -> subprocess.CompletedProcess:
+    """Run `mergeflow ARGS` in a subprocess that SIGKILLs itself at fault point `point`; assert it did."""
+    env = {**os.environ, "MERGEFLOW_FAULT": f"{point}:kill", "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, "-m", "mergeflow", *args], env=env, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    return proc
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    """Run `mergeflow ARGS` in this process (no interpreter start-up); return its exit code and stderr."""
+    from mergeflow.cli import run
+
+    capsys.readouterr()  # only what this command prints
+    argv = sys.argv
+    sys.argv = ["mergeflow", *args]
+    code = 0
+    try:
+        run()
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        sys.argv = argv
+    return code, capsys.readouterr().err
+
+
+def refused(args: list[str], capsys, victim: Path, message: str) -> int:
+    """Run `mergeflow ARGS` in this process; assert that it exits 1 printing the one line `message`
+    and leaves `victim` as it was; return the bytes lost (for `report`)."""
+    before = snapshot(victim)
+    code, err = run_cli(args, capsys)
+    assert (code, err) == (1, f"mergeflow: error: {message}\n")
+    assert snapshot(victim) == before
+    return bytes_lost(before, victim)

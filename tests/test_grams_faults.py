@@ -6,18 +6,16 @@ an earlier good output is left as it was."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
+from helpers import bytes_lost, dead_pid, killed_at, refused, report, run_cli, snapshot
+from mergeflow import io
 from mergeflow.grams import GramDir
 from mergeflow.grams.collect import compute_grams
 from mergeflow.grams.combine import sum_grams
@@ -33,24 +31,15 @@ PHASES = [
     "grams:publish-begin",  # every layer finished, nothing published
     "grams:publish-linked",  # the first layer file linked into the checkpoint's publish/
     "grams:publish-indexed",  # publish/ complete with grams.json, not renamed
-    "grams:publish-displaced",  # the previous output moved into the checkpoint, the new one not yet in place
+    "publish:exchanged",  # the new output swapped into place, the previous one inside the checkpoint's publish/
     "grams:publish-renamed",  # the new output in place, the checkpoint still there
     "grams:partial-unmarked",  # the checkpoint's fingerprint removed, the rest not yet
     "grams:partial-emptied",  # only the checkpoint's owner.json left
 ]
 
 
-def digests(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
-
-
 def debris(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if ".partial" in p.name or ".tmp-" in p.name)
-
-
-def bytes_lost(expected: dict[str, str], out: Path, reference: Path) -> int:
-    got = digests(out) if out.is_dir() else {}
-    return sum((reference / name).stat().st_size for name, digest in expected.items() if got.get(name) != digest)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +47,7 @@ def reference(experts, calib_file, tmp_path_factory) -> tuple[Path, dict[str, st
     """An uninterrupted run: the bytes every interrupted-then-rerun one must reproduce."""
     out = tmp_path_factory.mktemp("reference") / "g"
     compute_grams(experts[0], calib_file, out, **KWARGS)
-    return out, digests(out)
+    return out, snapshot(out)
 
 
 @pytest.fixture
@@ -66,96 +55,88 @@ def previous(gram_dirs, tmp_path) -> tuple[Path, dict[str, str]]:
     """An earlier good output at --out (another expert's grams): replaced only by a complete one."""
     out = tmp_path / "work" / "g"
     shutil.copytree(gram_dirs[1], out)
-    return out, digests(out)
+    return out, snapshot(out)
+
+
+def interrupted_at(fault: str, monkeypatch, *args) -> None:
+    """A gram run in this process, interrupted by Ctrl-C at fault point `fault`."""
+    monkeypatch.setenv("MERGEFLOW_FAULT", fault)
+    with pytest.raises(KeyboardInterrupt, match=f"MERGEFLOW_FAULT={fault}"):
+        compute_grams(*args, **KWARGS)
+    monkeypatch.delenv("MERGEFLOW_FAULT")
 
 
 def check_rerun(record_property, experts, calib_file, reference, out, old, fault, signal_name) -> None:
-    ref_dir, expected = reference
-    at_kill = digests(out) if out.is_dir() else None
-    assert at_kill in (None, old, expected), f"{fault}: the output is neither absent nor complete after the interrupt"
+    expected = reference[1]
+    assert snapshot(out) in ({}, old, expected), f"{fault}: the output is neither absent nor complete after the interrupt"
     compute_grams(experts[0], calib_file, out, **KWARGS)
-    assert digests(out) == expected
+    assert snapshot(out) == expected
     assert debris(out.parent) == []
-    record_property("fault", f"{signal_name} at {fault} (gram finalisation)")
-    record_property("outcome", "recovered: rerun gave the uninterrupted bytes, no debris")
-    record_property("bytes_lost", bytes_lost(expected, out, ref_dir))
+    report(record_property, f"{signal_name} at {fault} (gram finalisation)", "recovered: rerun gave the uninterrupted bytes, no debris", bytes_lost(expected, out))
 
 
 @pytest.mark.parametrize("fault", PHASES)
 def test_ctrl_c_at_every_phase_then_rerun_gives_the_same_bytes(fault, experts, calib_file, reference, previous, monkeypatch, record_property):
     out, old = previous
-    monkeypatch.setenv("MERGEFLOW_FAULT", fault)
-    with pytest.raises(KeyboardInterrupt, match=f"MERGEFLOW_FAULT={fault}"):
-        compute_grams(experts[0], calib_file, out, **KWARGS)
-    monkeypatch.delenv("MERGEFLOW_FAULT")
+    interrupted_at(fault, monkeypatch, experts[0], calib_file, out)
     check_rerun(record_property, experts, calib_file, reference, out, old, fault, "SIGINT")
 
 
 @pytest.mark.parametrize("fault", PHASES)
 def test_sigkill_at_every_phase_then_rerun_gives_the_same_bytes(fault, experts, calib_file, reference, previous, record_property):
     out, old = previous
-    cmd = [sys.executable, "-m", "mergeflow", "grams", "--model", str(experts[0]), "--data", str(calib_file), "--out", str(out), *CLI_ARGS]
-    proc = subprocess.run(cmd, env={**os.environ, "MERGEFLOW_FAULT": f"{fault}:kill"}, capture_output=True, text=True)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    killed_at(fault, ["grams", "--model", str(experts[0]), "--data", str(calib_file), "--out", str(out), "--force", *CLI_ARGS])
     check_rerun(record_property, experts, calib_file, reference, out, old, fault, "SIGKILL")
 
 
-def test_a_checkpoint_of_a_live_run_is_not_touched(experts, calib_file, tmp_path, record_property):
+@pytest.mark.parametrize("owner", ["live", "unrecorded"])
+def test_a_checkpoint_of_a_live_or_unknown_run_is_not_touched(owner, experts, calib_file, tmp_path, record_property):
     partial = tmp_path / ".g.partial"
     partial.mkdir()
     (partial / "fingerprint").write_text("another run\n")
-    parent = os.getppid()  # alive for as long as this test runs
-    import psutil
-
-    owner = {"pid": parent, "start": psutil.Process(parent).create_time(), "boot": Path("/proc/sys/kernel/random/boot_id").read_text().strip(), "host": socket.gethostname()}
-    (partial / "owner.json").write_text(json.dumps(owner))
-    before = digests(partial)
+    parent = psutil.Process(os.getppid())  # alive for as long as this test runs
+    why = f"{partial / io.OWNER_FILE} is missing or unreadable, so its owner cannot be proved dead"
+    if owner == "live":
+        io.record_owner(partial)
+        record = json.loads((partial / io.OWNER_FILE).read_text())
+        (partial / io.OWNER_FILE).write_text(json.dumps({**record, "pid": parent.pid, "start": round(parent.create_time() * 100)}))
+        why = io.owner_status(partial)[1]
+        assert why.startswith(f"PID {parent.pid} still runs")
+    before = snapshot(partial)
     with pytest.raises(BlockingIOError) as err:
         compute_grams(experts[0], calib_file, tmp_path / "g", **KWARGS)
     assert str(err.value) == (
-        f"{partial}: the checkpoint of a gram run for {tmp_path / 'g'} that may still be running (PID {parent} still runs); "
-        f"wait for it or stop it, then rerun (if it is over, remove the checkpoint: rm -rf '{partial}')"
+        f"{partial}: the checkpoint of a gram run for {tmp_path / 'g'} that may still be in use ({why}); "
+        f"wait for its run to finish or stop it, then rerun (if none runs any more, remove it: rm -rf '{partial}')"
     )
-    assert digests(partial) == before and not (tmp_path / "g").exists()
-    record_property("fault", "gram run while another live run owns the checkpoint")
-    record_property("outcome", "refused: names the PID, checkpoint untouched")
-    record_property("bytes_lost", 0)
+    assert snapshot(partial) == before and not (tmp_path / "g").exists()
+    report(record_property, f"gram run while a {owner} run owns the checkpoint", "refused: names the owner (or its missing record) and the rm -rf, checkpoint untouched")
 
 
 def test_a_checkpoint_whose_owner_died_is_resumed_and_says_why(experts, calib_file, reference, tmp_path, monkeypatch, caplog, record_property):
     out = tmp_path / "g"
-    monkeypatch.setenv("MERGEFLOW_FAULT", "grams:publish-begin")
-    with pytest.raises(KeyboardInterrupt):
-        compute_grams(experts[0], calib_file, out, **KWARGS)
-    monkeypatch.delenv("MERGEFLOW_FAULT")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    interrupted_at("grams:publish-begin", monkeypatch, experts[0], calib_file, out)
+    dead = dead_pid()
     owner_file = tmp_path / ".g.partial" / "owner.json"
     owner = json.loads(owner_file.read_text())
-    owner_file.write_text(json.dumps({**owner, "pid": int(dead.stdout)}))  # as if that finished process had written it
+    owner_file.write_text(json.dumps({**owner, "pid": dead}))  # as if that finished process had written it
     with caplog.at_level("INFO", logger="mergeflow"):
         compute_grams(experts[0], calib_file, out, **KWARGS)
-    assert f"a checkpoint of this command, left by an interrupted run (no process has PID {int(dead.stdout)} any more" in caplog.text
+    assert f"a checkpoint of this command, left by an interrupted run (no process has PID {dead} any more" in caplog.text
     assert "layer group 2, batch 0" in caplog.text  # nothing recomputed: both groups were done
-    assert digests(out) == reference[1] and debris(tmp_path) == []
-    record_property("fault", "stale gram checkpoint of a dead process")
-    record_property("outcome", "recovered: resumed, the log names how it knows the owner is dead")
-    record_property("bytes_lost", 0)
+    assert snapshot(out) == reference[1] and debris(tmp_path) == []
+    report(record_property, "stale gram checkpoint of a dead process", "recovered: resumed, the log names how it knows the owner is dead")
 
 
 def test_a_checkpoint_missing_a_finished_layer_is_not_built_on(experts, calib_file, reference, tmp_path, monkeypatch, caplog, record_property):
     out = tmp_path / "g"
-    monkeypatch.setenv("MERGEFLOW_FAULT", "grams:publish-begin")
-    with pytest.raises(KeyboardInterrupt):
-        compute_grams(experts[0], calib_file, out, **KWARGS)
-    monkeypatch.delenv("MERGEFLOW_FAULT")
+    interrupted_at("grams:publish-begin", monkeypatch, experts[0], calib_file, out)
     (tmp_path / ".g.partial" / "done" / "layer_000.safetensors").unlink()  # what the old code's move lost
     with caplog.at_level("WARNING", logger="mergeflow"):
         compute_grams(experts[0], calib_file, out, **KWARGS)
     assert f"{tmp_path / '.g.partial'}: finished layer files ['layer_000.safetensors'] are missing or damaged; starting over" in caplog.text
-    assert digests(out) == reference[1] and debris(tmp_path) == []
-    record_property("fault", "gram checkpoint that lost a finished layer")
-    record_property("outcome", "recovered: recomputed instead of publishing a broken dir")
-    record_property("bytes_lost", 0)
+    assert snapshot(out) == reference[1] and debris(tmp_path) == []
+    report(record_property, "gram checkpoint that lost a finished layer", "recovered: recomputed instead of publishing a broken dir")
 
 
 # --- grams sum: verified, one model, one calibration, each shard once ------------------------------
@@ -171,14 +152,12 @@ def shards(experts, calib_file, tmp_path_factory) -> list[Path]:
 
 
 def refused_sum(parts, out: Path, message: str, record_property, fault: str) -> None:
-    before = digests(out)
+    before = snapshot(out)
     with pytest.raises(ValueError) as err:
         sum_grams(parts, out)
     assert str(err.value) == message
-    assert digests(out) == before and debris(out.parent) == []
-    record_property("fault", fault)
-    record_property("outcome", "refused: one line naming the part")
-    record_property("bytes_lost", 0)
+    assert snapshot(out) == before and debris(out.parent) == []
+    report(record_property, fault, "refused: one line naming the part")
 
 
 @pytest.fixture
@@ -240,17 +219,15 @@ def test_merge_refuses_grams_in_another_order_than_the_experts(experts, gram_dir
 
     out = tmp_path / "merged"
     merge_models(experts, get_method("average")(MergeOptions()), out)
-    before = digests(out)
+    before = snapshot(out)
     with pytest.raises(ValueError) as err:
         merge_models(experts, get_method("regmean")(MergeOptions()), out, grams=[gram_dirs[1], gram_dirs[0]])
     assert str(err.value) == (
         f"{gram_dirs[1]}: holds the grams of {experts[1]}, but is given for {experts[0]}; "
         "list the gram directories in the order of the experts (--gram after --gram as --model after --model)"
     )
-    assert digests(out) == before and debris(tmp_path) == []
-    record_property("fault", "merge with --gram in another order than --model")
-    record_property("outcome", "refused: names the gram dir and both experts")
-    record_property("bytes_lost", 0)
+    assert snapshot(out) == before and debris(tmp_path) == []
+    report(record_property, "merge with --gram in another order than --model", "refused: names the gram dir and both experts")
 
 
 # --- recovery advice: the exact command, one stage only ---------------------------------------------
@@ -277,9 +254,7 @@ def test_recovery_advice_is_the_exact_command_of_one_stage(gram_dirs, tmp_path, 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=rf"layer_001\.safetensors: listed in .*grams\.json but missing; fetch it again: `cd {repo} && rm -rf models/grams/math && dvc pull gram@math` \(or recompute it: `cd {repo} && dvc repro -s -f gram@math`\)$"):
         GramDir.open(grams)
-    record_property("fault", "corrupt or missing gram file in a DVC pipeline")
-    record_property("outcome", "refused: exact recovery commands, `dvc repro -s` of that stage only")
-    record_property("bytes_lost", 0)
+    report(record_property, "corrupt or missing gram file in a DVC pipeline", "refused: exact recovery commands, `dvc repro -s` of that stage only")
 
 
 # --- a full disk and bad calibration files -----------------------------------------------------------
@@ -305,16 +280,14 @@ def test_disk_full_is_one_line_and_the_rerun_keeps_the_finished_layers(experts, 
     assert str(err.value).startswith(f"{done / 'layer_001.safetensors'}: no space left on the device; ")
     assert str(err.value).endswith("GB free there: free space on that disk (or write the grams to another one) and rerun the same command; "
                                    "layers already finished are kept and not computed again")
-    assert "\n" not in str(err.value) and digests(out) == old and (done / "layer_000.safetensors").is_file()
+    assert "\n" not in str(err.value) and snapshot(out) == old and (done / "layer_000.safetensors").is_file()
     monkeypatch.setattr(gram_format, "save_file", real)
     compute_grams(experts[0], calib_file, out, **KWARGS)
-    assert digests(out) == reference[1] and debris(out.parent) == []
-    record_property("fault", "disk full while writing grams (SafetensorError)")
-    record_property("outcome", "refused: one line with the path; rerun resumed")
-    record_property("bytes_lost", 0)
+    assert snapshot(out) == reference[1] and debris(out.parent) == []
+    report(record_property, "disk full while writing grams (SafetensorError)", "refused: one line with the path; rerun resumed")
 
 
-def test_enospc_from_a_plain_write_names_the_path(tmp_path):
+def test_enospc_from_a_plain_write_names_the_path(tmp_path, record_property):
     import errno
 
     from mergeflow.grams.format import disk_errors
@@ -322,6 +295,7 @@ def test_enospc_from_a_plain_write_names_the_path(tmp_path):
     with pytest.raises(OSError, match=rf"^{tmp_path / 'x.json'}: no space left on the device; [\d.]+ GB free there: free space on that disk \(or write the grams to another one\) and rerun the same command$"):
         with disk_errors(tmp_path / "x.json"):
             raise OSError(errno.ENOSPC, "No space left on device")
+    report(record_property, "disk full writing a gram record (plain write, not safetensors)", "refused: one line naming the path and the free space")
 
 
 BAD_CALIBRATION = {
@@ -344,28 +318,66 @@ def test_bad_calibration_file_is_one_line_naming_it(name, experts, previous, rec
     with pytest.raises(ValueError) as err:
         compute_grams(experts[0], path, out, **KWARGS)
     assert str(err.value) == f"{path}: " + reason.replace("{path}", str(path))
-    assert digests(out) == old and debris(out.parent) == []
-    record_property("fault", f"calibration file: {name}")
-    record_property("outcome", "refused: one line naming the file (and line or row)")
-    record_property("bytes_lost", 0)
+    assert snapshot(out) == old and debris(out.parent) == []
+    report(record_property, f"calibration file: {name}", "refused: one line naming the file (and line or row)")
 
 
-def test_cli_reports_a_bad_calibration_file_in_one_line(experts, tmp_path):
+def test_cli_reports_a_bad_calibration_file_in_one_line(experts, tmp_path, capsys, record_property):
     data = tmp_path / "nul.jsonl"
     data.write_bytes(b"\0\0\0")
-    proc = subprocess.run([sys.executable, "-m", "mergeflow", "grams", "--model", str(experts[0]), "--data", str(data), "--out", str(tmp_path / "g")], capture_output=True, text=True)
-    assert proc.returncode == 1
-    assert proc.stderr == f"mergeflow: error: {data}: line 1 holds a NUL byte, so this is not a text file; write the calibration data as UTF-8 JSON lines or CSV\n"
+    message = f"{data}: line 1 holds a NUL byte, so this is not a text file; write the calibration data as UTF-8 JSON lines or CSV"
+    report(record_property, "mergeflow grams on a binary calibration file", "refused: one line, no traceback",
+           refused(["grams", "--model", str(experts[0]), "--data", str(data), "--out", str(tmp_path / "g")], capsys, tmp_path / "g", message))
 
 
 def test_grams_never_replace_what_mergeflow_did_not_write(experts, calib_file, tmp_path, record_property):
     victim = tmp_path / "victim"
     shutil.copytree(experts[0], victim)
-    before = digests(victim)
+    before = snapshot(victim)
     with pytest.raises(FileExistsError) as err:
         compute_grams(experts[0], calib_file, victim, **KWARGS)
-    assert str(err.value) == f"{victim}: --out exists and is not a gram directory (no grams.json of 'mergeflow.grams/1'); mergeflow never replaces it: choose another --out or remove it yourself"
-    assert digests(victim) == before and debris(tmp_path) == []
-    record_property("fault", "grams --out naming a model directory")
-    record_property("outcome", "refused: names the directory")
-    record_property("bytes_lost", 0)
+    assert str(err.value) == f"{victim}: --out exists and is not a gram mergeflow wrote; mergeflow never replaces it: choose another --out or remove it yourself"
+    assert snapshot(victim) == before and debris(tmp_path) == []
+    report(record_property, "grams --out naming a model directory", "refused: names the directory")
+
+
+def force_case(case: str, experts, calib_file, gram_dirs, tmp: Path) -> tuple[list[str], Path, str]:
+    """(mergeflow arguments, the path they must leave alone, the one-line refusal) of each case."""
+    compute = ["grams", "compute", "--model", str(experts[0]), "--data", str(calib_file)]
+    if case == "sum --out <a part>":
+        parts = [shutil.copytree(g, tmp / f"p{i}") for i, g in enumerate(gram_dirs)]
+        return ["grams", "sum", *map(str, parts), "--out", str(parts[0]), "--force"], parts[0], f"{parts[0]}: --out is the input {parts[0]}; writing there would destroy it: choose another --out"
+    if case == "compute --out <a folder holding the model>":
+        victim = tmp / "victim"
+        shutil.copytree(experts[0], victim / "expert")
+        args = ["grams", "compute", "--model", str(victim / "expert"), "--data", str(calib_file), "--out", str(victim), "--force"]
+        return args, victim, f"{victim}: --out contains the input {victim / 'expert'}; writing there would destroy it: choose another --out"
+    if case == "compute --out <a plain file>":
+        victim = tmp / "thesis.pdf"
+        victim.write_bytes(b"%PDF-1.7 years of work")
+        return [*compute, "--out", str(victim), "--force"], victim, f"{victim}: --out is a file, not a gram directory mergeflow wrote; mergeflow never replaces it: choose another --out or remove it yourself"
+    victim = shutil.copytree(gram_dirs[1], tmp / "g")
+    if case == "compute over earlier grams without --force":
+        return [*compute, "--out", str(victim)], victim, f"{victim} already holds a gram; pass --force to replace it"
+    assert case == "import --out <grams plus the user's files>"
+    (victim / "notes.txt").write_text("mine\n")
+    (victim / "runs").mkdir()
+    args = ["grams", "import", str(calib_file), "--model", str(experts[0]), "--out", str(victim), "--force"]  # refused before the file is read
+    return args, victim, f"{victim}: --out holds files mergeflow did not write (notes.txt, runs/); mergeflow never replaces them: move them away or choose another --out"
+
+
+@pytest.mark.parametrize("case", ["sum --out <a part>", "compute --out <a folder holding the model>", "compute --out <a plain file>",
+                                  "compute over earlier grams without --force", "import --out <grams plus the user's files>"])
+def test_gram_commands_replace_only_their_own_earlier_grams(case, experts, calib_file, gram_dirs, tmp_path, capsys, record_property):
+    args, victim, message = force_case(case, experts, calib_file, gram_dirs, tmp_path)
+    lost = refused(args, capsys, victim, message)
+    assert debris(tmp_path) == []
+    report(record_property, f"mergeflow grams {case}", "refused: one line naming --out and the fix", lost)
+
+
+def test_gram_force_replaces_earlier_grams_whole(experts, calib_file, reference, previous, capsys, record_property):
+    out, _ = previous
+    code, err = run_cli(["grams", "compute", "--model", str(experts[0]), "--data", str(calib_file), "--out", str(out), "--force", *CLI_ARGS], capsys)
+    assert code == 0, err
+    assert snapshot(out) == reference[1] and debris(out.parent) == []
+    report(record_property, "mergeflow grams compute --force over its own earlier grams", "recovered: replaced whole in one swap, no debris")

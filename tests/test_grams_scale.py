@@ -128,7 +128,7 @@ def test_a_checkpoint_of_another_command_is_discarded(experts, calib_file, tmp_p
     (stale / "owner.json").write_text(json.dumps({"pid": os.getpid(), "start": 0, "boot": "an-earlier-boot", "host": socket.gethostname()}))
     with caplog.at_level("WARNING"):
         compute_grams(experts[0], calib_file, tmp_path / "g", max_length=16, batch_size=3)
-    assert "a checkpoint of a different command" in caplog.text and "ran before this machine last booted" in caplog.text
+    assert "a checkpoint of a different command" in caplog.text and "ran under boot an-earlier-boot, this machine has booted since" in caplog.text
     assert GramDir.open(tmp_path / "g").num_tokens > 0 and not stale.exists()
 
 

@@ -11,13 +11,13 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import bytes_lost, dead_pid, killed_at, refused, report, run_cli, snapshot
 from mergeflow import io
 from mergeflow.merge import MERGE_CONFIG, merge_models
 from mergeflow.methods import MergeOptions, get_method
@@ -30,19 +30,6 @@ pytestmark = pytest.mark.faults
 # exchange and the removal of the old model, after publishing.
 POINTS = ["merge:checked", "merge:tensor-written", "merge:shards-written", "atomic_file:before-rename", "merge:files-written",
           "publish:before", "publish:exchanged", "publish:after"]
-
-
-def snapshot(path: Path) -> dict[str, bytes]:
-    """Every file under `path` (relative name -> bytes); {} when it does not exist."""
-    if not path.is_dir():
-        return {path.name: path.read_bytes()} if path.is_file() else {}
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-
-
-def bytes_lost(before: dict[str, bytes], path: Path) -> int:
-    """Bytes of the earlier good output that are gone or changed."""
-    after = snapshot(path)
-    return sum(len(data) for name, data in before.items() if after.get(name) != data)
 
 
 def average():
@@ -93,9 +80,7 @@ def test_merge_interrupted_at_every_phase_then_rerun(experts, reference, repo, m
             merge_models(experts, average(), out, overwrite=True)
         monkeypatch.delenv("MERGEFLOW_FAULT")
     else:
-        env = {**os.environ, "MERGEFLOW_FAULT": f"{point}:kill", "PYTHONPATH": str(ROOT / "src")}
-        proc = subprocess.run([sys.executable, "-m", "mergeflow", *merge_args(experts, out)], env=env, capture_output=True, text=True)
-        assert proc.returncode == -9, proc.stderr
+        killed_at(point, merge_args(experts, out))
     interrupted = snapshot(out)
     assert interrupted == (reference if point in ("publish:exchanged", "publish:after") else earlier)  # whole, never a mix
     assert git(repo, "status", "--porcelain") == ""  # debris, if any, is ignored by the shipped .gitignore
@@ -110,39 +95,16 @@ def test_merge_interrupted_at_every_phase_then_rerun(experts, reference, repo, m
     assert git(repo, "status", "--porcelain", "--ignored") == "!! models/merged/\n"
     for name in debris:
         assert f"removed {repo / 'models' / name}, left by an interrupted run: its owner is dead (no process has PID" in caplog.text
-    record_property("fault", f"{'Ctrl-C' if how == 'sigint' else 'SIGKILL'} during merge at {point}")
-    record_property("outcome", f"recovered: {'earlier' if interrupted == earlier else 'new'} model whole, rerun identical, {len(debris)} stale temporary removed")
-    record_property("bytes_lost", bytes_lost(earlier, out) if interrupted not in (earlier, reference) else 0)
+    report(record_property, f"{'Ctrl-C' if how == 'sigint' else 'SIGKILL'} during merge at {point}", f"recovered: {'earlier' if interrupted == earlier else 'new'} model whole, rerun identical, {len(debris)} stale temporary removed", bytes_lost(earlier, out) if interrupted not in (earlier, reference) else 0)
 
 
 # --- what --force may replace ----------------------------------------------------------------------
 
-def run_cli(args: list[str], capsys) -> tuple[int, str]:
-    from mergeflow.cli import run
-
-    capsys.readouterr()  # only what this command prints
-    argv = sys.argv
-    sys.argv = ["mergeflow", *args]
-    code = 0
-    try:
-        run()
-    except SystemExit as exit_:
-        code = exit_.code
-    finally:
-        sys.argv = argv
-    return code, capsys.readouterr().err
-
-
 def test_force_never_replaces_an_input_expert(experts, tmp_path, capsys, record_property):
     victim = tmp_path / "expert"
     shutil.copytree(experts[1], victim)
-    before = snapshot(victim)
-    code, err = run_cli(["merge", "--method", "average", "--model", str(experts[0]), "--model", str(victim), "--out", str(victim), "--force"], capsys)
-    assert code == 1 and err == f"mergeflow: error: {victim}: --out is the input {victim}; writing there would destroy it: choose another --out\n"
-    assert snapshot(victim) == before
-    record_property("fault", "merge --force --out <an input expert>")
-    record_property("outcome", "refused: --out is the input")
-    record_property("bytes_lost", bytes_lost(before, victim))
+    lost = refused(["merge", "--method", "average", "--model", str(experts[0]), "--model", str(victim), "--out", str(victim), "--force"], capsys, victim, f"{victim}: --out is the input {victim}; writing there would destroy it: choose another --out")
+    report(record_property, "merge --force --out <an input expert>", "refused: --out is the input", lost)
 
 
 def test_force_never_replaces_a_directory_holding_the_inputs(experts, tmp_path, capsys, record_property):
@@ -150,37 +112,23 @@ def test_force_never_replaces_a_directory_holding_the_inputs(experts, tmp_path, 
     for i, e in enumerate(experts):
         shutil.copytree(e, victim / f"e{i}")
     (victim / "notes.txt").write_text("mine\n")
-    before = snapshot(victim)
-    code, err = run_cli(["merge", "--method", "average", "--model", str(victim / "e0"), "--model", str(victim / "e1"), "--out", str(victim), "--force"], capsys)
-    assert code == 1 and err == f"mergeflow: error: {victim}: --out contains the input {victim / 'e0'}; writing there would destroy it: choose another --out\n"
-    assert snapshot(victim) == before
-    record_property("fault", "merge --force --out <a folder holding the experts>")
-    record_property("outcome", "refused: --out contains an input")
-    record_property("bytes_lost", bytes_lost(before, victim))
+    lost = refused(["merge", "--method", "average", "--model", str(victim / "e0"), "--model", str(victim / "e1"), "--out", str(victim), "--force"], capsys, victim, f"{victim}: --out contains the input {victim / 'e0'}; writing there would destroy it: choose another --out")
+    report(record_property, "merge --force --out <a folder holding the experts>", "refused: --out contains an input", lost)
 
 
 def test_force_never_replaces_a_plain_file(experts, tmp_path, capsys, record_property):
     victim = tmp_path / "thesis.pdf"
     victim.write_bytes(b"%PDF-1.7 years of work")
-    code, err = run_cli([*merge_args(experts, victim)], capsys)
-    assert code == 1 and err == f"mergeflow: error: {victim}: --out is a file, not a merged model directory mergeflow wrote; mergeflow never replaces it: choose another --out or remove it yourself\n"
-    assert victim.read_bytes() == b"%PDF-1.7 years of work"
-    record_property("fault", "merge --force --out <a plain file>")
-    record_property("outcome", "refused: a file")
-    record_property("bytes_lost", 0 if victim.read_bytes() == b"%PDF-1.7 years of work" else len(b"%PDF-1.7 years of work"))
+    lost = refused(merge_args(experts, victim), capsys, victim, f"{victim}: --out is a file, not a merged model directory mergeflow wrote; mergeflow never replaces it: choose another --out or remove it yourself")
+    report(record_property, "merge --force --out <a plain file>", "refused: a file", lost)
 
 
 def test_force_never_replaces_a_directory_mergeflow_did_not_write(experts, tmp_path, capsys, record_property):
     victim = tmp_path / "photos"
     victim.mkdir()
     (victim / "a.jpg").write_bytes(b"\xff\xd8")
-    before = snapshot(victim)
-    code, err = run_cli([*merge_args(experts, victim)], capsys)
-    assert code == 1 and err == f"mergeflow: error: {victim}: --out exists and is not a merged model mergeflow wrote; mergeflow never replaces it: choose another --out or remove it yourself\n"
-    assert snapshot(victim) == before
-    record_property("fault", "merge --force --out <a foreign directory>")
-    record_property("outcome", "refused: not mergeflow's")
-    record_property("bytes_lost", bytes_lost(before, victim))
+    lost = refused([*merge_args(experts, victim)], capsys, victim, f"{victim}: --out exists and is not a merged model mergeflow wrote; mergeflow never replaces it: choose another --out or remove it yourself")
+    report(record_property, "merge --force --out <a foreign directory>", "refused: not mergeflow's", lost)
 
 
 def test_force_refuses_a_merged_model_with_foreign_files_naming_them(experts, tmp_path, capsys, record_property):
@@ -188,35 +136,19 @@ def test_force_refuses_a_merged_model_with_foreign_files_naming_them(experts, tm
     merge_models(experts, average(), out)
     (out / "notes.txt").write_text("my eval notes\n")
     (out / "runs").mkdir()
-    before = snapshot(out)
-    code, err = run_cli([*merge_args(experts, out)], capsys)
-    assert code == 1 and err == f"mergeflow: error: {out}: --out holds files mergeflow did not write (notes.txt, runs/); mergeflow never replaces them: move them away or choose another --out\n"
-    assert snapshot(out) == before
-    record_property("fault", "merge --force over a merged model plus the user's files")
-    record_property("outcome", "refused, naming the foreign files")
-    record_property("bytes_lost", bytes_lost(before, out))
+    lost = refused([*merge_args(experts, out)], capsys, out, f"{out}: --out holds files mergeflow did not write (notes.txt, runs/); mergeflow never replaces them: move them away or choose another --out")
+    report(record_property, "merge --force over a merged model plus the user's files", "refused, naming the foreign files", lost)
 
 
 def test_without_force_an_existing_merged_model_is_kept(experts, tmp_path, capsys, record_property):
     out = tmp_path / "merged"
     merge_models(experts, get_method("average")(MergeOptions(weights=(0.8, 0.2))), out)
-    before = snapshot(out)
-    code, err = run_cli([*merge_args(experts, out)[:-1]], capsys)
-    assert code == 1 and err == f"mergeflow: error: {out} already holds a merged model; pass --force to replace it\n"
-    assert snapshot(out) == before
-    assert sorted(json.loads((out / MERGE_CONFIG).read_text())["files"]) == sorted(before)  # what --force may replace
-    record_property("fault", "merge over an existing model without --force")
-    record_property("outcome", "refused: pass --force")
-    record_property("bytes_lost", bytes_lost(before, out))
+    lost = refused(merge_args(experts, out)[:-1], capsys, out, f"{out} already holds a merged model; pass --force to replace it")
+    assert sorted(json.loads((out / MERGE_CONFIG).read_text())["files"]) == sorted(snapshot(out))  # what --force may replace
+    report(record_property, "merge over an existing model without --force", "refused: pass --force", lost)
 
 
 # --- stale temporaries ---------------------------------------------------------------------------
-
-def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", ""])
-    proc.wait()
-    return proc.pid
-
 
 def test_stale_temporaries_are_removed_only_when_their_owner_is_provably_dead(tmp_path, caplog, record_property):
     out = tmp_path / "merged"
@@ -236,9 +168,7 @@ def test_stale_temporaries_are_removed_only_when_their_owner_is_provably_dead(tm
     assert "this machine has booted since" in caplog.text
     assert "now belongs to another process" in caplog.text
     assert f"{legacy}: a temporary of an older mergeflow (no owner recorded); remove it by hand" in caplog.text
-    record_property("fault", "temporaries left by dead (gone, rebooted, reused PID), live and older runs")
-    record_property("outcome", "recovered: the dead ones removed, saying how; live and unprovable ones kept")
-    record_property("bytes_lost", 0)
+    report(record_property, "temporaries left by dead (gone, rebooted, reused PID), live and older runs", "recovered: the dead ones removed, saying how; live and unprovable ones kept")
 
 
 def test_partial_dirs_record_their_owner(tmp_path, record_property):
@@ -252,9 +182,7 @@ def test_partial_dirs_record_their_owner(tmp_path, record_property):
     (partial / io.OWNER_FILE).write_text(json.dumps({**record, "pid": dead_pid()}))
     alive, why = io.owner_status(partial)
     assert not alive and why.startswith("no process has PID")
-    record_property("fault", "a .partial checkpoint whose owner died")
-    record_property("outcome", "recovered: owner.json proves it dead; a live or unrecorded owner is left alone")
-    record_property("bytes_lost", 0)
+    report(record_property, "a .partial checkpoint whose owner died", "recovered: owner.json proves it dead; a live or unrecorded owner is left alone")
 
 
 def test_shipped_ignore_files_cover_temporaries_and_partials(tmp_path, record_property):
@@ -266,9 +194,7 @@ def test_shipped_ignore_files_cover_temporaries_and_partials(tmp_path, record_pr
     assert ignored == paths
     dvcignore = (ROOT / ".dvcignore").read_text().split()
     assert ".*.tmp-*" in dvcignore and ".*.partial" in dvcignore
-    record_property("fault", "debris of a killed run before the next run: git add -A / dvc")
-    record_property("outcome", "ignored: .gitignore and .dvcignore cover .*.tmp-* and .*.partial")
-    record_property("bytes_lost", 0)
+    report(record_property, "debris of a killed run before the next run: git add -A / dvc", "ignored: .gitignore and .dvcignore cover .*.tmp-* and .*.partial")
 
 
 # --- faults that used to pass silently or without a path -----------------------------------------
@@ -306,9 +232,7 @@ def test_full_disk_during_merge_names_the_output_and_keeps_the_earlier_model(exp
     assert str(err.value) == f"{out}: no space left on the device while writing the merged model (27.2 KB of weights); nothing was kept: free space or choose --out on a larger disk"
     assert err.value.errno == errno.ENOSPC
     assert snapshot(out) == before and sorted(p.name for p in out.parent.iterdir()) == ["merged"]
-    record_property("fault", "disk full (ENOSPC) during merge")
-    record_property("outcome", "refused: one line naming --out, earlier model kept")
-    record_property("bytes_lost", bytes_lost(before, out))
+    report(record_property, "disk full (ENOSPC) during merge", "refused: one line naming --out, earlier model kept", bytes_lost(before, out))
 
 
 def test_too_little_free_space_is_refused_before_writing(experts, earlier, monkeypatch, record_property):
@@ -317,9 +241,7 @@ def test_too_little_free_space_is_refused_before_writing(experts, earlier, monke
     with pytest.raises(OSError, match=rf"^{out}: the merged model needs 27\.2 KB but only 1\.0 KB is free there; free space or choose --out on a larger disk$"):
         merge_models(experts, average(), out)
     assert snapshot(out) == before
-    record_property("fault", "too little free space for the merged model")
-    record_property("outcome", "refused before writing, naming --out and the sizes")
-    record_property("bytes_lost", bytes_lost(before, out))
+    report(record_property, "too little free space for the merged model", "refused before writing, naming --out and the sizes", bytes_lost(before, out))
 
 
 def with_config(expert: Path, dest: Path, **changes) -> Path:
@@ -335,9 +257,7 @@ def test_experts_whose_architecture_keys_differ_are_refused(experts, earlier, tm
     with pytest.raises(ValueError, match=rf"^experts differ in config\.json 'hidden_act': 'silu' in {experts[0]}, 'gelu' in {other}; their tensors mean different things"):
         merge_models([experts[0], other], average(), out)
     assert snapshot(out) == before
-    record_property("fault", "experts whose configs differ (hidden_act) but shapes match")
-    record_property("outcome", "refused, naming the key")
-    record_property("bytes_lost", bytes_lost(before, out))
+    report(record_property, "experts whose configs differ (hidden_act) but shapes match", "refused, naming the key", bytes_lost(before, out))
 
 
 def test_experts_whose_rope_differs_are_merged_with_a_warning(experts, tmp_path, caplog, record_property):
@@ -346,9 +266,7 @@ def test_experts_whose_rope_differs_are_merged_with_a_warning(experts, tmp_path,
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [f"experts differ in config.json 'max_position_embeddings' (64 in {experts[0]}, 128 in {other}): the merged model keeps {experts[0]}'s"]
     assert json.loads((tmp_path / "out" / "config.json").read_text())["max_position_embeddings"] == 64
-    record_property("fault", "experts whose max_position_embeddings differ")
-    record_property("outcome", "warned: the output keeps the first expert's")
-    record_property("bytes_lost", 0)
+    report(record_property, "experts whose max_position_embeddings differ", "warned: the output keeps the first expert's")
 
 
 def test_mixed_dtype_experts_get_one_warning_naming_the_output_dtype(experts, tmp_path, caplog, record_property):
@@ -359,9 +277,7 @@ def test_mixed_dtype_experts_get_one_warning_naming_the_output_dtype(experts, tm
         f"experts store different dtypes (bfloat16 in {bf16}, float32 in {experts[0]}, 21 tensors): the merge computes in float32 and writes bfloat16, the dtype of the first expert (--model order)"
     )
     assert {v.dtype for v in load_file(tmp_path / "out" / "model.safetensors").values()} == {torch.bfloat16}
-    record_property("fault", "mixed fp32/bf16 experts")
-    record_property("outcome", "warned: output dtype = first expert's, said why")
-    record_property("bytes_lost", 0)
+    report(record_property, "mixed fp32/bf16 experts", "warned: output dtype = first expert's, said why")
 
 
 def test_flipped_exponent_bit_is_refused_naming_tensor_and_expert(experts, earlier, tmp_path, record_property):
@@ -377,9 +293,7 @@ def test_flipped_exponent_bit_is_refused_naming_tensor_and_expert(experts, earli
     assert snapshot(out) == before
     merge_models([experts[0], bad], average(), tmp_path / "unchecked", check_magnitudes=False)  # the way out, when meant
     assert load_file(tmp_path / "unchecked" / "model.safetensors")[name].abs().max() > 1e30
-    record_property("fault", "exponent bit flip in an expert's weight")
-    record_property("outcome", "refused, naming tensor and expert (--no-magnitude-check to accept)")
-    record_property("bytes_lost", bytes_lost(before, out))
+    report(record_property, "exponent bit flip in an expert's weight", "refused, naming tensor and expert (--no-magnitude-check to accept)", bytes_lost(before, out))
 
 
 def test_evaluate_logs_folder_is_replaced_only_when_it_holds_sample_logs(experts, tmp_path, record_property):
@@ -400,9 +314,7 @@ def test_evaluate_logs_folder_is_replaced_only_when_it_holds_sample_logs(experts
     (victim / "thesis.tex").unlink()
     write_samples({"toy_code": [{"doc": 2}]}, victim)  # earlier logs only: replaced
     assert snapshot(victim) == {"toy_code.jsonl": b'{"doc": 2}\n'}
-    record_property("fault", "evaluate --logs <a folder holding other files, or the model>")
-    record_property("outcome", "refused, naming the foreign files (checked before evaluating)")
-    record_property("bytes_lost", lost)
+    report(record_property, "evaluate --logs <a folder holding other files, or the model>", "refused, naming the foreign files (checked before evaluating)", lost)
 
 
 def test_claim_dir_refuses_a_live_owner_and_takes_over_from_a_dead_one(tmp_path, record_property):
@@ -411,14 +323,12 @@ def test_claim_dir_refuses_a_live_owner_and_takes_over_from_a_dead_one(tmp_path,
     record = json.loads((partial / io.OWNER_FILE).read_text())
     parent = psutil_parent()
     (partial / io.OWNER_FILE).write_text(json.dumps({**record, "pid": parent.pid, "start": round(parent.create_time() * 100)}))
-    with pytest.raises(FileExistsError, match=rf"^{partial}: in use by another run \(PID {parent.pid} still runs"):
+    with pytest.raises(BlockingIOError, match=rf"^{partial}: a run's working directory that may still be in use \(PID {parent.pid} still runs"):
         io.claim_dir(partial)
     (partial / io.OWNER_FILE).write_text(json.dumps({**record, "pid": dead_pid()}))
     assert io.claim_dir(partial).startswith("no process has PID")
     assert json.loads((partial / io.OWNER_FILE).read_text())["pid"] == os.getpid()
-    record_property("fault", "two runs writing one .partial checkpoint")
-    record_property("outcome", "refused while the other runs; taken over once it is provably dead")
-    record_property("bytes_lost", 0)
+    report(record_property, "two runs writing one .partial checkpoint", "refused while the other runs; taken over once it is provably dead")
 
 
 def psutil_parent():
@@ -436,9 +346,7 @@ def test_publish_without_an_atomic_exchange_still_replaces_whole(tmp_path, monke
     with io.atomic_dir(out) as tmp:
         (tmp / "a").write_text("new")
     assert snapshot(out) == {"a": b"new"} and [p.name for p in tmp_path.iterdir()] == ["out"]
-    record_property("fault", "publishing where renameat2 is missing")
-    record_property("outcome", "recovered: two renames, nothing left behind")
-    record_property("bytes_lost", 0)
+    report(record_property, "publishing where renameat2 is missing", "recovered: two renames, nothing left behind")
 
 
 def test_force_on_a_merged_model_of_an_older_mergeflow_knows_its_files(experts, tmp_path, capsys, record_property):
@@ -457,6 +365,4 @@ def test_force_on_a_merged_model_of_an_older_mergeflow_knows_its_files(experts, 
     (out / "notes.md").unlink()
     assert run_cli([*merge_args(experts, out)], capsys)[0] == 0
     assert "files" in json.loads((out / MERGE_CONFIG).read_text())
-    record_property("fault", "merge --force over an older merged model plus the user's files")
-    record_property("outcome", "refused, naming them; replaced once they are gone")
-    record_property("bytes_lost", lost)
+    report(record_property, "merge --force over an older merged model plus the user's files", "refused, naming them; replaced once they are gone", lost)

@@ -61,6 +61,9 @@ class DefaultCommandGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
+GRAM_FORCE = click.option("--force", is_flag=True, help="Replace --out if it holds grams mergeflow wrote and nothing else (never an input, a file or foreign files).")
+
+
 @main.group(cls=DefaultCommandGroup)
 def grams() -> None:
     """Compute, add, import and verify RegMean grams (`mergeflow grams compute` is the default)."""
@@ -86,7 +89,8 @@ def grams() -> None:
 @param_option("--checkpoint-every", key="gram.checkpoint_every", type=click.IntRange(min=0), help="Save the partial sums every N batches (0: never); "
               "rerunning the same command after a kill continues from the last save.")
 @click.option("--shard", default=None, help="Compute only slice i/n of the rows (e.g. 0/4), for machines that each take one; add them with `mergeflow grams sum`.")
-def grams_compute(model, data, out, text_field, max_length, batch_size, num_samples, seed, device, model_dtype, dtype, lm_head, accumulate_on, max_gram_memory, checkpoint_every, shard) -> None:
+@GRAM_FORCE
+def grams_compute(model, data, out, text_field, max_length, batch_size, num_samples, seed, device, model_dtype, dtype, lm_head, accumulate_on, max_gram_memory, checkpoint_every, shard, force) -> None:
     """Compute RegMean grams: the sum of x x^T of every block Linear's input over non-padding tokens.
 
     q/k/v (and gate/up), which see the same input, share one tensor. Under `torchrun
@@ -98,30 +102,32 @@ def grams_compute(model, data, out, text_field, max_length, batch_size, num_samp
     compute_grams(
         model, data, out, text_field=text_field, max_length=max_length, batch_size=batch_size, num_samples=num_samples, seed=seed,
         device=device, model_dtype=model_dtype, dtype=dtype, include_lm_head=lm_head, accumulate_on=accumulate_on,
-        max_gram_memory=max_gram_memory, checkpoint_every=checkpoint_every, shard=shard,
+        max_gram_memory=max_gram_memory, checkpoint_every=checkpoint_every, shard=shard, overwrite=force,
     )
 
 
 @grams.command("sum")
 @click.argument("parts", nargs=-1, required=True, type=EXISTING_DIR)
 @click.option("--out", required=True, type=PATH, help="Gram directory to write.")
-def grams_sum(parts, out) -> None:
+@GRAM_FORCE
+def grams_sum(parts, out, force) -> None:
     """Add gram directories computed on slices of the data (`--shard i/n`): grams and token counts add."""
     from .grams.combine import sum_grams
 
-    sum_grams(parts, out)
+    sum_grams(parts, out, overwrite=force)
 
 
 @grams.command("import")
 @click.argument("file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--model", required=True, type=EXISTING_DIR, help="The model the grams belong to: module names and shapes are checked against it.")
 @click.option("--out", required=True, type=PATH, help="Gram directory to write (reduction: mean).")
-def grams_import(file, model, out) -> None:
+@GRAM_FORCE
+def grams_import(file, model, out, force) -> None:
     """Convert a published gram pickle (module -> [in, in] mean gram, as the RegMean reference's
     gram.pkl) without running pickle code. Peak memory: about twice the largest gram."""
     from .grams.importer import import_grams
 
-    import_grams(file, model, out)
+    import_grams(file, model, out, overwrite=force)
 
 
 @grams.command("verify")

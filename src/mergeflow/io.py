@@ -115,17 +115,20 @@ def owner_status(directory: str | os.PathLike) -> tuple[bool, str]:
     return owner_alive(pid, start, boot)
 
 
-def claim_dir(directory: str | os.PathLike) -> Optional[str]:
+def claim_dir(directory: str | os.PathLike, what: str = "a run's working directory") -> Optional[str]:
     """Make this process the recorded owner of `directory` (created if missing), e.g. a resumable
-    `.<out>.partial/`. Refuses while another live process owns it; returns how the previous owner
-    is known to be dead (for the log), or None when there was none recorded."""
+    `.<out>.partial/`. Refuses (naming `what` it is) while another live process owns it, and when
+    it holds files but no readable owner record (nothing proves its writer dead); returns how the
+    previous owner is known to be dead (for the log), or None when it was new or already ours."""
     directory = Path(directory)
     previous = None
-    if (directory / OWNER_FILE).is_file():
+    if directory.is_dir() and any(directory.iterdir()):
         alive, why = owner_status(directory)
-        mine = alive and (read_owner(directory) or (None,))[0] == os.getpid()
+        owner = read_owner(directory)
+        mine = alive and owner is not None and owner[0] == os.getpid() and owner[3] in (None, socket.gethostname())
         if alive and not mine:
-            raise FileExistsError(f"{directory}: in use by another run ({why}); wait for it to finish or stop it, then rerun")
+            raise BlockingIOError(f"{directory}: {what} that may still be in use ({why}); wait for its run to finish or stop it, "
+                                  f"then rerun (if none runs any more, remove it: rm -rf '{directory}')")
         previous = None if mine else why
     directory.mkdir(parents=True, exist_ok=True)
     record_owner(directory)

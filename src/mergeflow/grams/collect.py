@@ -143,8 +143,11 @@ def compute_grams(
     max_gram_memory: int | str | None = None,
     checkpoint_every: int = 50,
     shard: str | None = None,
+    overwrite: bool = True,
 ) -> int:
-    """Compute and write the grams of `model_dir` on `data`; return the number of tokens seen."""
+    """Compute and write the grams of `model_dir` on `data`; return the number of tokens seen.
+    An existing `out` is replaced only with `overwrite`, and only if it is a gram directory that
+    holds nothing mergeflow did not write (`format.check_gram_output`)."""
     if max_length < 1 or batch_size < 1:
         raise ValueError(f"max_length and batch_size must be at least 1 (got {max_length}, {batch_size})")
     if dtype not in ("float32", "float64"):
@@ -155,7 +158,7 @@ def compute_grams(
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: no config.json; --model must be a Hugging Face model directory")
     shard_index, shard_count = parse_shard(shard)
-    check_gram_output(out)
+    check_gram_output(out, force=overwrite, inputs=[model_dir, data])
     budget = parse_size(max_gram_memory) if isinstance(max_gram_memory, str) else max_gram_memory
     acc_dtype = DTYPES[dtype]
 

@@ -21,11 +21,12 @@ from .format import INDEX, GramDir, GramWriter, check_gram_output
 log = logging.getLogger(__name__)
 
 
-def sum_grams(parts: Sequence[str | Path], out: str | Path) -> GramDir:
-    """Write the sum of the gram directories `parts` (same model, summed grams) to `out`."""
+def sum_grams(parts: Sequence[str | Path], out: str | Path, *, overwrite: bool = True) -> GramDir:
+    """Write the sum of the gram directories `parts` (same model, summed grams) to `out` (an
+    existing gram directory there is replaced only with `overwrite`, never a part)."""
     if len(parts) < 2:
         raise ValueError(f"need at least two gram directories to add, got {len(parts)}")
-    check_gram_output(out)
+    check_gram_output(out, force=overwrite, inputs=parts)
     dirs = [GramDir.open(p) for p in parts]
     first = dirs[0]
     for d in dirs:

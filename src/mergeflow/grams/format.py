@@ -38,7 +38,7 @@ import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal, Mapping, Optional, Sequence
+from typing import Iterable, Iterator, Literal, Mapping, Optional, Sequence
 
 import torch
 import yaml
@@ -46,7 +46,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ..checkpoint import open_safetensors
-from ..io import atomic_dir, umask, write_json
+from ..io import atomic_dir, check_replaceable, umask, write_json
 
 FORMAT = "mergeflow.grams/1"
 INDEX = "grams.json"
@@ -362,17 +362,7 @@ def owned_files(out: Path) -> Optional[set[str]]:
     return {INDEX, *(meta.get("files") or {}), *(ref.get("file") for ref in (meta.get("modules") or {}).values() if isinstance(ref, dict))}
 
 
-def check_gram_output(out: str | Path) -> None:
-    """Refuse to write grams over anything but an earlier gram directory (a plain file, a model,
-    a directory with files mergeflow did not write there)."""
-    out = Path(out)
-    if not (out.exists() or out.is_symlink()):
-        return
-    if out.is_symlink() or not out.is_dir():
-        raise FileExistsError(f"{out}: --out is {'a symbolic link' if out.is_symlink() else 'a file'}, not a gram directory; mergeflow never replaces it: choose another --out")
-    owned = owned_files(out)
-    if owned is None:
-        raise FileExistsError(f"{out}: --out exists and is not a gram directory (no {INDEX} of {FORMAT!r}); mergeflow never replaces it: choose another --out or remove it yourself")
-    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name not in owned or p.is_dir())
-    if foreign:
-        raise FileExistsError(f"{out}: holds files mergeflow did not write ({', '.join(foreign[:5])}); mergeflow never replaces them: move them away or choose another --out")
+def check_gram_output(out: str | Path, *, force: bool, inputs: Iterable[str | Path]) -> None:
+    """Refuse to write grams over anything but an earlier gram directory, and over that without
+    `force`: never an input of the command, a plain file, a model or foreign files."""
+    check_replaceable(out, force=force, inputs=inputs, owned_files=owned_files, what="gram", option="--out")

@@ -123,12 +123,13 @@ def expected_modules(model: Path) -> dict[str, int]:
     return found
 
 
-def import_grams(path: str | Path, model: str | Path, out: str | Path) -> dict:
-    """Convert a published gram pickle into a gram directory of `reduction: mean`; return its index."""
+def import_grams(path: str | Path, model: str | Path, out: str | Path, *, overwrite: bool = True) -> dict:
+    """Convert a published gram pickle into a gram directory of `reduction: mean`; return its index.
+    An existing gram directory at `out` is replaced only with `overwrite`."""
     path, model, out = Path(path), Path(model), Path(out)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: gram file not found")
-    check_gram_output(out)
+    check_gram_output(out, force=overwrite, inputs=[path, model])
     expected = expected_modules(model)
     tied = json.loads((model / "config.json").read_text()).get("tie_word_embeddings", False) if (model / "config.json").is_file() else False
     with atomic_dir(out) as tmp:

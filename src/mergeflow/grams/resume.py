@@ -10,16 +10,17 @@ gram files in `done/`, each with its size and SHA-256 beside it (`<file>.json`, 
 file, before the checkpoint says the group is finished). A checkpoint made by a different command
 (another model, data file or parameter), or whose finished files are not all there, is discarded.
 
-Publishing is one rename, and the checkpoint survives it: the finished files are hard-linked (never
-moved) into a fresh `publish/` inside the checkpoint, grams.json is written there, `publish/`
-is renamed to the output, and only then is the checkpoint removed (its `fingerprint` first, so a
-half-removed checkpoint is never resumed). A kill at any instant leaves the output absent or
-complete (the old one or the new one), and the rerun publishes the same bytes again.
+Publishing is one atomic step, and the checkpoint survives it: the finished files are hard-linked
+(never moved) into a fresh `publish/` inside the checkpoint, grams.json is written there, and
+`io.publish` swaps `publish/` with the output (renameat2 RENAME_EXCHANGE: never an instant without
+an output); only then is the checkpoint removed (its `fingerprint` first, so a half-removed
+checkpoint is never resumed). A kill at any instant leaves the output absent or complete (the old
+one or the new one), and the rerun publishes the same bytes again.
 
-`owner.json` records who is writing the checkpoint (PID, the process's start time, boot id and
-host): a checkpoint whose owner still runs is never touched (the command refuses, in one line);
-one whose owner is dead (no such PID, a PID now used by a process started at another time, or
-an earlier boot) is resumed or discarded, and the log says how we know it is dead.
+`owner.json` (`io.claim_dir`, the format of io's `.tmp-` names) records who is writing the
+checkpoint: a checkpoint whose owner may still run, or that holds files without an owner record,
+is never touched (the command refuses, in one line); one whose owner is provably dead is resumed or
+discarded, and the log says how we know it is dead.
 """
 
 from __future__ import annotations
@@ -29,18 +30,15 @@ import json
 import logging
 import os
 import shutil
-import socket
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Mapping, Optional
 
-import psutil
 import torch
 from safetensors.torch import load_file, save_file
 
 from ..faults import fault_point
-from ..io import atomic_file, umask, write_json
+from ..io import OWNER_FILE, atomic_file, claim_dir, publish, umask, write_json
 from .format import GramWriter, disk_errors, file_record, save_tensors
 
 log = logging.getLogger(__name__)
@@ -73,22 +71,16 @@ class Checkpoint:
 
     def prepare(self) -> None:
         """Resume a checkpoint of this same command left by a dead process; discard any other;
-        refuse one whose owner still runs (rank 0 only)."""
+        refuse one whose owner may still run (rank 0 only)."""
         marker = self.root / "fingerprint"
-        if self.root.exists():
-            alive, why = owner_status(self.root)
-            if is_mine(self.root):
-                why = "left by an earlier, interrupted call in this process"
-            elif alive and any(self.root.iterdir()):
-                raise BlockingIOError(f"{self.root}: the checkpoint of a gram run for {self.out} that may still be running ({why}); "
-                                      f"wait for it or stop it, then rerun (if it is over, remove the checkpoint: rm -rf '{self.root}')")
-            if not marker.is_file() or marker.read_text().strip() != self.fingerprint:
-                log.warning("%s: a checkpoint of a different command (model, data or parameters) or an incomplete one; starting over (%s)", self.root, why)
-                self.clear()
-            else:
-                log.info("%s: a checkpoint of this command, left by an interrupted run (%s)", self.root, why)
-        self.root.mkdir(parents=True, exist_ok=True)
-        record_owner(self.root)
+        existed = self.root.is_dir()
+        why = claim_dir(self.root, what=f"the checkpoint of a gram run for {self.out}") or "no other live run owns it"
+        if existed and not (marker.is_file() and marker.read_text().strip() == self.fingerprint):
+            log.warning("%s: a checkpoint of a different command (model, data or parameters) or an incomplete one; starting over (%s)", self.root, why)
+            self.clear()
+            claim_dir(self.root)
+        elif existed:
+            log.info("%s: a checkpoint of this command, left by an interrupted run (%s)", self.root, why)
         self.done.mkdir(exist_ok=True)
         if not marker.is_file():
             marker.write_text(self.fingerprint + "\n")
@@ -146,13 +138,13 @@ class Checkpoint:
             return None
 
     def publish(self, files: list[str], keys: Mapping[str, str], **meta) -> None:
-        """Put the finished `files` and their grams.json in the place of `out` in one rename, then
-        remove the checkpoint (rank 0 only). Every step can be interrupted and redone."""
+        """Put the finished `files` and their grams.json in the place of `out` in one atomic swap
+        (`io.publish`: never an instant without an output), then remove the checkpoint (rank 0
+        only). Every step can be interrupted and redone."""
         fault_point("grams:publish-begin")
-        staging, previous = self.root / "publish", self.root / "previous"
-        for leftover in (staging, previous):  # half of an earlier attempt: never built on
-            if leftover.exists():
-                shutil.rmtree(leftover)
+        staging = self.root / "publish"
+        if staging.exists():  # half of an earlier attempt (or the output it replaced): never built on
+            shutil.rmtree(staging)
         staging.mkdir()
         writer = GramWriter(staging)
         for file in files:
@@ -165,10 +157,7 @@ class Checkpoint:
         writer.finish(keys, **meta)
         fault_point("grams:publish-indexed")
         os.chmod(staging, 0o777 & ~umask())
-        if self.out.exists() or self.out.is_symlink():
-            os.replace(self.out, previous)
-            fault_point("grams:publish-displaced")
-        os.replace(staging, self.out)
+        publish(staging, self.out)
         fault_point("grams:publish-renamed")
         self.clear()
 
@@ -196,67 +185,3 @@ def link_or_copy(src: Path, dst: Path) -> None:
     except OSError:
         with disk_errors(dst):
             shutil.copy2(src, dst)
-
-
-# --- who owns a checkpoint, and is it dead (the same facts as io's `.tmp-` names record) ----------
-
-OWNER_FILE = "owner.json"
-
-
-@lru_cache(maxsize=1)
-def boot_id() -> str:
-    """This boot's id: a PID recorded under another boot belongs to a dead process."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:  # not Linux: the boot time stands in for it
-        return f"boot-{int(psutil.boot_time())}"
-
-
-def start_time(pid: int) -> Optional[float]:
-    """When process `pid` started (seconds since the epoch); None if no such process runs."""
-    try:
-        return psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return None
-    except psutil.AccessDenied:  # another user's live process
-        return -1.0
-
-
-def record_owner(directory: Path) -> None:
-    pid = os.getpid()
-    write_json(directory / OWNER_FILE, {"pid": pid, "start": start_time(pid), "boot": boot_id(), "host": socket.gethostname()})
-
-
-def _owner(directory: Path) -> Optional[dict]:
-    try:
-        owner = json.loads((directory / OWNER_FILE).read_text())
-        return {"pid": int(owner["pid"]), "start": float(owner["start"]), "boot": str(owner["boot"]), "host": owner.get("host")}
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def owner_status(directory: Path) -> tuple[bool, str]:
-    """(alive, why): whether the process recorded in `directory`'s owner.json may still run, and
-    how we know. No readable record, or another host, proves nothing: treated as alive."""
-    owner = _owner(directory)
-    if owner is None:
-        return True, f"{directory / OWNER_FILE} is missing or unreadable, so its owner cannot be proved dead"
-    pid = owner["pid"]
-    if owner["host"] and owner["host"] != socket.gethostname():
-        return True, f"PID {pid} on host {owner['host']}, whose processes this machine cannot see"
-    if owner["boot"] != boot_id():
-        return False, f"PID {pid} ran before this machine last booted"
-    now = start_time(pid)
-    if now is None:
-        return False, f"no process has PID {pid} any more"
-    if now < 0:
-        return True, f"PID {pid} runs (as another user)"
-    if abs(now - owner["start"]) > 0.05:
-        return False, f"PID {pid} now belongs to another process, started at another time"
-    return True, f"PID {pid} still runs"
-
-
-def is_mine(directory: Path) -> bool:
-    """Recorded by this very process (an earlier call interrupted by Ctrl-C, caught by a caller)."""
-    owner = _owner(directory)
-    return bool(owner) and owner["pid"] == os.getpid() and owner["boot"] == boot_id() and abs((start_time(os.getpid()) or 0) - owner["start"]) <= 0.05
