@@ -1,5 +1,7 @@
 """DVC stage `download`: the base model, the experts and their data (params: models, data, experts)."""
 
+import mergeflow.pinned  # noqa: F401  first: pins the CPU kernels before torch loads (README "Reproducibility")
+
 from pathlib import Path
 
 from mergeflow.stage import run_stage

@@ -1,5 +1,7 @@
 """DVC stage `merge`: merge the experts (params: method, alpha, experts, merge)."""
 
+import mergeflow.pinned  # noqa: F401  first: pins the CPU kernels before torch loads (README "Reproducibility")
+
 from pathlib import Path
 
 import torch

@@ -1,5 +1,7 @@
 """DVC stage `summary`: metrics/summary.json, one table of the base, each expert and the merged model."""
 
+import mergeflow.pinned  # noqa: F401  first: pins the CPU kernels before torch loads (README "Reproducibility")
+
 from pathlib import Path
 
 from mergeflow.evaluation.harness import evaluation_summary
