@@ -5,7 +5,9 @@ CPU's instruction set and the thread count, and ATen's vectorised kernels (`_log
 `lerp_`, the CPU flash-attention backward) from the vector width, so the same seed gave other
 weights on another CPU (issue 19). MKL's conditional numerical reproducibility mode and a fixed
 ATen capability take both choices away from the machine; oneDNN is capped likewise in case a
-kernel reaches it. Every variable is read once, when its library initialises: they must be in the
+kernel reaches it. MKL's strict mode covers BLAS, not LAPACK: a Cholesky or least-squares
+factorisation still changes with the thread count, so those run on one thread (`lapack_one_thread`).
+Every variable is read once, when its library initialises: they must be in the
 environment before `import torch`. `benchmarks/determinism.py` measures what they cost and that
 they hold (README "Reproducibility").
 
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
+from typing import Iterator
 
 # AVX2 is the widest instruction set every x86-64 CPU of the last decade has (Haswell, Zen 1 and
 # later); STRICT also takes the thread count out of MKL's results.
@@ -54,3 +58,22 @@ def pin_cpu_kernels() -> None:
         raise RuntimeError("mergeflow: torch was imported before the CPU kernels could be pinned, even after a restart")
     os.environ[_REEXEC] = "1"
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+@contextmanager
+def lapack_one_thread(device: str = "cpu") -> Iterator[None]:
+    """Run a LAPACK factorisation (`cholesky_ex`, `lstsq`) on one thread when the kernels are pinned:
+    MKL's potrf and gelsd split the work by thread count, whatever `MKL_CBWR` says (the toy zoo's
+    256 x 256 down_proj gram already differs between 1 and 2 threads). Cost: one core's time, e.g.
+    0.4 s of CPU for a 4096 x 4096 Cholesky, once per distinct gram."""
+    import torch
+
+    if device != "cpu" or not pinned():
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
