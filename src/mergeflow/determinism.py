@@ -7,9 +7,9 @@ weights on another CPU (issue 19). MKL's conditional numerical reproducibility m
 ATen capability take both choices away from the machine; oneDNN is capped likewise in case a
 kernel reaches it. MKL's strict mode covers BLAS, not LAPACK: a Cholesky or least-squares
 factorisation still changes with the thread count, so those run on one thread (`lapack_one_thread`).
-Every variable is read once, when its library initialises: they must be in the
-environment before `import torch`. `benchmarks/determinism.py` measures what they cost and that
-they hold (README "Reproducibility").
+Every variable is read once, when its library initialises: they must be in the environment before
+`import torch`. `benchmarks/determinism.py` measures what they cost and that they hold (README
+"Reproducibility").
 
 The promise is for CPU runs. CUDA kernels (bf16 above all) differ between GPU models, and nothing
 here changes them.
