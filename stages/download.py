@@ -1,6 +1,8 @@
 """DVC stages `download-base`, `download@<expert>` and `download-eval`: the base model, each expert
 with its calibration data, and the evaluation and test data (params: models, data, experts)."""
 
+import mergeflow.pinned  # noqa: F401  first: pins the CPU kernels before torch loads (README "Reproducibility")
+
 from pathlib import Path
 
 from mergeflow.params import STAGE_PARAMS

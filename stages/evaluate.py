@@ -1,5 +1,7 @@
 """DVC stages `evaluate` and `evaluate-*`: lm-eval metrics of one model (params: eval)."""
 
+import mergeflow.pinned  # noqa: F401  first: pins the CPU kernels before torch loads (README "Reproducibility")
+
 from pathlib import Path
 
 from mergeflow.evaluation.harness import evaluate_model

@@ -1,5 +1,7 @@
 """DVC stage `gram@<expert>`: the grams of one expert on its calibration data (params: gram)."""
 
+import mergeflow.pinned  # noqa: F401  first: pins the CPU kernels before torch loads (README "Reproducibility")
+
 from pathlib import Path
 
 from mergeflow.grams.collect import compute_grams

@@ -1,6 +1,8 @@
 """DVC stage `merge`: merge the experts (params: method, alpha, experts, merge). A plugin method
 (`method: methods/x.py:Class`) must live in methods/, a dependency of this stage."""
 
+import mergeflow.pinned  # noqa: F401  first: pins the CPU kernels before torch loads (README "Reproducibility")
+
 from pathlib import Path
 
 import torch

@@ -1,5 +1,7 @@
 """DVC stage `submit`: answer data/test.csv with the merged model into submission.csv (params: submit, eval backend)."""
 
+import mergeflow.pinned  # noqa: F401  first: pins the CPU kernels before torch loads (README "Reproducibility")
+
 from pathlib import Path
 
 from mergeflow.params import STAGE_PARAMS

@@ -1,6 +1,8 @@
 """DVC stage `summary`: metrics/summary.json, one table of the base, each expert and the merged
 model (the pipeline's only DVC metrics file), and the tables `dvc plots` draws from it."""
 
+import mergeflow.pinned  # noqa: F401  first: pins the CPU kernels before torch loads (README "Reproducibility")
+
 from pathlib import Path
 
 from mergeflow.evaluation.harness import evaluation_summary

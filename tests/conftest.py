@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# Before anything imports torch: the tests compute with the CPU kernels that the stages and the
+# `mergeflow` command pin, so that in-process results equal theirs bit for bit (README "Reproducibility").
+import mergeflow.pinned  # noqa: F401, I001
+
 import os
 import tempfile
 from pathlib import Path

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import click
 
+from .determinism import pin_cpu_kernels
 from .logs import setup_logging
 from .params import field_default
 
@@ -334,7 +335,9 @@ def plan(params_file: Path, tflops: float, as_json: bool) -> None:
 
 
 def run() -> None:
-    """Entry point that turns expected errors into one clear line and exit code 1."""
+    """Entry point (`mergeflow`, `python -m mergeflow`): pins the CPU kernels first (README
+    "Reproducibility"), then turns expected errors into one clear line and exit code 1."""
+    pin_cpu_kernels()
     try:
         main(standalone_mode=False)
     except click.exceptions.Abort:

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..determinism import lapack_one_thread
 from . import register
 from .base import GramLoader, MergeMethod, MergeOptions, weighted_sum
 
@@ -59,7 +60,8 @@ class RegMean(MergeMethod):
             torch.diagonal(g).add_(diag, alpha=(1.0 - alpha) * w)
             lhs = g if lhs is None else lhs.add_(g)
             del g
-        chol, info = torch.linalg.cholesky_ex(lhs)
+        with lapack_one_thread(lhs.device.type):  # bit-identical at any thread count (README "Reproducibility")
+            chol, info = torch.linalg.cholesky_ex(lhs)
         if int(info) == 0:
             del lhs
             self._factored = (cache_key, chol, True)
@@ -98,7 +100,8 @@ class RegMean(MergeMethod):
             solution = torch.linalg.solve_triangular(factor.mT, lower, upper=True)
             del lower
         else:  # rank-deficient: gelsd (SVD) exists on the CPU only; CUDA's gels assumes full rank
-            solution = torch.linalg.lstsq(factor.cpu(), rhs.cpu(), driver="gelsd").solution.to(device)
+            with lapack_one_thread():
+                solution = torch.linalg.lstsq(factor.cpu(), rhs.cpu(), driver="gelsd").solution.to(device)
         if log.isEnabledFor(logging.DEBUG):
             lhs = factor @ factor.T if is_cholesky else factor
             residual = torch.linalg.matrix_norm(lhs @ solution - rhs) / torch.linalg.matrix_norm(rhs).clamp_min(1e-30)
