@@ -32,7 +32,7 @@ from .params import Params
 
 log = logging.getLogger(__name__)
 
-CODE = ["stages/download.py", "src/mergeflow/zoo"]
+CODE = ["stages/download.py", "src/mergeflow/zoo", "src/mergeflow/determinism.py"]
 DOWNLOAD_STAGES = ("download-base", "download", "download-eval")
 PLUGIN_DIR = "methods"  # merge method plugins (`method: methods/x.py:Class`) live here: a dependency of merge
 
