@@ -25,8 +25,10 @@ $(VENV)/.installed: pyproject.toml
 repro: setup
 	dvc repro
 
+# Two workers on two cores (pytest-xdist); the tests that share one pipeline run stay together.
+PYTEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"

@@ -15,8 +15,20 @@ import pytest
 # Never touch the network or the user's caches from the tests.
 _HF_HOME = tempfile.mkdtemp(prefix="mergeflow-test-hf-")
 os.environ.update(HF_HOME=_HF_HOME, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+# `make test` runs two xdist workers on two cores: one thread each, in-process and in the stages they
+# start (the pinned kernels give the same bytes at any thread count; test_determinism sets its own).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from helpers import make_tiny_llama  # noqa: E402
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """Under `pytest -n N --dist loadgroup` the tests sharing the one pipeline run stay on one worker."""
+    for item in items:
+        if "pipeline_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("pipeline"))
 
 
 @pytest.fixture(scope="session")

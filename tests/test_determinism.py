@@ -22,7 +22,7 @@ from mergeflow.determinism import PINNED_ENV
 DRIVER = """
 import runpy, sys
 stages, experts = sys.argv[1], ["math", "code"]
-runs = [["download.py", "--models", "models", "--data", "data"]]
+runs = [["download.py", "base"], *(["download.py", "expert", e] for e in experts), ["download.py", "eval"]]
 runs += [["gram.py", "--model", f"models/experts/{e}", "--data", f"data/calib/{e}.jsonl", "--out", f"models/grams/{e}"] for e in experts]
 runs += [["merge.py", "--experts", "models/experts", "--grams", "models/grams", "--base", "models/base", "--out", "models/merged"]]
 for argv in runs:
