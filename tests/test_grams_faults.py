@@ -204,11 +204,12 @@ def test_sum_refuses_a_part_without_identity_records(shards, summed, tmp_path, r
     refused_sum([shards / "part0", old], summed, message, record_property, "grams sum with a part of an older mergeflow")
 
 
-def test_sum_of_verified_shards_records_what_it_adds(shards, summed):
+def test_sum_of_verified_shards_records_what_it_adds(shards, summed, record_property):
     meta = json.loads((summed / "grams.json").read_text())
     part = json.loads((shards / "part0" / "grams.json").read_text())
     assert meta["shards"] == ["0/2", "1/2"] and meta["model_id"] == part["model_id"] and meta["calibration"] == part["calibration"]
     assert GramDir.open(summed).num_tokens == sum(GramDir.open(shards / f"part{i}").num_tokens for i in range(2))
+    report(record_property, "grams sum of two verified shards of one model (the control case)", "accepted: shards, model and calibration recorded")
 
 
 # --- the merge: grams in the order of the experts ---------------------------------------------------
