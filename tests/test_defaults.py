@@ -115,6 +115,12 @@ def test_models_needs_only_the_selected_source():
     assert missing_keys({"eval": {"hf": {"dtype": "auto"}}}, ["eval.hf", "eval.backend"]) == ["eval.hf.batch_size", "eval.hf.device", "eval.backend"]
 
 
+def test_each_hub_expert_names_its_revision():
+    """A hub expert without `revision` would silently follow `main` (and `mergeflow use` could not pin it)."""
+    hub = {"base": {"repo_id": "b", "revision": "v1"}, "experts": {"math": {"repo_id": "m"}, "code": {"repo_id": "c", "revision": "v2"}}}
+    assert missing_keys({"models": {"source": "hub", "hub": hub}}, ["models"]) == ["models.hub.experts.math.revision"]
+
+
 def test_merge_options_default_to_the_params_defaults():
     import torch
 

@@ -12,7 +12,7 @@ default silently, require every key they read to be in the file (`load_params(re
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Sequence, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -231,14 +231,19 @@ def field_default(key: str) -> tuple[Any, Optional[str]]:
 
 def missing_keys(raw: Any, require: Sequence[str]) -> list[str]:
     """The keys under each of `require` (dotted: `merge`, `eval.hf`) that `raw` lacks; groups are
-    walked down to their leaves. `models` needs `source` and only the selected source's group."""
+    walked down to their leaves, a mapping of groups (`models.hub.experts`) entry by entry.
+    `models` needs `source` and only the selected source's group."""
     missing: list[str] = []
 
     def walk(value: Any, model: Any, path: str) -> None:
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            return
         if not isinstance(value, dict):
             return  # not a mapping: validation has already refused it
+        if get_origin(model) is dict:  # `models.hub.experts`: every entry is a group of its own
+            for name, entry in value.items():
+                walk(entry, get_args(model)[1], f"{path}.{name}")
+            return
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return
         names = list(model.model_fields)
         if model is ModelsParams:
             names = ["source", value.get("source", "toy")]
