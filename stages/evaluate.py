@@ -1,4 +1,5 @@
-"""DVC stages `evaluate` and `evaluate-*`: lm-eval metrics of one model (params: eval)."""
+"""DVC stages `evaluate` and `evaluate-*`: lm-eval metrics of one model (params: eval). The local
+files of `eval.data_files` are dependencies of these stages, written into dvc.yaml by `mergeflow use`."""
 
 import mergeflow.pinned  # noqa: F401  first: pins the CPU kernels before torch loads (README "Reproducibility")
 
@@ -6,6 +7,7 @@ from pathlib import Path
 
 from mergeflow.evaluation.harness import evaluate_model
 from mergeflow.params import STAGE_PARAMS
+from mergeflow.pipeline import check_in_sync
 from mergeflow.stage import run_stage
 
 PARAMS = STAGE_PARAMS["evaluate"]  # the keys it reads (dvc.yaml lists the same): each must be in the params file
@@ -15,9 +17,11 @@ def add_arguments(parser):
     parser.add_argument("--model", type=Path, required=True, help="model directory to evaluate")
     parser.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
     parser.add_argument("--logs", type=Path, required=True, help="folder for the per-sample JSONL logs")
+    parser.add_argument("--dvc-yaml", type=Path, default=Path("dvc.yaml"), help="pipeline whose evaluate stages must depend on eval.data_files")
 
 
 def main(args, params):
+    check_in_sync(args.dvc_yaml, params, args.params)
     e = params.eval
     evaluate_model(args.model, e.tasks, args.out, params=e, log_dir=args.logs if e.log_samples else None)
     if not e.log_samples:  # the folder is a DVC output: leave an empty one

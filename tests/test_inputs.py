@@ -19,7 +19,7 @@ from helpers import ROOT, copy_repo, make_tiny_llama, run
 from test_sources import SHA, fill_hub_cache
 
 from mergeflow.params import Params, load_params
-from mergeflow.pipeline import ZOO_PARAMS, check_plugin, download_stages, out_of_sync
+from mergeflow.pipeline import ZOO_PARAMS, check_plugin, download_stages, eval_data_deps, out_of_sync
 from mergeflow.zoo.sources import materialise
 
 DOWNLOAD = ["download-base", "download", "download-eval"]
@@ -212,3 +212,40 @@ def test_a_plugin_outside_the_plugin_folder_is_refused(tmp_path):
         "params.yaml: method 'my_methods/median.py:Median': my_methods/median.py is not under methods/, the merge stage's plugin folder, "
         "so DVC would not rerun merge when it changes; move it there (method: methods/median.py:Median)"
     )
+
+
+def test_an_eval_data_file_invalidates_only_the_evaluations(local_repo):
+    """`eval.data_files` are local inputs of the evaluate stages: `mergeflow use` makes them deps,
+    editing one reports exactly those stages, and a stage refuses a dvc.yaml that lacks them."""
+    repo, env, root = local_repo
+    data = root / "inputs" / "toy_math.test.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    with edited(repo / "params.yaml", lambda b: b.replace(b"data_files: {}", f"data_files: {{toy_math: {data}, not_run: {data}.x}}".encode())), \
+            edited(repo / "dvc.yaml", lambda b: b), edited(repo / "dvc.lock", lambda b: b):
+        proc = subprocess.run([sys.executable, "stages/evaluate.py", "--model", "models/base", "--out", "m.json", "--logs", "logs"],
+                              cwd=repo, env=env, capture_output=True, text=True)
+        assert proc.returncode == 1
+        assert proc.stderr.strip().splitlines()[-1] == (
+            "evaluate.py: error: dvc.yaml: stage evaluate-base's eval.data_files deps, stage evaluate-expert's eval.data_files deps, "
+            "stage evaluate's eval.data_files deps are out of date for params.yaml (models.source 'local', experts ['math', 'code']): "
+            "DVC would not watch every input; run `mergeflow use params.yaml` to regenerate them"
+        )
+        out = run(["mergeflow", "use", "params.yaml"], repo, env)
+        assert f"dvc.yaml: stage evaluate-base: deps +{data}\n" in out and f"dvc.yaml: stage evaluate: deps +{data}\n" in out
+        assert yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["evaluate-base"]["deps"][-2:] == ["data/eval", str(data)]
+        (repo / "logs/eval/base").mkdir(parents=True, exist_ok=True)  # stand-ins for the stage's outputs, recorded without running it
+        (repo / "metrics/base.json").write_text("{}\n")
+        run(["dvc", "commit", "-f", "evaluate-base"], repo, env)
+        assert json.loads(run(["dvc", "status", "--json", "evaluate-base", *DOWNLOAD], repo, env)) == {}
+        with edited(data, lambda b: b + b"\n"):
+            assert json.loads(run(["dvc", "status", "--json", "evaluate-base", *DOWNLOAD], repo, env)) == {
+                "evaluate-base": [{"changed deps": {str(data): "modified"}}]}
+    run(["git", "checkout", "--", "metrics/base.json"], repo, env)
+
+
+def test_eval_data_deps_are_the_run_tasks_local_files():
+    params = load_params(ROOT / "params.yaml").model_copy(deep=True)
+    evaluation = params.eval.model_copy(update={"tasks": ["xsum", "toy_math", "humaneval_instruct_fence", "gsm8k"],
+                                                "data_files": {"gsm8k": {"test": "g/test.jsonl", "train": "g/train.jsonl"}, "mbpp": "not-run.jsonl"}})
+    # xsum: its shipped default; toy_math: under data/eval (a dependency already); humaneval: inside a package
+    assert eval_data_deps(params.model_copy(update={"eval": evaluation})) == ["data/validation/xsum.csv", "g/test.jsonl", "g/train.jsonl"]

@@ -12,10 +12,12 @@ therefore writes them into `dvc.yaml` as real dependencies, stage by stage:
   params only, so changing one expert never rebuilds another;
 - `download-eval`: the evaluation data and the test file (local files as dependencies);
 - `merge`: one `models/experts/<e>` and one `models/grams/<e>` per expert (`dvc repro --pull`
-  fetches only dependencies that are some stage's output, never a folder holding several).
+  fetches only dependencies that are some stage's output, never a folder holding several);
+- `evaluate-base`, `evaluate-expert`, `evaluate`: after their `data/eval` dependency, the local
+  data files of the tasks of `eval.tasks` (`eval.data_files`, or a shipped task's default).
 
-Each download stage compares `dvc.yaml` with what this module generates from the params and
-refuses to run on a mismatch (a local input DVC would not be watching), naming the fix.
+Each download and evaluate stage compares `dvc.yaml` with what this module generates from the
+params and refuses to run on a mismatch (a local input DVC would not be watching), naming the fix.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 
 CODE = ["stages/download.py", "src/mergeflow/zoo", "src/mergeflow/determinism.py"]
 DOWNLOAD_STAGES = ("download-base", "download", "download-eval")
+EVALUATE_STAGES = ("evaluate-base", "evaluate-expert", "evaluate")
+EVAL_DATA = "data/eval"  # an evaluate stage's deps after this one are its `eval.data_files`
 PLUGIN_DIR = "methods"  # merge method plugins (`method: methods/x.py:Class`) live here: a dependency of merge
 
 # The fields of each zoo's params that each step reads: the params of its stage.
@@ -116,6 +120,28 @@ def merge_model_deps(experts: list[str]) -> list[str]:
     return [f"models/experts/{e}" for e in experts] + [f"models/grams/{e}" for e in experts]
 
 
+def eval_data_deps(params: Params) -> list[str]:
+    """The local files that the evaluate stages read for the tasks of `eval.tasks`: each task's
+    `eval.data_files`, else a shipped task's own default (e.g. xsum's data/validation/xsum.csv);
+    not those under `data/eval` (already a dependency) nor inside an installed package."""
+    from .evaluation.tasks import shipped_configs
+
+    shipped = shipped_configs()
+    files: list[str] = []
+    for task in params.eval.tasks:
+        entry = params.eval.data_files.get(task) or (shipped.get(task, {}).get("dataset_kwargs") or {}).get("data_files")
+        for path in ([entry] if isinstance(entry, str) else list((entry or {}).values())):
+            if path not in files and not path.startswith((f"{EVAL_DATA}/", "package:")):
+                files.append(path)
+    return files
+
+
+def _eval_data_tail(deps: list) -> tuple[int, list]:
+    """Where an evaluate stage's generated deps start (after `data/eval`), and those deps."""
+    start = next((i + 1 for i, d in enumerate(deps) if d == EVAL_DATA), len(deps))
+    return start, list(deps[start:])
+
+
 def _is_model_dep(dep: Any) -> bool:
     return isinstance(dep, str) and dep.startswith(("models/experts", "models/grams"))
 
@@ -195,6 +221,16 @@ def sync_dvc_yaml(dvc_yaml: Path, params: Params) -> list[str]:
         for i, dep in enumerate(new):
             deps.insert(first + i, dep)
         changes.append(f"{dvc_yaml}: stage merge: {_describe({'deps': current}, {'deps': new})}")
+    files = eval_data_deps(params)
+    for name in EVALUATE_STAGES:
+        if name not in stages:
+            continue
+        deps = stages[name].setdefault("deps", [])
+        start, current = _eval_data_tail(deps)
+        if _plain(current) != files:
+            del deps[start:]
+            deps.extend(files)
+            changes.append(f"{dvc_yaml}: stage {name}: {_describe({'deps': current}, {'deps': files})}")
     if changes:
         out = io.StringIO()
         yaml.dump(doc, out)
@@ -225,11 +261,14 @@ def out_of_sync(dvc_yaml: Path, params: Params) -> list[str]:
     merge_deps = [d for d in (stages.get("merge") or {}).get("deps") or [] if _is_model_dep(d)]
     if merge_deps != merge_model_deps(params.experts):
         wrong.append("the merge stage's models/experts and models/grams deps")
+    files = eval_data_deps(params)
+    wrong += [f"stage {name}'s eval.data_files deps" for name in EVALUATE_STAGES
+              if name in stages and _eval_data_tail((stages[name] or {}).get("deps") or [])[1] != files]
     return wrong
 
 
 def check_in_sync(dvc_yaml: Path, params: Params, params_file: str = "params.yaml") -> None:
-    """Refuse (one line) to run a download stage that DVC would not rerun when an input changes."""
+    """Refuse (one line) to run a download or evaluate stage that DVC would not rerun when an input changes."""
     if not dvc_yaml.is_file():  # run outside a DVC project: nothing to keep in sync
         return
     wrong = out_of_sync(dvc_yaml, params)
