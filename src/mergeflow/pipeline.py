@@ -100,7 +100,8 @@ def download_stages(params: Params) -> dict[str, dict]:
         "foreach": inputs,
         "do": {
             "cmd": "python stages/download.py expert ${key}",
-            "deps": [*CODE, "models/base", *(["${item.model}"] if local else []), "${item.calib}"],
+            # grams/data.py: how a CSV, JSON or Parquet calibration file becomes calib/<expert>.jsonl
+            "deps": [*CODE, "src/mergeflow/grams/data.py", "models/base", *(["${item.model}"] if local else []), "${item.calib}"],
             "params": ["models.source", f"models.{source}.experts.${{key}}", "data.calib.${key}"],
             "outs": ["models/experts/${key}", "data/calib/${key}.jsonl"],
         },
