@@ -26,7 +26,8 @@ SWEEP_HEADER = ("method", "alpha", "metric", "score")
 
 def metric_rows(table: Mapping[str, Mapping[str, float]]) -> list[tuple[str, float]]:
     """`{task: {metric: value}}` -> `[("task.metric", value), ...]`, numbers only, in file order."""
-    return [(f"{task}.{name}", float(v)) for task, values in table.items() for name, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return [(f"{task}.{name}", float(v)) for task, values in table.items() if isinstance(values, Mapping)
+            for name, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
 
 
 def score_rows(summary: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, float]]:

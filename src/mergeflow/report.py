@@ -28,6 +28,7 @@ from typing import Any
 
 from .evaluation.harness import is_stderr
 from .io import atomic_file
+from .plots import metric_rows
 
 log = logging.getLogger(__name__)
 SUMMARY = "metrics/summary.json"
@@ -102,8 +103,8 @@ def runs(doc: list[dict]) -> Iterator[Run]:
 
 
 def scores(metrics: dict[str, Any]) -> dict[str, float]:
-    """`{task: {metric: v}}` -> `{"task.metric": v}`, standard errors left out."""
-    return {f"{task}.{name}": float(v) for task, values in metrics.items() if isinstance(values, dict) for name, v in values.items() if not is_stderr(name) and isinstance(v, (int, float))}
+    """`{task: {metric: v}}` -> `{"task.metric": v}` (as `dvc plots` reads it), standard errors left out."""
+    return {name: v for name, v in metric_rows(metrics) if not is_stderr(name)}
 
 
 @dataclass
