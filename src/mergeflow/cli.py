@@ -298,11 +298,11 @@ def methods() -> None:
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--params", "params_file", default="params.yaml", show_default=True, type=PATH, help="The pipeline's params file to replace.")
-@click.option("--dvc-yaml", default="dvc.yaml", show_default=True, type=PATH, help="Pipeline whose download stages and merge deps follow the params.")
+@click.option("--dvc-yaml", default="dvc.yaml", show_default=True, type=PATH, help="Pipeline whose download stages, merge deps and evaluate data deps follow the params.")
 def use(recipe: Path, params_file: Path, dvc_yaml: Path) -> None:
     """Switch the pipeline to RECIPE (e.g. recipes/llama3-code-math.yaml; recipes/toy.yaml is the
     default): validate it, write it over params.yaml, pin its hub branches to commits and
-    regenerate dvc.yaml's download stages and merge deps (local inputs become DVC dependencies),
+    regenerate dvc.yaml's download stages, merge deps and evaluate data deps (local inputs become DVC dependencies),
     printing every change. `mergeflow use params.yaml` does the last two after editing params.yaml
     by hand. Then `mergeflow plan` to see the cost, `dvc repro` to run."""
     from .recipes import use_recipe

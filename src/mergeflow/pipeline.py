@@ -327,9 +327,10 @@ def pin_hub_revisions(params_file: Path, params: Params) -> list[str]:
         return []
     hub = params.models.hub
     models = {"base": hub.base, **{f"experts.{e}": m for e, m in hub.experts.items() if e in params.experts}}
-    doc = _yaml().load(params_file.read_text())
-    lines = params_file.read_text().splitlines(keepends=True)
-    report = []
+    text = params_file.read_text()
+    doc = _yaml().load(text)
+    lines = text.splitlines(keepends=True)
+    report, pinned = [], 0
     for key, model in models.items():
         if is_pinned(model.revision):
             continue
@@ -342,13 +343,13 @@ def pin_hub_revisions(params_file: Path, params: Params) -> list[str]:
         for part in key.split("."):
             node = node[part]
         line, col = node.lc.value("revision")
-        text = lines[line]
-        end = text.index(model.revision, col) if model.revision in text[col:] else -1
-        if end < 0:
+        start = lines[line].find(model.revision, col)
+        if start < 0:
             raise ValueError(f"{params_file}: line {line + 1}: cannot find revision {model.revision!r} to pin")
-        lines[line] = text[:end] + commit + text[end + len(model.revision):]
+        lines[line] = lines[line][:start] + commit + lines[line][start + len(model.revision):]
         report.append(f"{params_file}: models.hub.{key}.revision: {model.revision} -> {commit}")
-    if any("->" in r for r in report):
+        pinned += 1
+    if pinned:
         with atomic_file(params_file) as tmp:
             tmp.write_text("".join(lines))
     return report
