@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from ..faults import fault_point
 from ..io import OWNER_FILE, atomic_file, claim_dir, publish, umask, write_json
-from .format import GramWriter, disk_errors, file_record, save_tensors
+from .format import INDEX, GramWriter, disk_errors, file_record, save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +69,29 @@ class Checkpoint:
         self.done = self.root / "done"
         self._state = self.root / f"rank{rank}.json"
 
+    def of_this_command(self) -> bool:
+        """Whether the checkpoint on disk was made by this same command (its fingerprint)."""
+        marker = self.root / "fingerprint"
+        return marker.is_file() and marker.read_text().strip() == self.fingerprint
+
+    def holds_published_output(self) -> bool:
+        """Whether `out` is exactly what this checkpoint published: its grams.json lists the
+        checkpoint's finished files, each with the record the checkpoint keeps for it. True after
+        a run killed between the swap and the checkpoint's removal; reads only small JSON files."""
+        try:
+            files = json.loads((self.out / INDEX).read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        finished = {p.name for p in self.done.glob("*.safetensors")}
+        return bool(files) and set(files) == finished and all(self.done_record(f) == record for f, record in files.items())
+
     def prepare(self) -> None:
         """Resume a checkpoint of this same command left by a dead process; discard any other;
         refuse one whose owner may still run (rank 0 only)."""
         marker = self.root / "fingerprint"
         existed = self.root.is_dir()
         why = claim_dir(self.root, what=f"the checkpoint of a gram run for {self.out}") or "no other live run owns it"
-        if existed and not (marker.is_file() and marker.read_text().strip() == self.fingerprint):
+        if existed and not self.of_this_command():
             log.warning("%s: a checkpoint of a different command (model, data or parameters) or an incomplete one; starting over (%s)", self.root, why)
             self.clear()
             claim_dir(self.root)
