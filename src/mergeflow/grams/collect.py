@@ -198,13 +198,7 @@ def compute_grams(
     if published and not overwrite and not ckpt.of_this_command():  # another command's grams: refused as ever
         check_gram_output(out, force=False, inputs=[model_dir, data])
     if ranks.main:
-        ckpt.prepare()
-        files = {file_for(o) for owners in groups[: ckpt.groups_finished()] for o in owners}
-        lost = sorted(f for f in files if ckpt.done_record(f) is None)
-        if lost:  # never build on half a previous attempt
-            log.warning("%s: finished layer files %s are missing or damaged; starting over", ckpt.root, lost[:3])
-            ckpt.clear()
-            ckpt.prepare()
+        ckpt.prepare([{file_for(o) for o in owners} for owners in groups])
     ranks.barrier()
     progress, saved = ckpt.load(device if accumulate_on == "device" else "cpu")
 

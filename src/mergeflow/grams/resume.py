@@ -32,7 +32,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -85,14 +85,20 @@ class Checkpoint:
         finished = {p.name for p in self.done.glob("*.safetensors")}
         return bool(files) and set(files) == finished and all(self.done_record(f) == record for f, record in files.items())
 
-    def prepare(self) -> None:
-        """Resume a checkpoint of this same command left by a dead process; discard any other;
-        refuse one whose owner may still run (rank 0 only)."""
+    def prepare(self, group_files: Sequence[Iterable[str]] = ()) -> None:
+        """Resume a checkpoint of this same command left by a dead process; discard any other, and
+        one that lacks a file of a group it says is finished (`group_files[g]`: the files layer
+        group g writes); refuse one whose owner may still run (rank 0 only)."""
         marker = self.root / "fingerprint"
         existed = self.root.is_dir()
         why = claim_dir(self.root, what=f"the checkpoint of a gram run for {self.out}") or "no other live run owns it"
+        stale = None
         if existed and not self.of_this_command():
-            log.warning("%s: a checkpoint of a different command (model, data or parameters) or an incomplete one; starting over (%s)", self.root, why)
+            stale = f"a checkpoint of a different command (model, data or parameters) or an incomplete one; starting over ({why})"
+        elif existed and (lost := self.lost_files(group_files)):  # never build on half a previous attempt
+            stale = f"finished layer files {lost[:3]} are missing or damaged; starting over"
+        if stale:
+            log.warning("%s: %s", self.root, stale)
             self.clear()
             claim_dir(self.root)
         elif existed:
@@ -100,6 +106,12 @@ class Checkpoint:
         self.done.mkdir(exist_ok=True)
         if not marker.is_file():
             marker.write_text(self.fingerprint + "\n")
+
+    def lost_files(self, group_files: Sequence[Iterable[str]]) -> list[str]:
+        """The files of the groups this rank's checkpoint says are finished that `done/` lacks (or
+        whose size no longer matches their record)."""
+        files = {f for files in group_files[: self.groups_finished()] for f in files}
+        return sorted(f for f in files if self.done_record(f) is None)
 
     def load(self, device: str | torch.device) -> tuple[Progress, dict[str, torch.Tensor]]:
         if not self._state.is_file():
