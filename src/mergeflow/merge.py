@@ -84,6 +84,7 @@ def merged_files(out: Path) -> Optional[set[str]]:
 
 
 def model_config(model_dir: Path) -> dict:
+    """A model's config.json ({} when it has none); invalid JSON is one line naming the file."""
     path = Path(model_dir) / "config.json"
     try:
         return json.loads(path.read_text()) if path.is_file() else {}
@@ -167,8 +168,7 @@ def check_disk_space(out: Path, needed: int) -> None:
 
 
 def is_tied(model_dir: Path) -> bool:
-    config = json.loads((Path(model_dir) / "config.json").read_text()) if (Path(model_dir) / "config.json").is_file() else {}
-    return bool(config.get("tie_word_embeddings", False))
+    return bool(model_config(model_dir).get("tie_word_embeddings", False))
 
 
 def solved_modules(grams: Sequence[GramDir], reader: CheckpointReader, *, lm_head: bool) -> list[str]:
