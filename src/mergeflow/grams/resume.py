@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..faults import fault_point
-from ..io import OWNER_FILE, atomic_file, claim_dir, publish, umask, write_json
+from ..io import OWNER_FILE, atomic_file, claim_dir, publish, remove_path, umask, write_json
 from .format import INDEX, GramWriter, disk_errors, file_record, save_tensors
 
 log = logging.getLogger(__name__)
@@ -197,10 +197,8 @@ class Checkpoint:
         if not self.root.is_dir():
             return
         for item in self.root.iterdir():
-            if item.is_dir() and not item.is_symlink():
-                shutil.rmtree(item)
-            elif item.name != OWNER_FILE:
-                item.unlink()
+            if item.name != OWNER_FILE:
+                remove_path(item)
         fault_point("grams:partial-emptied")
         (self.root / OWNER_FILE).unlink(missing_ok=True)
         self.root.rmdir()
