@@ -89,6 +89,28 @@ def test_sigkill_at_every_phase_then_rerun_gives_the_same_bytes(fault, experts, 
     check_rerun(record_property, experts, calib_file, reference, out, old, fault, "SIGKILL")
 
 
+def test_a_cli_run_killed_after_publishing_is_finished_by_a_rerun_without_force(experts, calib_file, reference, previous, capsys, record_property):
+    out, _ = previous
+    args = ["grams", "--model", str(experts[0]), "--data", str(calib_file), "--out", str(out), *CLI_ARGS]
+    killed_at("grams:publish-renamed", [*args, "--force"])
+    assert snapshot(out) == reference[1] and (out.parent / ".g.partial").is_dir()
+    code, err = run_cli(args, capsys)  # the same command, without --force
+    assert code == 0, err
+    assert snapshot(out) == reference[1] and debris(out.parent) == []
+    report(record_property, "SIGKILL after the gram output was published, rerun without --force",
+           "recovered: the output is the checkpoint's own, republished and the checkpoint removed", bytes_lost(reference[1], out))
+
+
+def test_output_published_by_another_command_still_needs_force(experts, calib_file, reference, previous, capsys, record_property):
+    out, _ = previous
+    killed_at("grams:publish-renamed", ["grams", "--model", str(experts[0]), "--data", str(calib_file), "--out", str(out), "--force", *CLI_ARGS])
+    other = ["grams", "--model", str(experts[0]), "--data", str(calib_file), "--out", str(out), *CLI_ARGS[:1], "8", *CLI_ARGS[2:]]
+    code, err = run_cli(other, capsys)  # refused once its fingerprint is known, i.e. after loading the model
+    assert (code, err.splitlines()[-1]) == (1, f"mergeflow: error: {out} already holds a gram; pass --force to replace it")
+    assert snapshot(out) == reference[1] and (out.parent / ".g.partial" / "fingerprint").is_file()  # both left as they were
+    report(record_property, "rerun with other parameters over grams a killed run published", "refused: --force needed, output and checkpoint kept", bytes_lost(reference[1], out))
+
+
 @pytest.mark.parametrize("owner", ["live", "unrecorded"])
 def test_a_checkpoint_of_a_live_or_unknown_run_is_not_touched(owner, experts, calib_file, tmp_path, record_property):
     partial = tmp_path / ".g.partial"

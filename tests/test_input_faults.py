@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 from click.testing import CliRunner
-from helpers import make_tiny_llama
+from helpers import bytes_lost, make_tiny_llama, report
 
 from mergeflow.params import DataParams, load_params
 from mergeflow.submission import write_submission
@@ -28,10 +28,8 @@ HEADER = "id,input,eval_type,answer_choices\n"
 
 def record(record_property, fault: str, outcome: str, kept: Path, before: bytes) -> None:
     """Report to the fault table (benchmarks/faults.py); bytes lost: the earlier output's, if it changed."""
-    lost = 0 if kept.is_file() and kept.read_bytes() == before else len(before)
-    record_property("fault", fault)
-    record_property("outcome", outcome)
-    record_property("bytes_lost", lost)
+    lost = bytes_lost({kept.name: before}, kept)
+    report(record_property, fault, outcome, lost)
     assert lost == 0, f"{kept} changed"
 
 

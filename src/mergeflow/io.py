@@ -265,6 +265,36 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
             f.write(json.dumps(row) + "\n")
 
 
+# --- a full disk, in one line -----------------------------------------------------------------------
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def full_disk_reported(message: Callable[[], str]) -> Iterator[None]:
+    """Turn a full disk or quota inside the block (OSError ENOSPC/EDQUOT, or safetensors' Rust
+    writer's `SafetensorError: ... StorageFull`) into one OSError line, `message()`, which names
+    the path and the fix; the errno is kept. Any other error passes through unchanged."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in DISK_FULL:
+            raise
+        raise _disk_full(message(), err.errno) from None
+    except SafetensorError as err:
+        if not any(sign in str(err) for sign in ("StorageFull", "No space left", "os error 28", "QuotaExceeded", "os error 122")):
+            raise
+        raise _disk_full(message(), errno.ENOSPC) from None
+
+
+def _disk_full(message: str, code: int) -> OSError:
+    full = OSError(message)
+    full.errno = code
+    return full
+
+
 # --- what --force may replace --------------------------------------------------------------------
 
 def check_replaceable(

@@ -19,15 +19,13 @@ mixed dtypes get one warning saying the output's dtype, and merged values past M
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import fnmatch
 import json
 import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -36,7 +34,7 @@ from .checkpoint import CheckpointReader, ShardedWriter, TensorSpec, copy_model_
 from .grams import GramDir
 from .faults import fault_point
 from .grams.format import check_grams_match
-from .io import atomic_dir, check_replaceable, write_json
+from .io import atomic_dir, check_replaceable, full_disk_reported, write_json
 from .methods import MergeMethod
 
 log = logging.getLogger(__name__)
@@ -86,6 +84,7 @@ def merged_files(out: Path) -> Optional[set[str]]:
 
 
 def model_config(model_dir: Path) -> dict:
+    """A model's config.json ({} when it has none); invalid JSON is one line naming the file."""
     path = Path(model_dir) / "config.json"
     try:
         return json.loads(path.read_text()) if path.is_file() else {}
@@ -153,17 +152,8 @@ def human_size(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-@contextlib.contextmanager
-def full_disk_reported(out: Path, needed: int) -> Iterator[None]:
-    """Turn a full disk (ENOSPC, EDQUOT) while writing `out` into one line naming it and the fix."""
-    try:
-        yield
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        full = OSError(f"{out}: no space left on the device while writing the merged model ({human_size(needed)} of weights); nothing was kept: free space or choose --out on a larger disk")
-        full.errno = err.errno
-        raise full from None
+def disk_full_message(out: Path, needed: int) -> str:
+    return f"{out}: no space left on the device while writing the merged model ({human_size(needed)} of weights); nothing was kept: free space or choose --out on a larger disk"
 
 
 def check_disk_space(out: Path, needed: int) -> None:
@@ -178,8 +168,7 @@ def check_disk_space(out: Path, needed: int) -> None:
 
 
 def is_tied(model_dir: Path) -> bool:
-    config = json.loads((Path(model_dir) / "config.json").read_text()) if (Path(model_dir) / "config.json").is_file() else {}
-    return bool(config.get("tie_word_embeddings", False))
+    return bool(model_config(model_dir).get("tie_word_embeddings", False))
 
 
 def solved_modules(grams: Sequence[GramDir], reader: CheckpointReader, *, lm_head: bool) -> list[str]:
@@ -318,7 +307,7 @@ def merge_models(
     check_disk_space(out, needed)
     fault_point("merge:checked")
 
-    with full_disk_reported(out, needed), atomic_dir(out) as tmp:
+    with full_disk_reported(lambda: disk_full_message(out, needed)), atomic_dir(out) as tmp:
         writer = ShardedWriter(tmp, specs, max_shard_size)
         for spec in tqdm(specs, desc=f"merge ({method.name})", unit="tensor"):
             module = spec.name.removesuffix(".weight")

@@ -147,7 +147,9 @@ def compute_grams(
 ) -> int:
     """Compute and write the grams of `model_dir` on `data`; return the number of tokens seen.
     An existing `out` is replaced only with `overwrite`, and only if it is a gram directory that
-    holds nothing mergeflow did not write (`format.check_gram_output`)."""
+    holds nothing mergeflow did not write (`format.check_gram_output`); without `overwrite` only
+    when it is what this same command's checkpoint already published (a run killed before it
+    removed the checkpoint), which the rerun publishes again from the checkpoint, then removes."""
     if max_length < 1 or batch_size < 1:
         raise ValueError(f"max_length and batch_size must be at least 1 (got {max_length}, {batch_size})")
     if dtype not in ("float32", "float64"):
@@ -158,7 +160,9 @@ def compute_grams(
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: no config.json; --model must be a Hugging Face model directory")
     shard_index, shard_count = parse_shard(shard)
-    check_gram_output(out, force=overwrite, inputs=[model_dir, data])
+    # a run killed after publishing `out`, before removing its checkpoint: the rerun finishes it
+    published = Checkpoint(out, fingerprint="").holds_published_output()
+    check_gram_output(out, force=overwrite or published, inputs=[model_dir, data])
     budget = parse_size(max_gram_memory) if isinstance(max_gram_memory, str) else max_gram_memory
     acc_dtype = DTYPES[dtype]
 
@@ -191,14 +195,10 @@ def compute_grams(
         num_samples=num_samples, seed=seed, text_field=text_field, model_dtype=model_dtype, dtype=dtype,
         include_lm_head=include_lm_head, shard=[shard_index, shard_count], world=ranks.world, groups=groups,
     ), ranks.rank)
+    if published and not overwrite and not ckpt.of_this_command():  # another command's grams: refused as ever
+        check_gram_output(out, force=False, inputs=[model_dir, data])
     if ranks.main:
-        ckpt.prepare()
-        files = {file_for(o) for owners in groups[: ckpt.groups_finished()] for o in owners}
-        lost = sorted(f for f in files if ckpt.done_record(f) is None)
-        if lost:  # never build on half a previous attempt
-            log.warning("%s: finished layer files %s are missing or damaged; starting over", ckpt.root, lost[:3])
-            ckpt.clear()
-            ckpt.prepare()
+        ckpt.prepare([{file_for(o) for o in owners} for owners in groups])
     ranks.barrier()
     progress, saved = ckpt.load(device if accumulate_on == "device" else "cpu")
 

@@ -66,6 +66,7 @@ def sum_grams(parts: Sequence[str | Path], out: str | Path, *, overwrite: bool =
 def check_parts(dirs: Sequence[GramDir]) -> None:
     """Refuse parts that are not distinct slices of one run (one line naming the part and why)."""
     first = dirs[0]
+    _, count = parse_shard(first.shard)
     seen: dict[int, GramDir] = {}
     for d in dirs:
         if d.calibration is None:
@@ -76,13 +77,11 @@ def check_parts(dirs: Sequence[GramDir]) -> None:
             differ = sorted(k for k in {*d.calibration, *first.calibration} if d.calibration.get(k) != first.calibration.get(k))
             shown = ", ".join(f"{k} {first.calibration.get(k)!r} vs {d.calibration.get(k)!r}" for k in differ[:3])
             raise ValueError(f"{d.path}: computed on other calibration data than {first.path} ({shown}); only slices of one calibration run can be added")
-        index, count = parse_shard(d.shard)
-        _, first_count = parse_shard(first.shard)
-        if count != first_count:
-            raise ValueError(f"{d.path}: shard {index}/{count}, but {first.path} is one of {first_count} shards; add the slices of one --shard i/n split")
+        index, of = parse_shard(d.shard)
+        if of != count:
+            raise ValueError(f"{d.path}: shard {index}/{of}, but {first.path} is one of {count} shards; add the slices of one --shard i/n split")
         if index in seen:
-            raise ValueError(f"{d.path}: shard {index}/{count} again (also {seen[index].path}); each slice may be added once")
+            raise ValueError(f"{d.path}: shard {index}/{of} again (also {seen[index].path}); each slice may be added once")
         seen[index] = d
-    _, count = parse_shard(first.shard)
     if len(seen) < count:
         log.warning("adding %d of %d shards (missing %s): the sum holds only part of the calibration rows", len(seen), count, sorted(set(range(count)) - set(seen)))

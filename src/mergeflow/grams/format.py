@@ -28,7 +28,6 @@ Errors name the exact command that fetches or recomputes a broken directory (`re
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -46,7 +45,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ..checkpoint import open_safetensors
-from ..io import atomic_dir, check_replaceable, umask, write_json
+from ..io import atomic_dir, check_replaceable, full_disk_reported, umask, write_json
 
 FORMAT = "mergeflow.grams/1"
 INDEX = "grams.json"
@@ -276,18 +275,14 @@ def file_record(path: Path) -> dict:
 
 @contextlib.contextmanager
 def disk_errors(path: str | Path) -> Iterator[None]:
-    """A full disk while writing `path` as one line naming it and the fix, instead of safetensors'
-    `SafetensorError: ... IoError(StorageFull)` or a bare `[Errno 28]` without a path."""
+    """A full disk while writing `path` as one line naming it and the fix (`io.full_disk_reported`),
+    instead of safetensors' `SafetensorError: ... IoError(StorageFull)` or a bare `[Errno 28]`
+    without a path; any other safetensors write error names the path too."""
     try:
-        yield
+        with full_disk_reported(lambda: f"{path}: no space left on the device; {disk_fix(path)}"):
+            yield
     except SafetensorError as err:
-        full = "StorageFull" in str(err) or "No space left" in str(err) or "os error 28" in str(err)
-        reason = "no space left on the device" if full else f"could not be written ({err})"
-        raise OSError(f"{path}: {reason}{'; ' + disk_fix(path) if full else ''}") from None
-    except OSError as err:
-        if err.errno != errno.ENOSPC:
-            raise
-        raise OSError(f"{path}: no space left on the device; {disk_fix(path)}") from None
+        raise OSError(f"{path}: could not be written ({err})") from None
 
 
 def disk_fix(path: str | Path) -> str:

@@ -32,14 +32,14 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from ..faults import fault_point
-from ..io import OWNER_FILE, atomic_file, claim_dir, publish, umask, write_json
-from .format import GramWriter, disk_errors, file_record, save_tensors
+from ..io import OWNER_FILE, atomic_file, claim_dir, publish, remove_path, umask, write_json
+from .format import INDEX, GramWriter, disk_errors, file_record, save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +69,36 @@ class Checkpoint:
         self.done = self.root / "done"
         self._state = self.root / f"rank{rank}.json"
 
-    def prepare(self) -> None:
-        """Resume a checkpoint of this same command left by a dead process; discard any other;
-        refuse one whose owner may still run (rank 0 only)."""
+    def of_this_command(self) -> bool:
+        """Whether the checkpoint on disk was made by this same command (its fingerprint)."""
+        marker = self.root / "fingerprint"
+        return marker.is_file() and marker.read_text().strip() == self.fingerprint
+
+    def holds_published_output(self) -> bool:
+        """Whether `out` is exactly what this checkpoint published: its grams.json lists the
+        checkpoint's finished files, each with the record the checkpoint keeps for it. True after
+        a run killed between the swap and the checkpoint's removal; reads only small JSON files."""
+        try:
+            files = json.loads((self.out / INDEX).read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        finished = {p.name for p in self.done.glob("*.safetensors")}
+        return bool(files) and set(files) == finished and all(self.done_record(f) == record for f, record in files.items())
+
+    def prepare(self, group_files: Sequence[Iterable[str]] = ()) -> None:
+        """Resume a checkpoint of this same command left by a dead process; discard any other, and
+        one that lacks a file of a group it says is finished (`group_files[g]`: the files layer
+        group g writes); refuse one whose owner may still run (rank 0 only)."""
         marker = self.root / "fingerprint"
         existed = self.root.is_dir()
         why = claim_dir(self.root, what=f"the checkpoint of a gram run for {self.out}") or "no other live run owns it"
-        if existed and not (marker.is_file() and marker.read_text().strip() == self.fingerprint):
-            log.warning("%s: a checkpoint of a different command (model, data or parameters) or an incomplete one; starting over (%s)", self.root, why)
+        stale = None
+        if existed and not self.of_this_command():
+            stale = f"a checkpoint of a different command (model, data or parameters) or an incomplete one; starting over ({why})"
+        elif existed and (lost := self.lost_files(group_files)):  # never build on half a previous attempt
+            stale = f"finished layer files {lost[:3]} are missing or damaged; starting over"
+        if stale:
+            log.warning("%s: %s", self.root, stale)
             self.clear()
             claim_dir(self.root)
         elif existed:
@@ -84,6 +106,12 @@ class Checkpoint:
         self.done.mkdir(exist_ok=True)
         if not marker.is_file():
             marker.write_text(self.fingerprint + "\n")
+
+    def lost_files(self, group_files: Sequence[Iterable[str]]) -> list[str]:
+        """The files of the groups this rank's checkpoint says are finished that `done/` lacks (or
+        whose size no longer matches their record)."""
+        files = {f for files in group_files[: self.groups_finished()] for f in files}
+        return sorted(f for f in files if self.done_record(f) is None)
 
     def load(self, device: str | torch.device) -> tuple[Progress, dict[str, torch.Tensor]]:
         if not self._state.is_file():
@@ -169,10 +197,8 @@ class Checkpoint:
         if not self.root.is_dir():
             return
         for item in self.root.iterdir():
-            if item.is_dir() and not item.is_symlink():
-                shutil.rmtree(item)
-            elif item.name != OWNER_FILE:
-                item.unlink()
+            if item.name != OWNER_FILE:
+                remove_path(item)
         fault_point("grams:partial-emptied")
         (self.root / OWNER_FILE).unlink(missing_ok=True)
         self.root.rmdir()
