@@ -301,9 +301,8 @@ def test_evaluate_logs_folder_is_replaced_only_when_it_holds_sample_logs(experts
     from mergeflow.evaluation.harness import check_log_dir, write_samples
 
     victim = tmp_path / "documents"
-    victim.mkdir()
-    (victim / "toy_math.jsonl").write_text("{}\n")
-    (victim / "thesis.tex").write_text("years of work\n")
+    write_samples({"toy_math": [{"doc": 1}]}, victim)  # sample logs mergeflow wrote...
+    (victim / "thesis.tex").write_text("years of work\n")  # ...beside which the user put their own file
     before = snapshot(victim)
     with pytest.raises(FileExistsError, match=rf"^{victim}: --logs holds files mergeflow did not write \(thesis\.tex\); mergeflow never replaces them"):
         write_samples({"toy_math": [{"doc": 1}]}, victim)
@@ -311,9 +310,15 @@ def test_evaluate_logs_folder_is_replaced_only_when_it_holds_sample_logs(experts
         check_log_dir(experts[0].parent, [experts[0]])
     assert snapshot(victim) == before
     lost = bytes_lost(before, victim)
+    data = tmp_path / "data"  # .jsonl files without mergeflow's index may be anybody's (calibration data): refused
+    data.mkdir()
+    (data / "math.jsonl").write_text('{"text": "1+1=2"}\n')
+    with pytest.raises(FileExistsError, match=rf"^{data}: --logs exists and is not a sample-log mergeflow wrote"):
+        write_samples({"toy_math": [{"doc": 1}]}, data)
+    assert snapshot(data) == {"math.jsonl": b'{"text": "1+1=2"}\n'}
     (victim / "thesis.tex").unlink()
-    write_samples({"toy_code": [{"doc": 2}]}, victim)  # earlier logs only: replaced
-    assert snapshot(victim) == {"toy_code.jsonl": b'{"doc": 2}\n'}
+    write_samples({"toy_code": [{"doc": 2}]}, victim)  # earlier logs mergeflow wrote: replaced
+    assert snapshot(victim) == {"toy_code.jsonl": b'{"doc": 2}\n', "mergeflow_samples.json": b'{\n  "files": [\n    "toy_code.jsonl"\n  ]\n}\n'}
     report(record_property, "evaluate --logs <a folder holding other files, or the model>", "refused, naming the foreign files (checked before evaluating)", lost)
 
 

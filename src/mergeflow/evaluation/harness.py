@@ -56,9 +56,19 @@ def flatten_results(results: dict) -> dict[str, dict[str, float]]:
     return flat
 
 
-def sample_logs(log_dir: Path) -> set[str]:
-    """What a sample-log folder mergeflow wrote holds: `<task>.jsonl` files only."""
-    return {p.name for p in log_dir.iterdir() if p.suffix == ".jsonl" and p.is_file()}
+SAMPLES_INDEX = "mergeflow_samples.json"  # written into every sample-log folder: what mergeflow put there
+
+
+def sample_logs(log_dir: Path) -> set[str] | None:
+    """What a sample-log folder mergeflow wrote holds: the files its index lists, and the index.
+    None for a non-empty folder without one: `.jsonl` files alone may be anybody's data."""
+    index = log_dir / SAMPLES_INDEX
+    if not index.is_file():
+        return None if any(log_dir.iterdir()) else set()
+    try:
+        return {*json.loads(index.read_text())["files"], SAMPLES_INDEX}
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def check_log_dir(log_dir: str | Path, inputs: Sequence[str | Path] = ()) -> None:
@@ -67,7 +77,7 @@ def check_log_dir(log_dir: str | Path, inputs: Sequence[str | Path] = ()) -> Non
 
 
 def write_samples(samples: Mapping[str, list[dict]], log_dir: str | Path) -> None:
-    """lm-eval's per-sample records as `<log_dir>/<task>.jsonl`, replacing the folder atomically."""
+    """lm-eval's per-sample records as `<log_dir>/<task>.jsonl` plus their index, replacing the folder atomically."""
     from lm_eval.utils import handle_non_serializable
 
     check_log_dir(log_dir)
@@ -75,6 +85,7 @@ def write_samples(samples: Mapping[str, list[dict]], log_dir: str | Path) -> Non
         for task, records in samples.items():
             with open(tmp / f"{task}.jsonl", "w") as fh:
                 fh.writelines(json.dumps(record, default=handle_non_serializable, ensure_ascii=False) + "\n" for record in records)
+        write_json(tmp / SAMPLES_INDEX, {"files": sorted(f"{task}.jsonl" for task in samples)})
 
 
 def task_manager(tasks: Sequence[str], rendered: Path):
