@@ -47,7 +47,7 @@ def test_repro_builds_every_output(repo, first_repro):
     for name in ("base", "experts/math", "experts/code", "merged"):
         metrics = json.loads((dest / "metrics" / f"{name}.json").read_text())
         assert set(metrics) == {"toy_math", "toy_code"} and all(0 <= m["exact_match"] <= 1 for m in metrics.values())
-        assert sorted(p.name for p in (dest / "logs/eval" / name).iterdir()) == ["toy_code.jsonl", "toy_math.jsonl"]
+        assert sorted(p.name for p in (dest / "logs/eval" / name).iterdir()) == ["mergeflow_samples.json", "toy_code.jsonl", "toy_math.jsonl"]
         assert len((dest / "logs/eval" / name / "toy_math.jsonl").read_text().splitlines()) == 8
     for name in ("base", "math", "code"):  # the zoo's loss curves: one row per step (TINY_TOY: 10 steps each), in git
         curve = pd.read_csv(dest / "metrics/train" / f"{name}.csv")
