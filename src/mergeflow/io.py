@@ -218,13 +218,10 @@ def publish(tmp: Path, out: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary directory next to `out`; on success it replaces `out`.
-
-    Stale temporaries of `out` from dead processes are removed first."""
+def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory next to `out`; on success it replaces `out` (whether it may is
+    the caller's `check_replaceable`). Stale temporaries of `out` from dead processes are removed first."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; remove it or pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out)
     tmp = temporary_name(out)
@@ -233,8 +230,7 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Pa
         yield tmp
         publish(tmp, out)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        remove_path(tmp)
 
 
 @contextlib.contextmanager
