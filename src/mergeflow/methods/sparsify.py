@@ -30,9 +30,10 @@ Sparsifier = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 def tensor_generator(seed: int, name: str) -> torch.Generator:
-    """A CPU generator seeded from (seed, crc32(tensor name)): a tensor's draws do not depend on
-    the order in which tensors are merged, nor on the thread count."""
-    return torch.Generator().manual_seed((int(seed) << 32) | zlib.crc32(name.encode()))
+    """A CPU generator seeded with the CRC-32 of the tensor name started from `seed`: a tensor's
+    draws depend on neither the order in which tensors are merged nor the thread count. (torch's
+    CPU generator keeps only the low 32 bits of a seed, so the two are mixed, not concatenated.)"""
+    return torch.Generator().manual_seed(zlib.crc32(name.encode(), int(seed) & 0xFFFFFFFF))
 
 
 def rescale_l1(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7) -> torch.Tensor:
