@@ -15,9 +15,12 @@ mergekit mapping: `max_iter`, `tol` as named. mergekit always weights the models
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
+
+from . import register
+from .base import WEIGHTS, GramLoader, MergeMethod, Param
 
 
 def _unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,3 +58,19 @@ def karcher_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, m
         if float(unit_norm) > tol:
             mean = mean / unit_norm
     return sum(w * n for w, n in zip(weights, norms)) * mean
+
+
+MAX_ITER = Param("max_iter", int, 10, "most fixed-point iterations", low=1, per_layer=False)
+TOL = Param("tol", float, 1e-5, "stop when the step is shorter; norms below it count as zero", low=0.0, low_open=True)
+
+
+@register
+class Karcher(MergeMethod):
+    name = "karcher"
+    paper = "https://doi.org/10.1002/cpa.3160300502"
+    params = (WEIGHTS, MAX_ITER, TOL)
+    row_separable = False
+
+    def merge(self, name: str, tensors: Sequence[torch.Tensor], *, grams: Optional[Sequence[GramLoader]] = None, base: Optional[torch.Tensor] = None) -> torch.Tensor:
+        weights = self.expert_weights(name, len(tensors), normalise=True)
+        return karcher_mean(tensors, weights, max_iter=self.value("max_iter", name), tol=self.value("tol", name))

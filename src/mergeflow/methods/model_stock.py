@@ -15,9 +15,12 @@ mergekit mapping: `model_stock` with `filter_wise` as named; it reads no weights
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
+
+from . import register
+from .base import GramLoader, MergeMethod, Param
 
 
 def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, filter_wise: bool = False) -> torch.Tensor:
@@ -42,3 +45,18 @@ def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, filter_w
     singular = denominator.abs() < 1e-6
     t = torch.where(singular, torch.zeros_like(cos_theta), n * cos_theta / torch.where(singular, 1, denominator))
     return (t * (sum(ws) / n) + (1 - t) * w0).reshape(shape)
+
+
+FILTER_WISE = Param("filter_wise", bool, False, "one angle per row (output filter) instead of per tensor", per_layer=False)
+
+
+@register
+class ModelStock(MergeMethod):
+    name = "model_stock"
+    paper = "https://arxiv.org/abs/2403.19522"
+    params = (FILTER_WISE,)
+    uses_base = True
+    row_separable = False  # filter_wise alone would be; the default angle is the whole tensor's
+
+    def merge(self, name: str, tensors: Sequence[torch.Tensor], *, grams: Optional[Sequence[GramLoader]] = None, base: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return model_stock(base, tensors, filter_wise=self.value("filter_wise", name))

@@ -15,7 +15,12 @@ named; `base_model` given -> `use_base: true`.
 
 from __future__ import annotations
 
+from typing import Any, Mapping, Optional, Sequence
+
 import torch
+
+from . import register
+from .base import WEIGHTS, GramLoader, MergeMethod, Param
 
 EPS = 1e-8
 
@@ -45,3 +50,34 @@ def interpolation_t(weights: list[float]) -> float:
     """mergekit's t from the two experts' weights."""
     total = sum(weights)
     return 0.5 if abs(total) < 1e-6 else weights[1] / total
+
+
+ROW_WISE = Param("nuslerp_row_wise", bool, False, "without nuslerp_flatten: interpolate each column (dimension 0) instead of each row", per_layer=False)
+FLATTEN = Param("nuslerp_flatten", bool, True, "interpolate each tensor as one vector", per_layer=False)
+USE_BASE = Param("use_base", bool, False, "interpolate the task vectors W_i - base and add them to the base", per_layer=False)
+
+
+@register
+class NuSlerp(MergeMethod):
+    name = "nuslerp"
+    paper = "https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md"
+    params = (WEIGHTS, ROW_WISE, FLATTEN, USE_BASE)
+    row_separable = False
+
+    def __init__(self, values: Optional[Mapping[str, Any]] = None):
+        super().__init__(values)
+        self.uses_base = bool(self.value("use_base", ""))  # this instance reads the base only when asked to
+
+    def prepare(self, tensor_names: Sequence[str], *, num_experts: Optional[int] = None, device: str = "cpu") -> None:
+        super().prepare(tensor_names, num_experts=num_experts, device=device)
+        if num_experts is not None and num_experts != 2:
+            raise ValueError(f"nuslerp interpolates exactly two experts, got {num_experts}; for more use karcher (their spherical mean) or another method")
+
+    def merge(self, name: str, tensors: Sequence[torch.Tensor], *, grams: Optional[Sequence[GramLoader]] = None, base: Optional[torch.Tensor] = None) -> torch.Tensor:
+        t = interpolation_t(self.expert_weights(name, len(tensors), normalise=False))
+        flags = dict(row_wise=self.value("nuslerp_row_wise", name), flatten=self.value("nuslerp_flatten", name))
+        a, b = (x.to(torch.float32) for x in tensors)
+        if base is None or not self.uses_base:
+            return nuslerp(t, a, b, **flags)
+        base32 = base.to(torch.float32)
+        return base32 + nuslerp(t, a - base32, b - base32, **flags)

@@ -14,10 +14,12 @@ mergekit mapping: `sce` with `select_topk` as named; it reads no weights (they a
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
+from . import register
+from .base import GramLoader, MergeMethod, Param
 from .sparsify import sign_consensus
 
 
@@ -48,3 +50,18 @@ def sce(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, select_topk: flo
     erased = weights.reshape(-1, *([1] * base.dim())) * agree
     merged = (deltas * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=1e-6)
     return base32 + merged
+
+
+SELECT_TOPK = Param("select_topk", float, 1.0, "fraction of entries kept, those varying most across the experts", low=0.0, high=1.0)
+
+
+@register
+class Sce(MergeMethod):
+    name = "sce"
+    paper = "https://arxiv.org/abs/2408.07990"
+    params = (SELECT_TOPK,)
+    uses_base = True
+    row_separable = False
+
+    def merge(self, name: str, tensors: Sequence[torch.Tensor], *, grams: Optional[Sequence[GramLoader]] = None, base: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return sce(base, tensors, select_topk=self.value("select_topk", name))

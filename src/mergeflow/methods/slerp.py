@@ -18,7 +18,12 @@ list or a per-module mapping, as in mergekit) is `t`; mergekit's fixed threshold
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
+
+from . import register
+from .base import GramLoader, MergeMethod, Param
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -41,3 +46,28 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = D
         sin_theta = torch.sin(theta)
         coef_a, coef_b = torch.sin((1 - t) * theta) / sin_theta, torch.sin(t * theta) / sin_theta
     return (coef_a * a + coef_b * b).reshape(v0.shape)
+
+
+T = Param("t", float, 0.5, "where between the first expert (0) and the second (1)", low=0.0, high=1.0)
+
+
+@register
+class Slerp(MergeMethod):
+    name = "slerp"
+    paper = "https://doi.org/10.1145/325334.325242"
+    params = (T,)
+    row_separable = False  # the angle comes from the whole tensor
+
+    def prepare(self, tensor_names: Sequence[str], *, num_experts: Optional[int] = None, device: str = "cpu") -> None:
+        super().prepare(tensor_names, num_experts=num_experts, device=device)
+        if num_experts is not None:
+            check_two(num_experts)
+
+    def merge(self, name: str, tensors: Sequence[torch.Tensor], *, grams: Optional[Sequence[GramLoader]] = None, base: Optional[torch.Tensor] = None) -> torch.Tensor:
+        check_two(len(tensors))
+        return slerp(self.value("t", name), tensors[0], tensors[1])
+
+
+def check_two(num_experts: int) -> None:
+    if num_experts != 2:
+        raise ValueError(f"slerp interpolates exactly two experts, got {num_experts}; for more use karcher (their spherical mean) or another method")

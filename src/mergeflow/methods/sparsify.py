@@ -21,9 +21,11 @@ the same entries as mergekit does (the tests rely on this).
 from __future__ import annotations
 
 import zlib
-from typing import Callable, Optional, Sequence
+from typing import Callable, ClassVar, Optional, Sequence
 
 import torch
+
+from .base import GramLoader, MergeMethod, Param
 
 #: thins one float32 task vector; given the expert's index, returns a new tensor
 Sparsifier = Callable[[torch.Tensor, int], torch.Tensor]
@@ -140,3 +142,36 @@ def merge_task_vectors(
     if scaling != 1:
         merged *= scaling
     return base32 + merged
+
+
+SEED = Param("seed", int, 0, "random seed; each tensor draws from (seed, its name), in any merge order", low=0, high=2**32 - 1, per_layer=False)
+GAMMA = Param("gamma", float, 0.01, "fraction of each task vector's largest magnitudes dropped as outliers", low=0.0, high=1.0)
+EPSILON = Param("epsilon", float, 0.15, "keep probabilities run from density - epsilon to density + epsilon", low=0.0, high=1.0, high_open=True)
+
+
+def normalize_param(default: bool) -> Param:
+    return Param("normalize", bool, default, "divide the merged task vector by the sum of the (agreeing) experts' weights", per_layer=False)
+
+
+def rescale_param(default: bool) -> Param:
+    return Param("rescale", bool, default, "scale each sparsified task vector back to its L1 norm", per_layer=False)
+
+
+class TaskVectorMethod(MergeMethod):
+    """mergekit's generalized task arithmetic: subclasses pick `sparsifier` and `consensus` and
+    declare `params` (`weights`, `scaling`, `normalize`, and what their sparsifier reads)."""
+
+    uses_base = True
+    row_separable = False  # ranks and random masks cover the whole tensor
+    consensus: ClassVar[bool] = False
+
+    def sparsifier(self, name: str) -> Optional[Sparsifier]:
+        """How each expert's task vector of tensor `name` is thinned (None: not at all)."""
+        return None
+
+    def merge(self, name: str, tensors: Sequence[torch.Tensor], *, grams: Optional[Sequence[GramLoader]] = None, base: Optional[torch.Tensor] = None) -> torch.Tensor:
+        weights = self.expert_weights(name, len(tensors), normalise=False)
+        return merge_task_vectors(
+            base, tensors, weights, sparsify=self.sparsifier(name), consensus=self.consensus,
+            normalize=self.value("normalize", name), scaling=self.value("scaling", name),
+        )

@@ -1,0 +1,49 @@
+"""DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling
+(Deep et al., 2024, https://arxiv.org/abs/2406.11617).
+
+MagPrune: within each row of each expert's task vector `W_i - base`, entries are ranked by
+magnitude and kept with a probability rising linearly from `density - epsilon` (smallest) to
+`density + epsilon` (largest); with `rescale` the thinned vector is scaled back to its L1 norm
+(mergekit's rescale; the paper divides each entry by its keep probability). `della` then elects
+signs and keeps the agreeing entries as TIES does and, with `normalize` (default true), divides by
+the agreeing weights; `della_linear` adds the weighted vectors. `base + scaling * merged`.
+`density +/- epsilon` must lie in (0, 1).
+
+Random: the mask of each tensor comes from a generator seeded by (`seed`, the tensor's name), so a
+merge is reproducible byte for byte and independent of merge order; with torch's global generator
+seeded alike, mergekit keeps the same entries (tested).
+
+mergekit mapping (`della`, `della_linear`): `weight` -> `weights`, `lambda` -> `scaling`,
+`density`, `epsilon`, `normalize`, `rescale` as named (one value for all models, per layer if
+need be); mergekit has no `seed`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from . import register
+from .base import WEIGHTS
+from .sparsify import EPSILON, SEED, Sparsifier, TaskVectorMethod, della_magprune, normalize_param, rescale_param, tensor_generator
+from .task_arithmetic import SCALING
+from .ties import DENSITY
+
+
+@register
+class Della(TaskVectorMethod):
+    name = "della"
+    paper = "https://arxiv.org/abs/2406.11617"
+    params = (WEIGHTS, SCALING, DENSITY, EPSILON, normalize_param(True), rescale_param(True), SEED)
+    consensus = True
+
+    def sparsifier(self, name: str) -> Optional[Sparsifier]:
+        density, epsilon, rescale = self.value("density", name), self.value("epsilon", name), self.value("rescale", name)
+        generator = tensor_generator(self.value("seed", name), name)
+        return lambda delta, i: della_magprune(delta, density, epsilon, generator, rescale)
+
+
+@register
+class DellaLinear(Della):
+    name = "della_linear"
+    params = (WEIGHTS, SCALING, DENSITY, EPSILON, normalize_param(False), rescale_param(True), SEED)
+    consensus = False
