@@ -1,17 +1,23 @@
-"""mergekit's data-free methods on small tensors computed by hand, and the properties mergekit does
-not define (seeded reproducibility, TIES's two conventions side by side, closed forms)."""
+"""mergekit's data-free methods on small tensors computed by hand, the properties mergekit does
+not define (seeded reproducibility, TIES's two conventions side by side, closed forms), and every
+method through the engine on tiny Llamas (per-layer values, the errors for bad input)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
+from mergeflow.merge import merge_models
+from mergeflow.methods import get_method
 from mergeflow.methods import sparsify as sp
 from mergeflow.methods.karcher import karcher_mean
 from mergeflow.methods.model_stock import model_stock
 from mergeflow.methods.slerp import slerp
+
+from helpers import make_tiny_llama, state
 
 
 def test_mergekit_ties_keeps_the_floor_and_takes_the_weighted_mean():
@@ -111,3 +117,113 @@ def test_model_stock_by_hand():
     torch.testing.assert_close(model_stock(base, [base + 2, base + 2]), base + 2)
     a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.5, math.sqrt(3) / 2])  # 60 degrees apart
     torch.testing.assert_close(model_stock(base, [base + a, base + b]), base + (2 / 3) * (a + b) / 2)
+
+
+def test_ties_conventions_side_by_side():
+    """Hand-computed, the tensors of the first test through `ties`: mergeflow's convention keeps
+    ceil(2.4) = 3 entries of the weighted task vectors [3, -6, 1.2, 9] and [-1, 1.5, 0.2, 3]:
+    [3, -6, 0, 9] and [-1, 1.5, 0, 3]; signs of the sum [2, -4.5, 0, 12] -> [+, -, 0, +];
+    means of the agreeing entries [3, -6, 0, (9 + 3) / 2]. mergekit's: [0, -2, 0, 3] (above)."""
+    base = torch.zeros(4)
+    a, b = torch.tensor([1.0, -2.0, 0.4, 3.0]), torch.tensor([-1.0, 1.5, 0.2, 3.0])
+    values = {"weights": [3.0, 1.0], "density": 0.6}
+    assert get_method("ties")(values).merge("w", [a, b], base=base).tolist() == [3.0, -6.0, 0.0, 6.0]
+    assert get_method("ties")({**values, "convention": "mergekit"}).merge("w", [a, b], base=base).tolist() == [0.0, -2.0, 0.0, 3.0]
+    tie = [torch.tensor([1.0, 2.0]), torch.tensor([-1.0, 1.0])]  # exact sign tie in the first entry
+    assert get_method("ties")({"density": 1.0}).merge("w", tie, base=torch.zeros(2)).tolist() == [0.0, 1.5]
+    assert get_method("ties")({"density": 1.0, "convention": "mergekit"}).merge("w", tie, base=torch.zeros(2)).tolist() == [1.0, 1.5]
+
+
+# --- through the engine, on tiny Llamas ---------------------------------------------------------
+
+NEW_METHODS = {
+    "slerp": {"t": 0.3},
+    "nuslerp": {"weights": [1.0, 2.0], "use_base": True},
+    "karcher": {"weights": [1.0, 3.0]},
+    "model_stock": {"filter_wise": True},
+    "sce": {"select_topk": 0.5},
+    "dare_linear": {"density": 0.5, "seed": 1},
+    "dare_ties": {"density": 0.5},
+    "della": {"density": 0.5, "epsilon": 0.2},
+    "della_linear": {"density": 0.5},
+    "breadcrumbs": {"density": 0.5, "gamma": 0.1},
+    "breadcrumbs_ties": {"density": 0.5},
+    "ties": {"convention": "mergekit", "density": 0.5},
+}
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("df") / "base", seed=10)
+
+
+@pytest.mark.parametrize("method", NEW_METHODS)
+def test_engine_merges_each_method(experts, base_model, tmp_path, method):
+    """The engine's merged model holds, tensor by tensor, what the method computes on the whole
+    tensors (and the base where it reads one); the merge config records every declared param."""
+    m = get_method(method)(NEW_METHODS[method])
+    config = merge_models(experts, m, tmp_path / "out", base=base_model)
+    merged, inputs, base = state(tmp_path / "out"), [state(e) for e in experts], state(base_model)
+    direct = get_method(method)(NEW_METHODS[method])
+    direct.prepare(list(merged), num_experts=2)
+    for name, tensor in merged.items():
+        expected = direct.merge(name, [x[name] for x in inputs], base=base[name] if m.uses_base else None)
+        assert torch.equal(tensor, expected.to(tensor.dtype)), name
+    saved = json.loads((tmp_path / "out" / "mergeflow_merge.json").read_text())
+    assert saved["method"] == method and config["method"] == method
+    assert {p.name for p in m.params} <= set(saved)
+
+
+def test_random_methods_are_reproducible_byte_for_byte(experts, base_model, tmp_path):
+    """dare_ties and della twice with one seed: the same safetensors bytes; another seed: others."""
+    for method in ("dare_ties", "della"):
+        runs = {}
+        for run, seed in (("a", 5), ("b", 5), ("c", 6)):
+            merge_models(experts, get_method(method)({"density": 0.5, "seed": seed}), tmp_path / method / run, base=base_model)
+            runs[run] = b"".join(p.read_bytes() for p in sorted((tmp_path / method / run).glob("*.safetensors")))
+        assert runs["a"] == runs["b"], method
+        assert runs["a"] != runs["c"], method
+
+
+def test_per_module_mapping_through_the_engine(experts, tmp_path):
+    """slerp with t = {self_attn: 0.2, mlp: 0.9, "*": 0.5}: attention tensors at 0.2, MLP ones at
+    0.9, the rest (embeddings, norms, lm_head) at 0.5."""
+    merge_models(experts, get_method("slerp")({"t": {"self_attn": 0.2, "mlp": 0.9, "*": 0.5}}), tmp_path / "out")
+    merged, (a, b) = state(tmp_path / "out"), [state(e) for e in experts]
+    for name, tensor in merged.items():
+        t = 0.2 if "self_attn" in name else 0.9 if "mlp" in name else 0.5
+        assert torch.equal(tensor, slerp(t, a[name], b[name])), name
+
+
+def test_slerp_refuses_three_experts_writing_nothing(experts, base_model, tmp_path):
+    with pytest.raises(ValueError, match=r"^slerp interpolates exactly two experts, got 3; for more use karcher \(their spherical mean\) or another method$"):
+        merge_models([*experts, base_model], get_method("slerp")(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_della_band_outside_0_1_is_one_line_and_writes_nothing(experts, base_model, tmp_path):
+    """density 0.1 - epsilon 0.15 < 0: refused at the first tensor, inside the atomic output."""
+    with pytest.raises(ValueError, match=r"^della: density \+/- epsilon must lie in \(0, 1\), got density 0.1 and epsilon 0.15$"):
+        merge_models(experts, get_method("della")({"density": 0.1}), tmp_path / "out", base=base_model)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["model_stock", "sce", "dare_linear", "dare_ties", "della", "della_linear", "breadcrumbs", "breadcrumbs_ties"])
+def test_methods_needing_a_base_refuse_none(experts, tmp_path, method):
+    with pytest.raises(ValueError, match=rf"^method '{method}' needs the base model the experts were fine-tuned from"):
+        merge_models(experts, get_method(method)(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("method", "values", "message"),
+    [
+        ("dare_ties", {"lambda": 0.5}, r"^dare_ties: unknown parameter 'lambda'; dare_ties reads weights, scaling, density, normalize, rescale, seed$"),
+        ("della", {"epsilon": 1.0}, r"^della: epsilon must be in \[0, 1\), got 1.0$"),
+        ("slerp", {"t": [0.2, 1.5]}, r"^slerp: t\[1\] must be in \[0, 1\], got 1.5$"),
+        ("ties", {"convention": "paper"}, r"^ties: convention must be one of mergeflow, mergekit, got 'paper'$"),
+    ],
+)
+def test_bad_values_are_one_line(method, values, message):
+    with pytest.raises(ValueError, match=message):
+        get_method(method)(values)
