@@ -15,6 +15,8 @@ from mergeflow.methods import get_method
 from mergeflow.methods import sparsify as sp
 from mergeflow.methods.karcher import karcher_mean
 from mergeflow.methods.model_stock import model_stock
+from mergeflow.methods.nuslerp import nuslerp
+from mergeflow.methods.sce import sce
 from mergeflow.methods.slerp import slerp
 
 from helpers import make_tiny_llama, state
@@ -227,3 +229,28 @@ def test_methods_needing_a_base_refuse_none(experts, tmp_path, method):
 def test_bad_values_are_one_line(method, values, message):
     with pytest.raises(ValueError, match=message):
         get_method(method)(values)
+
+
+def test_kernels_do_not_depend_on_the_thread_count():
+    """ATen splits a reduction to one number by thread count (a sum of 3M floats differs in its last
+    bits between 1, 2 and 3 threads); every kernel's output is the same bytes at 1 and 3 threads."""
+    g = torch.Generator().manual_seed(0)
+    base, a, b, c = (torch.randn(1500, 1000, generator=g) for _ in range(4))
+    kernels = {
+        "slerp": lambda: slerp(0.3, a, b),
+        "nuslerp": lambda: nuslerp(0.3, a, b),
+        "karcher": lambda: karcher_mean([a, b, c], [0.2, 0.3, 0.5]),
+        "model_stock": lambda: model_stock(base, [a, b, c]),
+        "sce": lambda: sce(base, [a, b, c], select_topk=0.5),
+        "dare rescale": lambda: sp.bernoulli(a, 0.3, torch.Generator().manual_seed(1), rescale=True),
+    }
+    threads = torch.get_num_threads()
+    try:
+        outputs = []
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            outputs.append({name: f() for name, f in kernels.items()})
+    finally:
+        torch.set_num_threads(threads)
+    for name in kernels:
+        assert torch.equal(outputs[0][name], outputs[1][name]), name

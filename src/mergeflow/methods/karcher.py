@@ -21,6 +21,7 @@ import torch
 
 from . import register
 from .base import WEIGHTS, GramLoader, MergeMethod, Param
+from .sparsify import serial_reductions
 
 
 def _unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,6 +31,11 @@ def _unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def karcher_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
     """The weighted Karcher mean of whole tensors, in float32; `weights` sum to 1."""
+    with serial_reductions():  # norms and dots all through
+        return _karcher_mean(tensors, weights, max_iter=max_iter, tol=tol)
+
+
+def _karcher_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, max_iter: int, tol: float) -> torch.Tensor:
     if len(tensors) == 1:
         return tensors[0].to(torch.float32)
     units, norms = zip(*(_unit(t.to(torch.float32)) for t in tensors))

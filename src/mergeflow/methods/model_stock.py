@@ -21,6 +21,7 @@ import torch
 
 from . import register
 from .base import GramLoader, MergeMethod, Param
+from .sparsify import serial_reductions
 
 
 def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, filter_wise: bool = False) -> torch.Tensor:
@@ -35,10 +36,11 @@ def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, filter_w
         w0, ws = w0.reshape(-1), [w.reshape(-1) for w in ws]
     offsets = [w - w0 for w in ws]
     cosines = []
-    for i, a in enumerate(offsets):
-        for b in offsets[i + 1 :]:
-            norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
-            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    with serial_reductions():
+        for i, a in enumerate(offsets):
+            for b in offsets[i + 1 :]:
+                norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
+                cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
     cos_theta = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     n = len(ws)
     denominator = 1 + (n - 1) * cos_theta

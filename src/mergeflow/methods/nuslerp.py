@@ -21,6 +21,7 @@ import torch
 
 from . import register
 from .base import WEIGHTS, GramLoader, MergeMethod, Param
+from .sparsify import serial_reductions
 
 EPS = 1e-8
 
@@ -36,7 +37,8 @@ def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, row_wise: bool = Fa
         v0, v1 = v0.reshape(-1), v1.reshape(-1)
     elif row_wise:
         v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
-    cos_theta = torch.sum(_normalize(v0) * _normalize(v1), dim=-1, keepdim=True).clamp(-1, 1)
+    with serial_reductions():
+        cos_theta = torch.sum(_normalize(v0) * _normalize(v1), dim=-1, keepdim=True).clamp(-1, 1)
     colinear = (1 - cos_theta.square()) <= eps**2
     theta = torch.acos(torch.where(colinear, 0, cos_theta))
     result = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)

@@ -20,7 +20,7 @@ import torch
 
 from . import register
 from .base import GramLoader, MergeMethod, Param
-from .sparsify import sign_consensus
+from .sparsify import serial_reductions, sign_consensus
 
 
 def sce_mask(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
@@ -44,7 +44,8 @@ def sce(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, select_topk: flo
     if select_topk < 1:
         deltas *= sce_mask(deltas, select_topk).unsqueeze(0)
     agree = sign_consensus(deltas)
-    weights = deltas.square().reshape(len(tensors), -1).mean(dim=1)
+    with serial_reductions():
+        weights = deltas.square().reshape(len(tensors), -1).mean(dim=1)
     total = float(weights.sum())
     weights = torch.full_like(weights, 1 / len(tensors)) if abs(total) < 1e-6 else weights / total
     erased = weights.reshape(-1, *([1] * base.dim())) * agree

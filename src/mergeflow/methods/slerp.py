@@ -24,6 +24,7 @@ import torch
 
 from . import register
 from .base import GramLoader, MergeMethod, Param
+from .sparsify import serial_reductions
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -35,10 +36,11 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = D
     a, b = v0.reshape(-1).to(dtype), v1.reshape(-1).to(dtype)
     if a.numel() == 0:
         return a.reshape(v0.shape)
-    norm_a, norm_b = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
-    norm_a = torch.where(norm_a > eps, norm_a, 1)
-    norm_b = torch.where(norm_b > eps, norm_b, 1)
-    dot = ((a / norm_a) * (b / norm_b)).sum().clamp(-1, 1)
+    with serial_reductions():
+        norm_a, norm_b = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
+        norm_a = torch.where(norm_a > eps, norm_a, 1)
+        norm_b = torch.where(norm_b > eps, norm_b, 1)
+        dot = ((a / norm_a) * (b / norm_b)).sum().clamp(-1, 1)
     if dot.abs() > dot_threshold:
         coef_a, coef_b = torch.tensor(1 - t, dtype=dtype), torch.tensor(t, dtype=dtype)
     else:

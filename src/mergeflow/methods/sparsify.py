@@ -25,10 +25,16 @@ from typing import Callable, ClassVar, Optional, Sequence
 
 import torch
 
+from ..determinism import lapack_one_thread
 from .base import GramLoader, MergeMethod, Param
 
 #: thins one float32 task vector; given the expert's index, returns a new tensor
 Sparsifier = Callable[[torch.Tensor, int], torch.Tensor]
+
+#: ATen splits a reduction to one number (a norm, a dot, a sum) by thread count, so its last bit
+#: changes with the thread count; under this (one thread when the kernels are pinned, as LAPACK)
+#: the data-free methods' outputs stay bit-identical (README "Reproducibility").
+serial_reductions = lapack_one_thread
 
 
 def tensor_generator(seed: int, name: str) -> torch.Generator:
@@ -43,7 +49,8 @@ def rescale_l1(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: flo
     masked = tensor * mask
     if not rescale:
         return masked
-    before, after = tensor.abs().sum(), masked.abs().sum()
+    with serial_reductions():
+        before, after = tensor.abs().sum(), masked.abs().sum()
     if before < eps or after < eps:
         return masked
     return masked * (before / after)
