@@ -1,5 +1,7 @@
-"""Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks (Davari & Belilovsky,
-ECCV 2024, https://arxiv.org/abs/2312.06795).
+"""Model Breadcrumbs: task vectors without their outliers (Davari & Belilovsky, ECCV 2024).
+
+"Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks",
+https://arxiv.org/abs/2312.06795; mergekit's `breadcrumbs` and `breadcrumbs_ties`.
 
 Each expert's task vector `W_i - base` drops its `gamma` fraction of largest magnitudes (outliers)
 and keeps the next `density` fraction (fewer outliers are dropped where both do not fit);
@@ -19,7 +21,7 @@ from typing import Optional
 
 from . import register
 from .base import WEIGHTS
-from .sparsify import GAMMA, Sparsifier, TaskVectorMethod, magnitude_outliers, normalize_param, rescale_param
+from .sparsify import GAMMA, NORMALIZE, RESCALE, Sparsifier, TaskVectorMethod, magnitude_outliers
 from .task_arithmetic import SCALING
 from .ties import DENSITY
 
@@ -28,10 +30,10 @@ from .ties import DENSITY
 class Breadcrumbs(TaskVectorMethod):
     name = "breadcrumbs"
     paper = "https://arxiv.org/abs/2312.06795"
-    params = (WEIGHTS, SCALING, DENSITY, GAMMA, normalize_param(False), rescale_param(False))
+    params = (WEIGHTS, SCALING, DENSITY, GAMMA, NORMALIZE, RESCALE)
 
     def sparsifier(self, name: str) -> Optional[Sparsifier]:
-        density, gamma, rescale = self.value("density", name), self.value("gamma", name), self.value("rescale", name)
+        density, gamma, rescale = self.value("density", name), self.value("gamma", name), self.flag("rescale", name)
         return lambda delta, i: magnitude_outliers(delta, density, gamma, rescale)
 
 

@@ -1,5 +1,7 @@
-"""DARE: Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free
-Lunch (Yu et al., ICML 2024, https://arxiv.org/abs/2311.03099).
+"""DARE: drop and rescale task vectors at random (Yu et al., ICML 2024): dare_linear, dare_ties.
+
+"Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch",
+https://arxiv.org/abs/2311.03099; mergekit's `dare_linear` and `dare_ties`.
 
 Drop And REscale: each expert's task vector `W_i - base` keeps each entry with probability
 `density` (drops it with p = 1 - density) and, with `rescale`, is scaled back to its L1 norm
@@ -13,8 +15,9 @@ merge is reproducible byte for byte and independent of the order tensors are mer
 draws from torch's global generator; with that seeded alike it keeps the same entries (tested).
 
 mergekit mapping (`dare_linear`, `dare_ties`): `weight` -> `weights`, `lambda` -> `scaling`,
-`density`, `normalize` (default false), `rescale` (default true) as named; mergekit's per-model
-`density` must be one value here (per layer if need be); mergekit has no `seed`.
+`density`, `normalize`, `rescale` as named (null, as params.yaml ships them: mergekit's defaults,
+normalize false, rescale true); mergekit's per-model `density` must be one value here (per layer
+if need be); mergekit has no `seed`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Optional
 
 from . import register
 from .base import WEIGHTS
-from .sparsify import SEED, Sparsifier, TaskVectorMethod, bernoulli, normalize_param, rescale_param, tensor_generator
+from .sparsify import NORMALIZE, RESCALE, SEED, Sparsifier, TaskVectorMethod, bernoulli, tensor_generator
 from .task_arithmetic import SCALING
 from .ties import DENSITY
 
@@ -32,10 +35,11 @@ from .ties import DENSITY
 class DareLinear(TaskVectorMethod):
     name = "dare_linear"
     paper = "https://arxiv.org/abs/2311.03099"
-    params = (WEIGHTS, SCALING, DENSITY, normalize_param(False), rescale_param(True), SEED)
+    params = (WEIGHTS, SCALING, DENSITY, NORMALIZE, RESCALE, SEED)
+    default_rescale = True
 
     def sparsifier(self, name: str) -> Optional[Sparsifier]:
-        density, rescale = self.value("density", name), self.value("rescale", name)
+        density, rescale = self.value("density", name), self.flag("rescale", name)
         generator = tensor_generator(self.value("seed", name), name)
         return lambda delta, i: bernoulli(delta, density, generator, rescale)
 

@@ -1,5 +1,7 @@
-"""DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling
-(Deep et al., 2024, https://arxiv.org/abs/2406.11617).
+"""DELLA: task vectors sampled by magnitude rank (Deep et al., 2024): della, della_linear.
+
+"DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling",
+https://arxiv.org/abs/2406.11617; mergekit's `della` and `della_linear`.
 
 MagPrune: within each row of each expert's task vector `W_i - base`, entries are ranked by
 magnitude and kept with a probability rising linearly from `density - epsilon` (smallest) to
@@ -24,7 +26,7 @@ from typing import Optional
 
 from . import register
 from .base import WEIGHTS
-from .sparsify import EPSILON, SEED, Sparsifier, TaskVectorMethod, della_magprune, normalize_param, rescale_param, tensor_generator
+from .sparsify import EPSILON, NORMALIZE, RESCALE, SEED, Sparsifier, TaskVectorMethod, della_magprune, tensor_generator
 from .task_arithmetic import SCALING
 from .ties import DENSITY
 
@@ -33,11 +35,13 @@ from .ties import DENSITY
 class Della(TaskVectorMethod):
     name = "della"
     paper = "https://arxiv.org/abs/2406.11617"
-    params = (WEIGHTS, SCALING, DENSITY, EPSILON, normalize_param(True), rescale_param(True), SEED)
+    params = (WEIGHTS, SCALING, DENSITY, EPSILON, NORMALIZE, RESCALE, SEED)
     consensus = True
+    default_normalize = True
+    default_rescale = True
 
     def sparsifier(self, name: str) -> Optional[Sparsifier]:
-        density, epsilon, rescale = self.value("density", name), self.value("epsilon", name), self.value("rescale", name)
+        density, epsilon, rescale = self.value("density", name), self.value("epsilon", name), self.flag("rescale", name)
         generator = tensor_generator(self.value("seed", name), name)
         return lambda delta, i: della_magprune(delta, density, epsilon, generator, rescale)
 
@@ -45,5 +49,5 @@ class Della(TaskVectorMethod):
 @register
 class DellaLinear(Della):
     name = "della_linear"
-    params = (WEIGHTS, SCALING, DENSITY, EPSILON, normalize_param(False), rescale_param(True), SEED)
     consensus = False
+    default_normalize = False

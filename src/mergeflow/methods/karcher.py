@@ -1,7 +1,7 @@
-"""Karcher mean: the Riemannian centre of mass of the experts' directions on the unit sphere
-(Karcher, "Riemannian center of mass and mollifier smoothing", CPAM 1977,
-https://doi.org/10.1002/cpa.3160300502; mergekit's `karcher`, which cites
-https://arxiv.org/abs/2603.04972).
+"""Karcher mean: the weighted centre of mass of the experts on the sphere (Karcher, CPAM 1977).
+
+Karcher, "Riemannian center of mass and mollifier smoothing", https://doi.org/10.1002/cpa.3160300502;
+mergekit's `karcher`, which cites https://arxiv.org/abs/2603.04972.
 
 Each tensor is split into its norm and its unit direction; the weighted mean direction is found
 by fixed-point (Riemannian gradient) iterations from the normalised linear mean, at most

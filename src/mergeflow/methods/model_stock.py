@@ -1,5 +1,6 @@
-"""Model Stock: Model Stock: All we need is just a few fine-tuned models (Jang et al., ECCV 2024,
-https://arxiv.org/abs/2403.19522).
+"""Model Stock: All we need is just a few fine-tuned models (Jang et al., ECCV 2024).
+
+https://arxiv.org/abs/2403.19522; mergekit's `model_stock`.
 
 The experts' task vectors `d_i = W_i - base` (at least two) span a region whose centre the
 paper estimates from their angle alone: with cos(theta) the mean pairwise cosine similarity of

@@ -1,6 +1,7 @@
-"""NuSLERP: mergekit's revised SLERP (https://github.com/arcee-ai/mergekit, `nuslerp`), spherical
-interpolation (Shoemake 1985, https://doi.org/10.1145/325334.325242) of two experts set by
-their relative weights, optionally of their task vectors.
+"""NuSLERP: mergekit's SLERP of two experts by their weights, optionally of their task vectors.
+
+mergekit's `nuslerp` (https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md),
+spherical interpolation after Shoemake 1985 (https://doi.org/10.1145/325334.325242).
 
 With weights w_0, w_1 (mergekit's `weight`), t = w_1 / (w_0 + w_1) (0.5 where the sum is ~0).
 With `nuslerp_flatten` (the default) each tensor is one vector; otherwise each row

@@ -1,5 +1,6 @@
-"""SCE: FuseChat: Knowledge Fusion of Chat Models (Wan et al., 2024, https://arxiv.org/abs/2408.07990),
-its Select, Calculate, Erase merge of task vectors.
+"""SCE: Select, Calculate, Erase, FuseChat's merge of task vectors (Wan et al., 2024).
+
+"FuseChat: Knowledge Fusion of Chat Models", https://arxiv.org/abs/2408.07990; mergekit's `sce`.
 
 For the experts' task vectors `d_i = W_i - base`:
 - Select: keep the `select_topk` fraction of entries (of those that vary at all) with the largest

@@ -1,5 +1,7 @@
-"""SLERP: spherical linear interpolation between two models (Shoemake, "Animating rotation with
-quaternion curves", SIGGRAPH 1985, https://doi.org/10.1145/325334.325242; mergekit's `slerp`).
+"""SLERP: spherical linear interpolation between two experts (Shoemake, SIGGRAPH 1985).
+
+Shoemake, "Animating rotation with quaternion curves", https://doi.org/10.1145/325334.325242;
+mergekit's `slerp`.
 
 Each tensor of the two experts, flattened to one vector, is interpolated along the great circle
 between their directions: with cos(theta) = <a/|a|, b/|b|>,

@@ -156,21 +156,26 @@ GAMMA = Param("gamma", float, 0.01, "fraction of each task vector's largest magn
 EPSILON = Param("epsilon", float, 0.15, "keep probabilities run from density - epsilon to density + epsilon", low=0.0, high=1.0, high_open=True)
 
 
-def normalize_param(default: bool) -> Param:
-    return Param("normalize", bool, default, "divide the merged task vector by the sum of the (agreeing) experts' weights", per_layer=False)
-
-
-def rescale_param(default: bool) -> Param:
-    return Param("rescale", bool, default, "scale each sparsified task vector back to its L1 norm", per_layer=False)
+# One default per param name (one params.yaml key): null stands for each method's own, mergekit's
+NORMALIZE = Param("normalize", bool, None, "divide the merged task vector by the sum of the (agreeing) experts' weights; null: the method's default (della: true, the others: false)", per_layer=False)
+RESCALE = Param("rescale", bool, None, "scale each sparsified task vector back to its L1 norm; null: the method's default (dare, della: true, breadcrumbs: false)", per_layer=False)
 
 
 class TaskVectorMethod(MergeMethod):
-    """mergekit's generalized task arithmetic: subclasses pick `sparsifier` and `consensus` and
-    declare `params` (`weights`, `scaling`, `normalize`, and what their sparsifier reads)."""
+    """mergekit's generalized task arithmetic: subclasses pick `sparsifier`, `consensus` and the
+    defaults of `normalize` and `rescale`, and declare `params` (`weights`, `scaling`,
+    `normalize`, and what their sparsifier reads)."""
 
     uses_base = True
     row_separable = False  # ranks and random masks cover the whole tensor
     consensus: ClassVar[bool] = False
+    default_normalize: ClassVar[bool] = False
+    default_rescale: ClassVar[bool] = False
+
+    def flag(self, name: str, tensor: str) -> bool:
+        """`normalize` or `rescale` for `tensor`: as given, else this method's default."""
+        value = self.value(name, tensor)
+        return getattr(self, f"default_{name}") if value is None else value
 
     def sparsifier(self, name: str) -> Optional[Sparsifier]:
         """How each expert's task vector of tensor `name` is thinned (None: not at all)."""
@@ -180,5 +185,5 @@ class TaskVectorMethod(MergeMethod):
         weights = self.expert_weights(name, len(tensors), normalise=False)
         return merge_task_vectors(
             base, tensors, weights, sparsify=self.sparsifier(name), consensus=self.consensus,
-            normalize=self.value("normalize", name), scaling=self.value("scaling", name),
+            normalize=self.flag("normalize", name), scaling=self.value("scaling", name),
         )
