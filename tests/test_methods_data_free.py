@@ -204,8 +204,8 @@ def test_slerp_refuses_three_experts_writing_nothing(experts, base_model, tmp_pa
 
 
 def test_della_band_outside_0_1_is_one_line_and_writes_nothing(experts, base_model, tmp_path):
-    """density 0.1 - epsilon 0.15 < 0: refused at the first tensor, inside the atomic output."""
-    with pytest.raises(ValueError, match=r"^della: density \+/- epsilon must lie in \(0, 1\), got density 0.1 and epsilon 0.15$"):
+    """density 0.1 - epsilon 0.15 < 0: refused before the first tensor."""
+    with pytest.raises(ValueError, match=r"^della: density \+/- epsilon must lie in \(0, 1\), got density 0.1 and epsilon 0.15 for lm_head.weight$"):
         merge_models(experts, get_method("della")({"density": 0.1}), tmp_path / "out", base=base_model)
     assert not (tmp_path / "out").exists()
 

@@ -22,10 +22,10 @@ need be); mergekit has no `seed`.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from . import register
-from .base import WEIGHTS
+from .base import WEIGHTS, ParamError
 from .sparsify import EPSILON, NORMALIZE, RESCALE, SEED, Sparsifier, TaskVectorMethod, della_magprune, tensor_generator
 from .task_arithmetic import SCALING
 from .ties import DENSITY
@@ -39,6 +39,14 @@ class Della(TaskVectorMethod):
     consensus = True
     default_normalize = True
     default_rescale = True
+
+    def prepare(self, tensor_names: Sequence[str], *, num_experts: Optional[int] = None, device: str = "cpu") -> None:
+        """Refuse, before the first tensor, a (per-layer) density and epsilon whose band leaves (0, 1)."""
+        super().prepare(tensor_names, num_experts=num_experts, device=device)
+        for name in tensor_names:
+            density, epsilon = self.value("density", name), self.value("epsilon", name)
+            if density < 1 and not 0 < density - epsilon < density + epsilon < 1:
+                raise ParamError(f"{self.name}: density +/- epsilon must lie in (0, 1), got density {density:g} and epsilon {epsilon:g} for {name}", "epsilon")
 
     def sparsifier(self, name: str) -> Optional[Sparsifier]:
         density, epsilon, rescale = self.value("density", name), self.value("epsilon", name), self.flag("rescale", name)
