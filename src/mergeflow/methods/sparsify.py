@@ -135,9 +135,9 @@ def merge_task_vectors(
     deltas.mul_(w)
     if consensus:
         mask = sign_consensus(deltas)
-        merged = (deltas * mask).sum(dim=0)
         divisor = (w * mask).sum(dim=0)
         divisor[divisor == 0] = 1
+        merged = deltas.mul_(mask).sum(dim=0)  # in place: one stack of task vectors in memory, not two
         del mask
     else:
         merged = deltas.sum(dim=0)
