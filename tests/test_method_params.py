@@ -122,8 +122,9 @@ def test_methods_command_lists_and_describes():
 
     listing = CliRunner().invoke(main, ["methods"])
     assert listing.exit_code == 0
-    assert [line.split()[0] for line in listing.output.splitlines()] == ["average", "regmean", "task_arithmetic", "ties"]
-    assert listing.output.splitlines()[1].endswith("[params: alpha, weights, solver_dtype]")
+    names = [line.split()[0] for line in listing.output.splitlines()]
+    assert names == sorted(names) and {"average", "regmean", "task_arithmetic", "ties", "slerp", "dare_ties"} <= set(names)
+    assert listing.output.splitlines()[names.index("regmean")].endswith("[params: alpha, weights, solver_dtype]")
     described = CliRunner().invoke(main, ["methods", "--describe", "ties"])
     assert described.exit_code == 0
     assert described.output.splitlines() == [
@@ -137,6 +138,8 @@ def test_methods_command_lists_and_describes():
         "      lambda: the factor on the merged task vector",
         "  density: float (or per layer: list / {pattern: value}), default 0.2, (0, 1]",
         "      fraction of each task vector kept (largest magnitudes)",
+        "  convention: str, default 'mergeflow', one of mergeflow, mergekit",
+        "      mergeflow: ceil(density n) kept, 0 on sign ties, count mean; mergekit: floor, +, weight-normalised mean",
     ]
 
 
@@ -175,7 +178,7 @@ def test_a_plugin_declares_its_own_knob(experts, tmp_path, capsys):
     assert load_params(tmp_path / "params.yaml").merge.method_values()["power"] == 2.0
     params["method"] = "regmean"  # no method declares `power` then
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    with pytest.raises(ValueError, match=r"merge\.power: unknown key; the merge methods read alpha \(top level\), density, "):
+    with pytest.raises(ValueError, match=r"merge\.power: unknown key; the merge methods read alpha \(top level\), (\w+, )*density, "):
         load_params(tmp_path / "params.yaml")
 
 
