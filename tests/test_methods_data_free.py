@@ -254,3 +254,16 @@ def test_kernels_do_not_depend_on_the_thread_count():
         torch.set_num_threads(threads)
     for name in kernels:
         assert torch.equal(outputs[0][name], outputs[1][name]), name
+
+
+def test_tied_embeddings_stay_tied_under_a_random_method(tmp_path):
+    """dare_ties on tied tiny Llamas: the one stored embedding gets one mask, and the merged model
+    is tied with equal input and output embeddings."""
+    from transformers import AutoModelForCausalLM
+
+    base, a, b = (make_tiny_llama(tmp_path / f"m{i}", seed=20 + i, tie=True) for i in range(3))
+    merge_models([a, b], get_method("dare_ties")({"density": 0.5}), tmp_path / "out", base=base)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert merged.config.tie_word_embeddings
+    assert torch.equal(merged.get_input_embeddings().weight, merged.get_output_embeddings().weight)
+    assert "lm_head.weight" not in state(tmp_path / "out")
