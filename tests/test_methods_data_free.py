@@ -59,8 +59,8 @@ def test_rescale_matches_the_l1_norm():
 
 
 def test_dare_is_reproducible_per_seed_and_tensor_name():
-    """Same (seed, tensor name): the same bytes; another name or seed: another mask. The mask keeps
-    about `density` of the entries."""
+    """Property mergekit does not define (its DARE draws from the global generator): same (seed,
+    tensor name), the same bytes; another name or seed, another mask; about `density` kept."""
     delta = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
 
     def dare(seed, name):
@@ -85,6 +85,7 @@ def test_della_probabilities_rise_with_magnitude():
 
 
 def test_della_refuses_a_band_outside_0_1():
+    """Hand-made input: density 0.5 +/- epsilon 0.6 leaves (0, 1); one line naming both."""
     with pytest.raises(ValueError, match=r"^della: density \+/- epsilon must lie in \(0, 1\), got density 0.5 and epsilon 0.6$"):
         sp.della_magprune(torch.ones(2, 3), 0.5, 0.6, torch.Generator())
 
@@ -198,6 +199,7 @@ def test_per_module_mapping_through_the_engine(experts, tmp_path):
 
 
 def test_slerp_refuses_three_experts_writing_nothing(experts, base_model, tmp_path):
+    """Bad input through the engine: one line, and no output directory."""
     with pytest.raises(ValueError, match=r"^slerp interpolates exactly two experts, got 3; for more use karcher \(their spherical mean\) or another method$"):
         merge_models([*experts, base_model], get_method("slerp")(), tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -212,6 +214,7 @@ def test_della_band_outside_0_1_is_one_line_and_writes_nothing(experts, base_mod
 
 @pytest.mark.parametrize("method", ["model_stock", "sce", "dare_linear", "dare_ties", "della", "della_linear", "breadcrumbs", "breadcrumbs_ties"])
 def test_methods_needing_a_base_refuse_none(experts, tmp_path, method):
+    """Bad input through the engine (uses_base, no --base): one line, and no output directory."""
     with pytest.raises(ValueError, match=rf"^method '{method}' needs the base model the experts were fine-tuned from"):
         merge_models(experts, get_method(method)(), tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -227,6 +230,8 @@ def test_methods_needing_a_base_refuse_none(experts, tmp_path, method):
     ],
 )
 def test_bad_values_are_one_line(method, values, message):
+    """Bad values, checked against each method's declared params: one line each (mergekit's
+    `lambda` is our `scaling`, so it is an unknown name here)."""
     with pytest.raises(ValueError, match=message):
         get_method(method)(values)
 
