@@ -21,7 +21,7 @@ A numeric value may be given per layer, as mergekit's gradients do:
   tensor's name wins, `"*"` matches every tensor, and with no match the declared default holds.
   A mapping's values may themselves be lists (a gradient for the matching tensors).
 
-bool and str entries of a list are picked (entry `int(t * (k - 1))` of k), not interpolated, as mergekit.
+int, bool and str entries of a list are picked (entry `int(t * (k - 1))` of k), not interpolated.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from ..grams import GramDir
 
 GramLoader = Callable[[], torch.Tensor]
+
+
 class ParamError(ValueError):
     """A bad parameter value, in one line; `param` names the parameter so that the edge (CLI,
     stage) can point at the option or the params.yaml key."""
@@ -170,8 +172,8 @@ class Param:
         if isinstance(value, list):
             if layer_index(tensor) is not None and num_layers <= 0:
                 raise RuntimeError(f"{self.name}: a per-layer value needs the layer count; call prepare(tensor_names) first")
-            result = interpolate(value, layer_position(tensor, num_layers))
-            return float(result) if self.type is float else result
+            t = layer_position(tensor, num_layers)
+            return float(interpolate(value, t)) if self.type is float else value[int(t * (len(value) - 1))]  # ints, bools, strs: picked
         return value
 
     def describe(self) -> dict:
