@@ -7,6 +7,8 @@ are strict: `alpha: true` or `text_field: 5` is refused, never read as 1.0 or "5
 These models are also the one place defaults live: `mergeflow` options that mirror a key take
 their default from here (`field_default`), and the DVC stage scripts, which must not depend on a
 default silently, require every key they read to be in the file (`load_params(require=...)`).
+The merge methods' knobs (`alpha` on top, the others in `merge:`) are declared by the methods
+(`methods.base.Param`): their types, ranges and defaults live there and are checked from there.
 """
 
 from __future__ import annotations
