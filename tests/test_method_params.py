@@ -170,6 +170,13 @@ def test_a_plugin_declares_its_own_knob(experts, tmp_path, capsys):
     code, err = run_cli(["merge", "--method", f"{plugin}:Power", "--param", "power=1", "--model", str(experts[0]), "--model", str(experts[1]), "--out", str(out)], capsys)
     assert code == 0, err
     assert json.loads((out / MERGE_CONFIG).read_text())["power"] == 1.0
+    from click.testing import CliRunner
+
+    from mergeflow.cli import main
+
+    described = CliRunner().invoke(main, ["methods", "--describe", f"{plugin}:Power"]).output.splitlines()
+    assert described[0] == "power: The mean of |w|^p, signed by the mean: a plugin with a knob of its own."
+    assert described[4:] == ["  power: float (or per layer: list / {pattern: value}), default 1.0, > 0", "      the exponent"]
     merged, a, b = state(out), state(experts[0]), state(experts[1])
     torch.testing.assert_close(merged["model.norm.weight"], ((a["model.norm.weight"] + b["model.norm.weight"]) / 2).sign() * (a["model.norm.weight"].abs() + b["model.norm.weight"].abs()) / 2)
     params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())

@@ -131,7 +131,7 @@ def describe(name: str) -> str:
     from .methods import get_method
 
     cls = get_method(name)
-    doc = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip()
+    doc = (getattr(sys.modules.get(cls.__module__), "__doc__", None) or cls.__doc__ or "").strip()  # a file plugin has no module entry
     needs = [what for what, flag in (("the base model (--base)", cls.uses_base), ("grams (--gram)", cls.uses_grams)) if flag]
     lines = [f"{cls.name}: {doc.splitlines()[0] if doc else ''}", f"paper: {cls.paper or '-'}", f"needs: {', '.join(needs) or 'the experts only'}"]
     lines.append("params:" if cls.params else "params: none")
