@@ -99,12 +99,13 @@ def grams_compute(model, data, out, text_field, max_length, batch_size, num_samp
     on GPU) and the sums all-reduced; the result equals a single process's.
     """
     from .grams.collect import compute_grams
+    from .params import GramParams
 
-    compute_grams(
-        model, data, out, text_field=text_field, max_length=max_length, batch_size=batch_size, num_samples=num_samples, seed=seed,
-        device=device, model_dtype=model_dtype, dtype=dtype, include_lm_head=lm_head, accumulate_on=accumulate_on,
-        max_gram_memory=max_gram_memory, checkpoint_every=checkpoint_every, shard=shard, overwrite=force,
+    config = GramParams(
+        text_field=text_field, max_length=max_length, batch_size=batch_size, num_samples=num_samples, seed=seed, device=device, model_dtype=model_dtype,
+        dtype=dtype, include_lm_head=lm_head, accumulate_on=accumulate_on, max_gram_memory=max_gram_memory, checkpoint_every=checkpoint_every,
     )
+    compute_grams(model, data, out, config, shard=shard, overwrite=force)
 
 
 @grams.command("sum")

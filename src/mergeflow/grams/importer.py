@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import CheckpointReader
 from ..io import atomic_dir
-from .format import GramWriter, check_gram_output, disk_errors, file_for, model_identity
+from .format import GramRef, GramWriter, check_gram_output, disk_errors, file_for, model_identity
 
 log = logging.getLogger(__name__)
 _IN_BLOCK = re.compile(r"(^|\.)layers\.\d+\.")
@@ -161,7 +161,7 @@ def import_grams(path: str | Path, model: str | Path, out: str | Path, *, overwr
         for spilled in spill_dir.iterdir():
             spilled.unlink()
         spill_dir.rmdir()
-        writer.finish(keys, num_tokens=None, model=str(model), reduction="mean", imported_from=path.name, model_id=model_identity(model))
+        writer.finish({m: GramRef(file_for(k), k) for m, k in keys.items()}, num_tokens=None, model=str(model), reduction="mean", imported_from=path.name, model_id=model_identity(model))
         index = json.loads((tmp / "grams.json").read_text())
     log.info("imported %d module grams (%d distinct) from %s -> %s", len(keys), len(set(keys.values())), path, out)
     return index

@@ -1,0 +1,196 @@
+"""Every decoder family end to end on tiny random models built here: discovery of the solved
+modules, float64 grams against a direct computation with padding, RegMean against a float64 closed
+form on every solved module (Conv1D the right way round), the merged model loading in transformers,
+and the other methods running. One module-scoped model zoo per family keeps the file fast."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers as T
+
+from mergeflow.grams import GramDir
+from mergeflow.grams.collect import compute_grams
+from mergeflow.grams.data import load_rows
+from mergeflow.grams.modules import discover
+from mergeflow.merge import merge_models
+from mergeflow.methods import MergeOptions, get_method
+from mergeflow.models import load_causal_lm
+from mergeflow.params import GramParams
+from mergeflow.zoo.tokenizer import build_tokenizer
+
+from helpers import state
+
+H, I, L, HEADS = 16, 24, 2, 4
+ATTN = dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=HEADS)
+DECODERS = {
+    "llama": lambda: T.LlamaConfig(**ATTN, intermediate_size=I, num_key_value_heads=2),
+    "mistral": lambda: T.MistralConfig(**ATTN, intermediate_size=I, num_key_value_heads=2),
+    "qwen2": lambda: T.Qwen2Config(**ATTN, intermediate_size=I, num_key_value_heads=2),  # q/k/v biases
+    "qwen3": lambda: T.Qwen3Config(**ATTN, intermediate_size=I, num_key_value_heads=2, head_dim=8),
+    "gemma2": lambda: T.Gemma2Config(**ATTN, intermediate_size=I, num_key_value_heads=2, head_dim=8),
+    "phi3": lambda: T.Phi3Config(**ATTN, intermediate_size=I, num_key_value_heads=2),  # fused qkv_proj, gate_up_proj
+    "gpt_neox": lambda: T.GPTNeoXConfig(**ATTN, intermediate_size=I),  # lm_head saved as embed_out
+    "opt": lambda: T.OPTConfig(**ATTN, ffn_dim=I, word_embed_proj_dim=H),
+    "gpt2": lambda: T.GPT2Config(n_embd=H, n_layer=L, n_head=HEADS, n_positions=64),  # Conv1D [in, out]
+    "falcon": lambda: T.FalconConfig(**ATTN),  # FalconLinear, multi-query
+    "bloom": lambda: T.BloomConfig(hidden_size=H, n_layer=L, n_head=HEADS),
+}
+# what discovery must find in every block (per block; `*` fused or Conv1D), as a sanity check of the families
+SOLVED_PER_BLOCK = {"llama": 7, "mistral": 7, "qwen2": 7, "qwen3": 7, "gemma2": 7, "phi3": 4, "gpt_neox": 4, "opt": 6, "gpt2": 4, "falcon": 4, "bloom": 4}
+TEXTS = ["12+5=17", "rev(abc)=cba", "cp(x)=x", "9+9=18 and more text here", "a", "hello world 123", "rev(hgfedcba)=abcdefgh"]
+
+
+def build(family: str, path, seed: int):
+    tok = build_tokenizer(64)
+    config = DECODERS[family]()
+    config.update(dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, max_position_embeddings=64))
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # random biases and norms too, so that averaging them (or solving biases) is a real test
+        for name, p in model.named_parameters():
+            p.uniform_(0.5, 1.5) if "norm" in name or "ln" in name else p.normal_(0, 0.3)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=sorted(DECODERS))
+def zoo(request, tmp_path_factory):
+    """(family, [expert0, expert1], base, [grams0, grams1], calibration file) of one family."""
+    family = request.param
+    root = tmp_path_factory.mktemp(family)
+    data = root / "calib.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    experts = [build(family, root / f"e{i}", i) for i in range(2)]
+    base = build(family, root / "base", 7)
+    grams = [root / f"g{i}" for i in range(2)]
+    for expert, out in zip(experts, grams):
+        compute_grams(expert, data, out, GramParams(max_length=16, batch_size=3, dtype="float64"))
+    return family, experts, base, grams, data
+
+
+def direct(expert, data):
+    """Sums of x x^T (and of x) of every solved module's input, one unpadded text at a time, float64."""
+    model, tok = load_causal_lm(expert)
+    model.double()
+    modules = discover(model)
+    sums: dict[str, list] = {}
+    hooks = []
+    for name, module in modules.linears().items():
+        def hook(mod, args, name=name):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            g, s = sums.get(name, (0, 0))
+            sums[name] = (g + x.T @ x, s + x.sum(0))
+        hooks.append(module.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for text in load_rows(data):
+            model(**tok(text, truncation=True, max_length=16, return_tensors="pt"))
+    for h in hooks:
+        h.remove()
+    return modules, sums
+
+
+def test_discovery_finds_every_block_linear(zoo):
+    family, experts, *_ = zoo
+    model, _ = load_causal_lm(experts[0])
+    modules = discover(model)
+    assert len(modules.solved) == L * SOLVED_PER_BLOCK[family]
+    assert all(m.transposed == (family == "gpt2") for m in modules.solved.values())
+    assert len(modules.containers) == 1
+
+
+def test_float64_grams_equal_a_direct_computation_with_padding(zoo):
+    family, experts, _, grams, data = zoo
+    modules, expected = direct(experts[0], data)
+    g = GramDir.open(grams[0])
+    assert set(g.modules) == set(expected)
+    for name, (gram, total) in expected.items():
+        ref = g.modules[name]
+        torch.testing.assert_close(g.load(name).double(), gram, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        assert ref.transposed == modules.solved[name].transposed
+        if modules.solved[name].bias:  # kept for a least-squares bias
+            mean = g.load_mean_augmented(name, torch.float64)[:-1, -1] * g.num_tokens
+            torch.testing.assert_close(mean, total, rtol=1e-5, atol=1e-5)
+        else:
+            assert ref.input_sum is None or any(modules.solved[m].bias for m, r in g.modules.items() if r.key == ref.key)
+    assert g.format == ("mergeflow.grams/2" if any(m.bias or m.transposed for m in modules.solved.values()) else "mergeflow.grams/1")
+
+
+def closed_form(weights: list[torch.Tensor], grams: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    shrunk = [alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g)) for g in grams]
+    return torch.linalg.solve(sum(shrunk), sum(s @ w.T for s, w in zip(shrunk, weights))).T
+
+
+def test_regmean_equals_the_float64_closed_form_on_every_solved_module(zoo, tmp_path):
+    family, experts, _, grams, _ = zoo
+    options = MergeOptions(alpha=0.7, solver_dtype=torch.float64)
+    merge_models(experts, get_method("regmean")(options), tmp_path / "rm", grams=grams)
+    merged, inputs = state(tmp_path / "rm"), [state(e) for e in experts]
+    dirs = [GramDir.open(g) for g in grams]
+    for name, ref in dirs[0].modules.items():
+        stored = [s[f"{name}.weight"].double() for s in inputs]
+        ws = [w.T if ref.transposed else w for w in stored]
+        expected = closed_form(ws, [d.load_mean(name, torch.float64) for d in dirs], 0.7)
+        got = merged[f"{name}.weight"].double()
+        torch.testing.assert_close(got.T if ref.transposed else got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{family} {name}: {m}")
+        if f"{name}.bias" in merged:  # averaged by default
+            torch.testing.assert_close(merged[f"{name}.bias"], (inputs[0][f"{name}.bias"] + inputs[1][f"{name}.bias"]) / 2)
+    logits = T.AutoModelForCausalLM.from_pretrained(tmp_path / "rm")(torch.tensor([[1, 5, 9, 4]])).logits
+    assert logits.shape[-1] == len(build_tokenizer(64)) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("method", ["average", "task_arithmetic", "ties"])
+def test_other_methods_run_and_load(zoo, tmp_path, method):
+    family, experts, base, _, _ = zoo
+    merge_models(experts, get_method(method)(MergeOptions(scaling=0.5, density=0.5)), tmp_path / method, base=base)
+    merged, inputs, b = state(tmp_path / method), [state(e) for e in experts], state(base)
+    name = next(iter(merged))
+    if method == "average":
+        torch.testing.assert_close(merged[name], (inputs[0][name] + inputs[1][name]) / 2)
+    elif method == "task_arithmetic":
+        torch.testing.assert_close(merged[name], b[name] + 0.5 * ((inputs[0][name] - b[name]) + (inputs[1][name] - b[name])))
+    logits = T.AutoModelForCausalLM.from_pretrained(tmp_path / method)(torch.tensor([[1, 5, 9, 4]])).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_regmean_bias_solve_is_the_least_squares_fit_with_a_bias_column(zoo, tmp_path):
+    """alpha 1: W, b minimise sum_i ||[X_i 1] ([W b] - [W_i b_i])^T||^2 / n_i, the float64 lstsq
+    solution of the experts' inputs stacked with a column of ones (recomputed here with hooks)."""
+    family, experts, _, grams, data = zoo
+    dirs = [GramDir.open(g) for g in grams]
+    biased = [m for m, r in dirs[0].modules.items() if r.input_sum]
+    if not biased:
+        pytest.skip(f"{family}: no Linear with a bias")
+    merge_models(experts, get_method("regmean")(MergeOptions(alpha=1.0, solver_dtype=torch.float64, regmean_bias="solve")), tmp_path / "rm", grams=grams)
+    merged, inputs = state(tmp_path / "rm"), [state(e) for e in experts]
+    xs = [inputs_of(e, data, biased) for e in experts]
+    for name in biased:
+        t = dirs[0].modules[name].transposed
+        rows, targets = [], []
+        for x, s in zip(xs, inputs):
+            z = torch.cat([x[name], torch.ones(len(x[name]), 1, dtype=torch.float64)], 1) / len(x[name]) ** 0.5
+            w = s[f"{name}.weight"].double()
+            rows.append(z)
+            targets.append(z @ torch.cat([w.T if t else w, s[f"{name}.bias"].double()[:, None]], 1).T)
+        fit = torch.linalg.lstsq(torch.cat(rows), torch.cat(targets)).solution.T
+        got = merged[f"{name}.weight"].double()
+        torch.testing.assert_close(got.T if t else got, fit[:, :-1], rtol=1e-4, atol=1e-5, msg=lambda m: f"{family} {name}: {m}")
+        torch.testing.assert_close(merged[f"{name}.bias"].double(), fit[:, -1], rtol=1e-4, atol=1e-5, msg=lambda m: f"{family} {name}.bias: {m}")
+
+
+def inputs_of(expert, data, names):
+    """Every input row of the modules `names`, one unpadded text at a time (in the float32 forward
+    that the grams saw; the fit is then computed in float64)."""
+    model, tok = load_causal_lm(expert)
+    linears = discover(model).linears()
+    rows: dict[str, list] = {n: [] for n in names}
+    hooks = [linears[n].register_forward_pre_hook(lambda mod, args, n=n: rows[n].append(args[0].reshape(-1, args[0].shape[-1]))) for n in names]
+    with torch.no_grad():
+        for text in load_rows(data):
+            model(**tok(text, truncation=True, max_length=16, return_tensors="pt"))
+    for h in hooks:
+        h.remove()
+    return {n: torch.cat(r).double() for n, r in rows.items()}
