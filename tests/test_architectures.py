@@ -6,6 +6,8 @@ and the other methods running. One module-scoped model zoo per family keeps the 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,85 +59,89 @@ def build(family: str, path, seed: int):
     return path
 
 
+@dataclass
+class Zoo:
+    family: str
+    experts: list[Path]
+    base: Path
+    grams: list[Path]
+    rows: list[dict[str, torch.Tensor]]  # per expert: module -> its input rows, float64
+
+
 @pytest.fixture(scope="module", params=sorted(DECODERS))
-def zoo(request, tmp_path_factory):
-    """(family, [expert0, expert1], base, [grams0, grams1], calibration file) of one family."""
+def zoo(request, tmp_path_factory) -> Zoo:
+    """Two experts and a base of one family, the experts' float64 grams, and their inputs recorded with hooks."""
     family = request.param
     root = tmp_path_factory.mktemp(family)
     data = root / "calib.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     experts = [build(family, root / f"e{i}", i) for i in range(2)]
-    base = build(family, root / "base", 7)
     grams = [root / f"g{i}" for i in range(2)]
     for expert, out in zip(experts, grams):
         compute_grams(expert, data, out, GramParams(max_length=16, batch_size=3, dtype="float64"))
-    return family, experts, base, grams, data
+    return Zoo(family, experts, build(family, root / "base", 7), grams, [inputs_of(e, data) for e in experts])
 
 
-def direct(expert, data):
-    """Sums of x x^T (and of x) of every solved module's input, one unpadded text at a time, float64."""
+def inputs_of(expert: Path, data: Path) -> dict[str, torch.Tensor]:
+    """Every solved module's input rows, one unpadded text at a time (so no padding to leave out),
+    from the float32 forward the grams saw, as float64: only padding and batching could differ."""
     model, tok = load_causal_lm(expert)
-    model.double()
-    modules = discover(model)
-    sums: dict[str, list] = {}
-    hooks = []
-    for name, module in modules.linears().items():
-        def hook(mod, args, name=name):
-            x = args[0].reshape(-1, args[0].shape[-1])
-            g, s = sums.get(name, (0, 0))
-            sums[name] = (g + x.T @ x, s + x.sum(0))
-        hooks.append(module.register_forward_pre_hook(hook))
+    rows: dict[str, list] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: rows.setdefault(n, []).append(args[0].reshape(-1, args[0].shape[-1])))
+             for n, m in discover(model).linears().items()]
     with torch.no_grad():
         for text in load_rows(data):
             model(**tok(text, truncation=True, max_length=16, return_tensors="pt"))
     for h in hooks:
         h.remove()
-    return modules, sums
+    return {n: torch.cat(r).double() for n, r in rows.items()}
 
 
 def test_discovery_finds_every_block_linear(zoo):
-    family, experts, *_ = zoo
-    model, _ = load_causal_lm(experts[0])
+    model, _ = load_causal_lm(zoo.experts[0])
     modules = discover(model)
-    assert len(modules.solved) == L * SOLVED_PER_BLOCK[family]
-    assert all(m.transposed == (family == "gpt2") for m in modules.solved.values())
+    assert len(modules.solved) == L * SOLVED_PER_BLOCK[zoo.family]
+    assert all(m.transposed == (zoo.family == "gpt2") for m in modules.solved.values())
     assert len(modules.containers) == 1
 
 
 def test_float64_grams_equal_a_direct_computation_with_padding(zoo):
-    family, experts, _, grams, data = zoo
-    modules, expected = direct(experts[0], data)
-    g = GramDir.open(grams[0])
-    assert set(g.modules) == set(expected)
-    for name, (gram, total) in expected.items():
+    model, _ = load_causal_lm(zoo.experts[0])
+    modules = discover(model)
+    g = GramDir.open(zoo.grams[0])
+    assert set(g.modules) == set(zoo.rows[0]) == set(modules.solved)
+    assert g.num_tokens == len(next(iter(zoo.rows[0].values())))
+    for name, x in zoo.rows[0].items():
         ref = g.modules[name]
-        torch.testing.assert_close(g.load(name).double(), gram, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g.load(name), x.T @ x, rtol=1e-5, atol=1e-6 * float((x.T @ x).abs().max()), msg=lambda m: f"{name}: {m}")
         assert ref.transposed == modules.solved[name].transposed
-        if modules.solved[name].bias:  # kept for a least-squares bias
-            mean = g.load_mean_augmented(name, torch.float64)[:-1, -1] * g.num_tokens
-            torch.testing.assert_close(mean, total, rtol=1e-5, atol=1e-5)
-        else:
-            assert ref.input_sum is None or any(modules.solved[m].bias for m, r in g.modules.items() if r.key == ref.key)
+        shares_with_bias = any(modules.solved[m].bias for m, r in g.modules.items() if r.key == ref.key)
+        assert (ref.input_sum is not None) == shares_with_bias
+        if shares_with_bias:  # kept for a least-squares bias
+            mean = g.load_mean_augmented(name, torch.float64)
+            torch.testing.assert_close(mean[:-1, -1] * g.num_tokens, x.sum(0), rtol=1e-5, atol=1e-6 * float(x.abs().max()))
+            assert float(mean[-1, -1]) == 1.0
     assert g.format == ("mergeflow.grams/2" if any(m.bias or m.transposed for m in modules.solved.values()) else "mergeflow.grams/1")
 
 
 def closed_form(weights: list[torch.Tensor], grams: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """sum_i G~_i W^T = sum_i G~_i W_i^T; where the sum is singular (OPT's ReLU units that never
+    fire), the minimum-norm change from the average, as RegMean's least-squares fallback."""
     shrunk = [alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g)) for g in grams]
-    return torch.linalg.solve(sum(shrunk), sum(s @ w.T for s, w in zip(shrunk, weights))).T
+    mean = sum(weights) / len(weights)
+    return mean + (torch.linalg.pinv(sum(shrunk), hermitian=True) @ sum(s @ (w - mean).T for s, w in zip(shrunk, weights))).T
 
 
 def test_regmean_equals_the_float64_closed_form_on_every_solved_module(zoo, tmp_path):
-    family, experts, _, grams, _ = zoo
     options = MergeOptions(alpha=0.7, solver_dtype=torch.float64)
-    merge_models(experts, get_method("regmean")(options), tmp_path / "rm", grams=grams)
-    merged, inputs = state(tmp_path / "rm"), [state(e) for e in experts]
-    dirs = [GramDir.open(g) for g in grams]
+    merge_models(zoo.experts, get_method("regmean")(options), tmp_path / "rm", grams=zoo.grams)
+    merged, inputs = state(tmp_path / "rm"), [state(e) for e in zoo.experts]
+    dirs = [GramDir.open(g) for g in zoo.grams]
     for name, ref in dirs[0].modules.items():
         stored = [s[f"{name}.weight"].double() for s in inputs]
-        ws = [w.T if ref.transposed else w for w in stored]
-        expected = closed_form(ws, [d.load_mean(name, torch.float64) for d in dirs], 0.7)
+        expected = closed_form([w.T if ref.transposed else w for w in stored], [d.load_mean(name, torch.float64) for d in dirs], 0.7)
         got = merged[f"{name}.weight"].double()
-        torch.testing.assert_close(got.T if ref.transposed else got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{family} {name}: {m}")
+        torch.testing.assert_close(got.T if ref.transposed else got, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{zoo.family} {name}: {m}")
         if f"{name}.bias" in merged:  # averaged by default
             torch.testing.assert_close(merged[f"{name}.bias"], (inputs[0][f"{name}.bias"] + inputs[1][f"{name}.bias"]) / 2)
     logits = T.AutoModelForCausalLM.from_pretrained(tmp_path / "rm")(torch.tensor([[1, 5, 9, 4]])).logits
@@ -144,53 +150,76 @@ def test_regmean_equals_the_float64_closed_form_on_every_solved_module(zoo, tmp_
 
 @pytest.mark.parametrize("method", ["average", "task_arithmetic", "ties"])
 def test_other_methods_run_and_load(zoo, tmp_path, method):
-    family, experts, base, _, _ = zoo
-    merge_models(experts, get_method(method)(MergeOptions(scaling=0.5, density=0.5)), tmp_path / method, base=base)
-    merged, inputs, b = state(tmp_path / method), [state(e) for e in experts], state(base)
-    name = next(iter(merged))
-    if method == "average":
-        torch.testing.assert_close(merged[name], (inputs[0][name] + inputs[1][name]) / 2)
-    elif method == "task_arithmetic":
-        torch.testing.assert_close(merged[name], b[name] + 0.5 * ((inputs[0][name] - b[name]) + (inputs[1][name] - b[name])))
+    merge_models(zoo.experts, get_method(method)(MergeOptions(scaling=0.5, density=0.5)), tmp_path / method, base=zoo.base)
+    merged, inputs, b = state(tmp_path / method), [state(e) for e in zoo.experts], state(zoo.base)
+    for name in merged:
+        if method == "average":
+            torch.testing.assert_close(merged[name], (inputs[0][name] + inputs[1][name]) / 2)
+        elif method == "task_arithmetic":
+            torch.testing.assert_close(merged[name], b[name] + 0.5 * ((inputs[0][name] - b[name]) + (inputs[1][name] - b[name])))
     logits = T.AutoModelForCausalLM.from_pretrained(tmp_path / method)(torch.tensor([[1, 5, 9, 4]])).logits
     assert torch.isfinite(logits).all()
 
 
 def test_regmean_bias_solve_is_the_least_squares_fit_with_a_bias_column(zoo, tmp_path):
-    """alpha 1: W, b minimise sum_i ||[X_i 1] ([W b] - [W_i b_i])^T||^2 / n_i, the float64 lstsq
-    solution of the experts' inputs stacked with a column of ones (recomputed here with hooks)."""
-    family, experts, _, grams, data = zoo
-    dirs = [GramDir.open(g) for g in grams]
+    """alpha 1: [W b] minimises sum_i ||[X_i 1] ([W b] - [W_i b_i])^T||^2 / n_i: the float64 lstsq
+    solution of the experts' recorded inputs stacked with a column of ones."""
+    dirs = [GramDir.open(g) for g in zoo.grams]
     biased = [m for m, r in dirs[0].modules.items() if r.input_sum]
     if not biased:
-        pytest.skip(f"{family}: no Linear with a bias")
-    merge_models(experts, get_method("regmean")(MergeOptions(alpha=1.0, solver_dtype=torch.float64, regmean_bias="solve")), tmp_path / "rm", grams=grams)
-    merged, inputs = state(tmp_path / "rm"), [state(e) for e in experts]
-    xs = [inputs_of(e, data, biased) for e in experts]
+        pytest.skip(f"{zoo.family}: no Linear with a bias")
+    options = MergeOptions(alpha=1.0, solver_dtype=torch.float64, regmean_bias="solve")
+    merge_models(zoo.experts, get_method("regmean")(options), tmp_path / "rm", grams=zoo.grams)
+    merged, inputs = state(tmp_path / "rm"), [state(e) for e in zoo.experts]
     for name in biased:
         t = dirs[0].modules[name].transposed
+        if f"{name}.bias" not in merged:  # shares its input with a biased Linear, has none itself: plain RegMean
+            continue
+        augmented = [torch.cat([s[f"{name}.weight"].double().T if t else s[f"{name}.weight"].double(), s[f"{name}.bias"].double()[:, None]], 1) for s in inputs]
+        mean = sum(augmented) / len(augmented)  # the minimum-norm change from it where the fit is not unique (dead ReLUs)
         rows, targets = [], []
-        for x, s in zip(xs, inputs):
+        for x, a in zip(zoo.rows, augmented):
             z = torch.cat([x[name], torch.ones(len(x[name]), 1, dtype=torch.float64)], 1) / len(x[name]) ** 0.5
-            w = s[f"{name}.weight"].double()
             rows.append(z)
-            targets.append(z @ torch.cat([w.T if t else w, s[f"{name}.bias"].double()[:, None]], 1).T)
-        fit = torch.linalg.lstsq(torch.cat(rows), torch.cat(targets)).solution.T
+            targets.append(z @ (a - mean).T)
+        fit = mean + torch.linalg.lstsq(torch.cat(rows), torch.cat(targets), driver="gelsd").solution.T
         got = merged[f"{name}.weight"].double()
-        torch.testing.assert_close(got.T if t else got, fit[:, :-1], rtol=1e-4, atol=1e-5, msg=lambda m: f"{family} {name}: {m}")
-        torch.testing.assert_close(merged[f"{name}.bias"].double(), fit[:, -1], rtol=1e-4, atol=1e-5, msg=lambda m: f"{family} {name}.bias: {m}")
+        torch.testing.assert_close(got.T if t else got, fit[:, :-1], rtol=1e-4, atol=1e-5, msg=lambda m: f"{zoo.family} {name}: {m}")
+        torch.testing.assert_close(merged[f"{name}.bias"].double(), fit[:, -1], rtol=1e-4, atol=1e-5, msg=lambda m: f"{zoo.family} {name}.bias: {m}")
 
 
-def inputs_of(expert, data, names):
-    """Every input row of the modules `names`, one unpadded text at a time (in the float32 forward
-    that the grams saw; the fit is then computed in float64)."""
-    model, tok = load_causal_lm(expert)
-    linears = discover(model).linears()
-    rows: dict[str, list] = {n: [] for n in names}
-    hooks = [linears[n].register_forward_pre_hook(lambda mod, args, n=n: rows[n].append(args[0].reshape(-1, args[0].shape[-1]))) for n in names]
-    with torch.no_grad():
-        for text in load_rows(data):
-            model(**tok(text, truncation=True, max_length=16, return_tensors="pt"))
-    for h in hooks:
-        h.remove()
-    return {n: torch.cat(r).double() for n, r in rows.items()}
+def test_plan_prices_every_family_from_its_config(zoo):
+    """Parameters, solved Linears and gram bytes predicted from config.json alone equal the real ones."""
+    from mergeflow.plan import Shape
+
+    config = json.loads((zoo.experts[0] / "config.json").read_text())
+    shape = Shape.from_config(config, "test")
+    model, _ = load_causal_lm(zoo.experts[0])
+    assert shape.parameters == sum(p.numel() for p in model.parameters())
+    assert len(shape.solved) == L * SOLVED_PER_BLOCK[zoo.family]
+    g = GramDir.open(zoo.grams[0])
+    distinct = {ref.key for ref in g.modules.values()}
+    assert shape.gram_bytes(False, "float64") == sum(g.shape(k)[0] ** 2 * 8 for k in distinct)
+    assert shape.forward_flops_per_token(16) > 2 * sum(i * o for i, o in shape.solved)
+
+
+def test_list_modules_prints_what_is_solved_and_what_is_averaged(zoo):
+    from click.testing import CliRunner
+
+    from mergeflow.checkpoint import CheckpointReader
+    from mergeflow.cli import main
+
+    result = CliRunner().invoke(main, ["grams", "--list-modules", str(zoo.experts[0])])
+    assert result.exit_code == 0, result.output
+    solved, averaged = result.output.split("merged by the method's rule")
+    modules = GramDir.open(zoo.grams[0]).modules
+    assert all(f"  {m}  " in solved for m in modules)
+    names = CheckpointReader(zoo.experts[0]).names()
+    assert sorted(line.strip() for line in averaged.splitlines()[1:] if line.startswith("  ")) == sorted(n for n in names if n.removesuffix(".weight") not in modules or not n.endswith(".weight"))
+
+
+def test_a_model_without_block_linears_is_refused_naming_its_module_types():
+    model = torch.nn.Sequential(torch.nn.Embedding(8, 4), torch.nn.ModuleList([torch.nn.LayerNorm(4), torch.nn.LayerNorm(4)]), torch.nn.Linear(4, 8))
+    with pytest.raises(ValueError, match=r"^toy: no nn\.Linear or Conv1D inside repeated blocks \(a ModuleList of identical layers\); its module types: "
+                                         r"Embedding x1, LayerNorm x2, Linear x1, ModuleList x1, Sequential x1$"):
+        discover(model, where="toy")

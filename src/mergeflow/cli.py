@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Optional
 
 import click
 
@@ -70,7 +71,21 @@ def grams() -> None:
     """Compute, add, import and verify RegMean grams (`mergeflow grams compute` is the default)."""
 
 
+def list_modules(ctx: click.Context, param: click.Parameter, model: Optional[Path]) -> None:
+    """`--list-modules MODEL`: print what RegMean would solve and what would be averaged, then exit."""
+    if model is None or ctx.resilient_parsing:
+        return
+    from .grams.modules import discover_dir, listing
+
+    modules, names = discover_dir(model)
+    click.echo(listing(modules, names))
+    click.echo("(with --lm-head the output layer is solved too, unless tied to the input embeddings)")
+    ctx.exit()
+
+
 @grams.command("compute")
+@click.option("--list-modules", type=EXISTING_DIR, is_eager=True, expose_value=False, callback=list_modules, metavar="MODEL",
+              help="Print which modules of MODEL RegMean solves (grams) and which tensors are averaged, then exit: check a model before a long run.")
 @click.option("--model", required=True, type=EXISTING_DIR, help="Expert: a Hugging Face model directory.")
 @click.option("--data", required=True, type=PATH, help="Calibration data: JSONL, JSON, Parquet or CSV with a text (or chat messages) field.")
 @click.option("--out", required=True, type=PATH, help="Gram directory to write (grams.json + one safetensors file per layer).")

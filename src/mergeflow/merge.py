@@ -354,7 +354,7 @@ def merge_models(
             "num_tokens": [g.num_tokens for g in gram_dirs],
             "gram_reductions": [g.reduction for g in gram_dirs],
             "solved_modules": len(solved),
-            "lm_head_solved": LM_HEAD in solved,
+            "lm_head_solved": bool(gram_dirs) and gram_dirs[0].output_layer in solved,
             "least_squares_fallback": list(getattr(method, "fell_back", [])),
         }
         (tmp / "README.md").write_text(model_card(config))

@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,41 @@ def discover(model: nn.Module, *, include_lm_head: bool = False, where: str = "t
         n_in, n_out, transposed, bias = describe(module)
         solved[renamed[name]] = SolvedModule(renamed[name], n_in, n_out, transposed, bias, file, module)
     return ModuleMap(tuple(c for c, _ in containers), solved, renamed[output] if output else None)
+
+
+def auto_class(config):
+    """The transformers auto class that builds a model of `config`: seq2seq for encoder-decoders."""
+    import transformers
+
+    return transformers.AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else transformers.AutoModelForCausalLM
+
+
+def skeleton(config) -> nn.Module:
+    """A model of `config` (a transformers config) on the meta device: its module tree and shapes,
+    no weights and no memory, whatever its size."""
+    with torch.device("meta"):
+        return auto_class(config).from_config(config)
+
+
+def discover_dir(model_dir, *, include_lm_head: bool = False) -> tuple[ModuleMap, list[str]]:
+    """The solved modules of the model directory `model_dir` from its config.json alone, and its
+    tensor names (from the safetensors headers, or the module tree when it has no weights)."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from ..checkpoint import CheckpointReader
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: no config.json; expected a Hugging Face model directory")
+    model = skeleton(AutoConfig.from_pretrained(model_dir))
+    modules = discover(model, include_lm_head=include_lm_head, where=str(model_dir))
+    try:
+        names = CheckpointReader(model_dir).names()
+    except FileNotFoundError:
+        names = list(model.state_dict())
+    return modules, names
 
 
 def listing(modules: ModuleMap, tensor_names: list[str]) -> str:
