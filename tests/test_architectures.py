@@ -223,3 +223,38 @@ def test_a_model_without_block_linears_is_refused_naming_its_module_types():
     with pytest.raises(ValueError, match=r"^toy: no nn\.Linear or Conv1D inside repeated blocks \(a ModuleList of identical layers\); its module types: "
                                          r"Embedding x1, LayerNorm x2, Linear x1, ModuleList x1, Sequential x1$"):
         discover(model, where="toy")
+
+
+@pytest.mark.parametrize("zoo", ["gpt2"], indirect=True)
+def test_slices_of_conv1d_grams_with_input_sums_add_up_to_the_whole(zoo, tmp_path):
+    from mergeflow.grams.combine import sum_grams
+
+    data = zoo.grams[0].parent / "calib.jsonl"
+    config = GramParams(max_length=16, batch_size=3, dtype="float64")
+    parts = [tmp_path / f"part{i}" for i in range(2)]
+    for i, part in enumerate(parts):
+        compute_grams(zoo.experts[0], data, part, config, shard=f"{i}/2")
+    total, whole = sum_grams(parts, tmp_path / "sum"), GramDir.open(zoo.grams[0])
+    assert total.modules == whole.modules and total.format == whole.format == "mergeflow.grams/2" and total.num_tokens == whole.num_tokens
+    for name in whole.modules:
+        torch.testing.assert_close(total.load_mean_augmented(name, torch.float64), whole.load_mean_augmented(name, torch.float64), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("zoo", ["qwen2"], indirect=True)
+def test_format_1_grams_still_merge_and_bias_solve_asks_for_new_ones(zoo, tmp_path):
+    """Grams of a biased model written before input sums existed (format 1): RegMean merges them as
+    before; `regmean_bias: solve` is refused before anything is written, naming the fix."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(zoo.grams[1], old)
+    meta = json.loads((old / "grams.json").read_text())
+    meta["format"] = "mergeflow.grams/1"
+    meta["modules"] = {m: {"file": r["file"], "key": r["key"]} for m, r in meta["modules"].items()}
+    (old / "grams.json").write_text(json.dumps(meta))
+    merge_models(zoo.experts, get_method("regmean")(MergeOptions(alpha=0.5)), tmp_path / "rm", grams=[zoo.grams[0], old])
+    solve = get_method("regmean")(MergeOptions(alpha=0.5, regmean_bias="solve"))
+    with pytest.raises(ValueError, match=rf"^{old}/grams\.json: no input sum for model\.layers\.0\.self_attn\.k_proj \(format 'mergeflow\.grams/1', written before "
+                                         rf"input sums were kept\); solving biases needs grams from this mergeflow: `rm -rf {old} && mergeflow grams --model "):
+        merge_models(zoo.experts, solve, tmp_path / "solved", grams=[zoo.grams[0], old])
+    assert not (tmp_path / "solved").exists()

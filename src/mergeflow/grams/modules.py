@@ -26,15 +26,27 @@ log = logging.getLogger(__name__)
 OTHER_FILE = "other.safetensors"  # gram file of what lies outside the blocks (the output layer)
 
 
-def _conv1d() -> tuple[type, ...]:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers is a dependency; Conv1D moved one day
-        return ()
-    return (Conv1D,)
+# Module classes whose forward is `x @ W^T (+ b)` on their first argument, with the weight stored
+# [out, in] (False) or [in, out] (True): RegMean solves them. `register_linear` adds one (a MoE
+# router, a custom projection).
+LINEAR_LIKE: dict[type, bool] = {nn.Linear: False}
+try:
+    from transformers.pytorch_utils import Conv1D
+
+    LINEAR_LIKE[Conv1D] = True
+except ImportError:  # pragma: no cover - transformers is a dependency; Conv1D moved one day
+    pass
 
 
-SOLVABLE = (nn.Linear, *_conv1d())
+def register_linear(cls: type, *, transposed: bool = False) -> type:
+    """Let RegMean solve modules of `cls`: a `weight` parameter ([out, in], or [in, out] with
+    `transposed`), an optional `bias`, and a forward computing `x @ W^T (+ b)` on its first argument."""
+    LINEAR_LIKE[cls] = transposed
+    return cls
+
+
+def solvable(module: nn.Module) -> bool:
+    return isinstance(module, tuple(LINEAR_LIKE))
 
 
 @dataclass(frozen=True)
@@ -80,7 +92,7 @@ def block_containers(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
         if any(name.startswith(f"{outer}.") for outer, _ in found):
             continue
         first = module[0]
-        if len({type(block) for block in module}) == 1 and not isinstance(first, SOLVABLE) and any(isinstance(m, SOLVABLE) for m in first.modules()):
+        if len({type(block) for block in module}) == 1 and not solvable(first) and any(solvable(m) for m in first.modules()):
             found.append((name, module))
     return found
 
@@ -106,11 +118,10 @@ def checkpoint_names(model: nn.Module, names: list[str]) -> dict[str, str]:
 
 
 def describe(module: nn.Module) -> tuple[int, int, bool, bool]:
-    """(in_features, out_features, transposed, has bias) of a Linear or a Conv1D."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features, False, module.bias is not None
-    n_in, n_out = module.weight.shape  # Conv1D: [in, out]
-    return n_in, n_out, True, module.bias is not None
+    """(in_features, out_features, transposed, has bias) of a Linear-like module."""
+    transposed = next(t for cls, t in LINEAR_LIKE.items() if isinstance(module, cls))
+    n_out, n_in = module.weight.shape[::-1] if transposed else module.weight.shape
+    return n_in, n_out, transposed, getattr(module, "bias", None) is not None
 
 
 def discover(model: nn.Module, *, include_lm_head: bool = False, where: str = "the model") -> ModuleMap:
@@ -121,7 +132,7 @@ def discover(model: nn.Module, *, include_lm_head: bool = False, where: str = "t
     for container, blocks in containers:
         for index, block in enumerate(blocks):
             for sub, module in block.named_modules():
-                if isinstance(module, SOLVABLE):
+                if solvable(module):
                     found[f"{container}.{index}.{sub}"] = (module, gram_file(container, index, several))
     if not found:
         kinds = Counter(type(m).__name__ for m in model.modules())
@@ -129,7 +140,7 @@ def discover(model: nn.Module, *, include_lm_head: bool = False, where: str = "t
         raise ValueError(f"{where}: no nn.Linear or Conv1D inside repeated blocks (a ModuleList of identical layers); its module types: {listed}")
     output = None
     head = model.get_output_embeddings() if include_lm_head and hasattr(model, "get_output_embeddings") else None
-    if isinstance(head, SOLVABLE):
+    if head is not None and solvable(head):
         output = next(name for name, m in model.named_modules() if m is head)
         found[output] = (head, OTHER_FILE)
     renamed = checkpoint_names(model, list(found))
