@@ -258,3 +258,17 @@ def test_format_1_grams_still_merge_and_bias_solve_asks_for_new_ones(zoo, tmp_pa
                                          rf"input sums were kept\); solving biases needs grams from this mergeflow: `rm -rf {old} && mergeflow grams --model "):
         merge_models(zoo.experts, solve, tmp_path / "solved", grams=[zoo.grams[0], old])
     assert not (tmp_path / "solved").exists()
+
+
+@pytest.mark.parametrize("zoo", ["gpt2"], indirect=True)
+def test_imported_conv1d_grams_keep_their_orientation_and_layer_files(zoo, tmp_path):
+    import pickle
+
+    from mergeflow.grams.importer import import_grams
+
+    g = GramDir.open(zoo.grams[0])
+    (tmp_path / "gram.pkl").write_bytes(pickle.dumps({m: g.load_mean(m, torch.float32) for m in g.modules}))
+    import_grams(tmp_path / "gram.pkl", zoo.experts[0], tmp_path / "imported")
+    imported = GramDir.open(tmp_path / "imported")
+    assert imported.format == "mergeflow.grams/2" and imported.reduction == "mean"
+    assert {m: (r.file, r.transposed) for m, r in imported.modules.items()} == {m: (r.file, True) for m, r in g.modules.items()}
