@@ -41,7 +41,6 @@ from .methods import MergeMethod
 log = logging.getLogger(__name__)
 MERGE_CONFIG = "mergeflow_merge.json"
 BLOCK_BYTES = 256 * 2**20
-LM_HEAD = "lm_head"
 # |weight| no trained LLM comes near (their weights are O(1), norms O(10)); an exponent bit flip
 # gives 1e19 or more. `check_magnitude=False` (--no-magnitude-check) turns the check off.
 MAX_ABS_WEIGHT = 1e4
