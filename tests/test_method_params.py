@@ -124,7 +124,7 @@ def test_methods_command_lists_and_describes():
     assert listing.exit_code == 0
     names = [line.split()[0] for line in listing.output.splitlines()]
     assert names == sorted(names) and {"average", "regmean", "task_arithmetic", "ties", "slerp", "dare_ties"} <= set(names)
-    assert listing.output.splitlines()[names.index("regmean")].endswith("[params: alpha, weights, solver_dtype]")
+    assert listing.output.splitlines()[names.index("regmean")].endswith("[params: alpha, weights, solver_dtype, regmean_bias]")
     described = CliRunner().invoke(main, ["methods", "--describe", "ties"])
     assert described.exit_code == 0
     assert described.output.splitlines() == [
@@ -192,7 +192,7 @@ def test_a_plugin_declares_its_own_knob(experts, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--method", "regmean", "--density", "0.3"], "regmean: unknown parameter 'density'; regmean reads alpha, weights, solver_dtype (--density)"),
+        (["--method", "regmean", "--density", "0.3"], "regmean: unknown parameter 'density'; regmean reads alpha, weights, solver_dtype, regmean_bias (--density)"),
         (["--method", "average", "--weight", "1", "--weight", "2", "--weight", "3"], "average: weights has 3 values for 2 experts; give one per expert, in their order"),
         (["--method", "regmean", "--alpha", "[0.1, 1.5]"], "regmean: alpha[1] must be in [0, 1], got 1.5 (--alpha)"),
         (["--method", "average", "--param", "weights"], "--param 'weights': expected NAME=VALUE"),
@@ -214,7 +214,7 @@ def test_the_stage_builds_the_method_from_the_params_file(tmp_path):
     p = load_params(tmp_path / "params.yaml")
     knobs = {"alpha": p.alpha, **p.merge.method_values()}
     assert get_method("regmean").from_params(knobs).config() == {"method": "regmean", "alpha": [0.0, 0.5], "weights": None, "solver_dtype": "float32"}
-    assert get_method("ties").from_params(knobs).config() == {"method": "ties", "weights": None, "scaling": 1.0, "density": {"mlp": 0.3}}
+    assert get_method("ties").from_params(knobs).config() == {"method": "ties", "weights": None, "scaling": 1.0, "density": {"mlp": 0.3}, "convention": "mergeflow"}
 
 
 def test_a_param_name_means_one_kind_of_value_across_methods():

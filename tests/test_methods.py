@@ -71,7 +71,7 @@ def test_regmean_alpha0_with_equal_diagonals_is_averaging():
         ("regmean", {"alpha": []}, "regmean: alpha is an empty per-layer list; give at least one value"),
         ("regmean", {"solver_dtype": "float16"}, "regmean: solver_dtype must be one of float32, float64, got 'float16'"),
         ("regmean", {"solver_dtype": ["float32"]}, "regmean: solver_dtype must be a str, got ['float32']"),
-        ("regmean", {"density": 0.5}, "regmean: unknown parameter 'density'; regmean reads alpha, weights, solver_dtype"),
+        ("regmean", {"density": 0.5}, "regmean: unknown parameter 'density'; regmean reads alpha, weights, solver_dtype, regmean_bias"),
         ("ties", {"density": 0.0}, "ties: density must be in (0, 1], got 0.0"),
         ("average", {"weights": [1.0, -1.0]}, "average: weights[1] must be >= 0, got -1.0"),
         ("average", {"weights": [0, 0]}, "average: weights must have a positive sum, got [0.0, 0.0]"),

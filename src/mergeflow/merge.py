@@ -23,6 +23,7 @@ import fnmatch
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -34,6 +35,7 @@ from .grams import GramDir
 from .faults import fault_point
 from .finite import check_finite  # noqa: F401  (also this module's name for it)
 from .grams.format import check_grams_match
+from .grams.solve import JointSolve
 from .io import atomic_dir, check_replaceable, full_disk_reported, write_json
 from .methods import MergeMethod
 
@@ -213,8 +215,12 @@ def open_grams(grams: Sequence[str | Path], experts: Sequence[str | Path], metho
     return gram_dirs
 
 
-def merge_tensor(spec: TensorSpec, method: MergeMethod, readers: Sequence[CheckpointReader], base: Optional[CheckpointReader], *, check_magnitudes: bool) -> Iterator[torch.Tensor]:
+def merge_tensor(spec: TensorSpec, method: MergeMethod, readers: Sequence[CheckpointReader], base: Optional[CheckpointReader], *, check_magnitudes: bool,
+                 joint: Optional[JointSolve] = None) -> Iterator[torch.Tensor]:
     """The merged tensor `spec`, block of rows by block of rows (one block unless huge and row-separable)."""
+    if joint and joint.module_of(spec.name):
+        yield from merge_joint(spec, joint, method, readers, base, check_magnitudes=check_magnitudes)
+        return
     handles = method.gram_handles(spec.name) if method.uses_grams else None
     for rows in row_blocks(spec, method.row_separable, BLOCK_BYTES):
         tensors = [check_finite(r.get(spec.name, rows), f"{r.path}: {spec.name}") for r in readers]
@@ -227,6 +233,35 @@ def merge_tensor(spec: TensorSpec, method: MergeMethod, readers: Sequence[Checkp
             check_magnitude(merged, spec.name, inputs, method.name)
         del tensors, base_tensor
         yield merged.to(spec.dtype)
+
+
+def plan_joint(method: MergeMethod, gram_dirs: Sequence[GramDir], reader: CheckpointReader) -> Optional[JointSolve]:
+    """Conv1D weights and solved biases go through grams/solve.py; None when the model has none.
+    A bias solve with grams lacking input sums is refused here, before the first byte."""
+    if not gram_dirs:
+        return None
+    solved = {n.removesuffix(".weight") for n in reader.names() if n.endswith(".weight") and method.gram_handles(n)}
+    bias = method.value("regmean_bias", "") if any(p.name == "regmean_bias" for p in method.params) else "average"
+    joint = JointSolve.plan({m: gram_dirs[0].modules[m] for m in solved}, reader.names(), bias)
+    for g in gram_dirs if joint.biased else ():
+        g.load_mean_augmented(min(joint.biased), torch.float32, "cpu")
+    return joint if joint.refs else None
+
+
+def merge_joint(spec: TensorSpec, joint: JointSolve, method: MergeMethod, readers: Sequence[CheckpointReader], base: Optional[CheckpointReader], *,
+                check_magnitudes: bool) -> Iterator[torch.Tensor]:
+    """The merged `spec` of a Conv1D weight or a solved bias: whole, through `joint`."""
+    merged = joint.merge(
+        spec.name, lambda n, t, grams, b: method.merge(n, t, grams=grams, base=b),
+        lambda n: [check_finite(r.get(n), f"{r.path}: {n}") for r in readers],
+        lambda n: check_finite(base.get(n), f"{base.path}: {n}") if base else None,
+        lambda m, aug: [replace(h, augmented=aug) for h in method.gram_handles(f"{m}.weight")],
+    )
+    if tuple(merged.shape) != tuple(spec.shape):
+        raise ValueError(f"method {method.name!r} returned shape {tuple(merged.shape)} for {spec.name}, expected {tuple(spec.shape)}")
+    if check_magnitudes:
+        check_magnitude(merged, spec.name, [(r.path, r.get(spec.name)) for r in readers], method.name)
+    yield check_finite(merged, f"merged tensor {spec.name}").to(spec.dtype)
 
 
 def merge_models(
@@ -257,6 +292,7 @@ def merge_models(
     method.prepare(readers[0].names(), num_experts=len(experts), device=device)
     if gram_dirs:
         method.use_grams(gram_dirs, readers[0], lm_head=lm_head)
+    joint = plan_joint(method, gram_dirs, readers[0])
     specs = sorted((readers[0].specs[name] for name in readers[0].names()), key=lambda spec: (method.group(spec.name), spec.name))
     needed = sum(spec.nbytes for spec in specs)
     check_disk_space(out, needed)
@@ -265,7 +301,7 @@ def merge_models(
     with full_disk_reported(lambda: disk_full_message(out, needed)), atomic_dir(out) as tmp:
         writer = ShardedWriter(tmp, specs, max_shard_size)
         for spec in tqdm(specs, desc=f"merge ({method.name})", unit="tensor"):
-            for merged in merge_tensor(spec, method, readers, base_reader, check_magnitudes=check_magnitudes):
+            for merged in merge_tensor(spec, method, readers, base_reader, check_magnitudes=check_magnitudes, joint=joint):
                 writer.write(spec.name, merged)
                 fault_point("merge:tensor-written")
                 del merged

@@ -42,77 +42,133 @@ def symmetric(upper: torch.Tensor) -> torch.Tensor:
     return full.add_(torch.triu(upper, 1).T)
 
 
-class GramAccumulator:
-    """Hooks on `linears` that add each batch's non-padding inputs' products into sums.
+SUM_SUFFIX = ".input_sum"  # key of a distinct input's token sum, stored beside its gram (biases)
 
-    `keys` maps every hooked module to the module whose input it shares (itself when first); it
-    is learnt from the first batch and must hold for every later one. `order` is the modules'
-    execution order.
+
+class GramAccumulator:
+    """Hooks on `linears` that add each batch's non-padding inputs' products into its sums.
+
+    `keys` maps every hooked module to the module whose input it shares (itself when first), as
+    `probe_inputs` learnt it; every batch must agree. The accumulator owns its sums: one `[in, in]`
+    upper triangle per distinct input (zeros on `device`, or on the model's device when None), plus
+    the `[in]` sum of the inputs themselves for the keys in `with_input_sum` (Linears with a bias:
+    `regmean_bias: solve` needs them). `state` and `restore` checkpoint them; `result` is what a
+    gram file stores.
     """
 
-    def __init__(self, linears: dict[str, nn.Linear], *, dtype: torch.dtype = torch.float32, device: Optional[str] = None, stop_after: Optional[str] = None):
-        self.linears = linears
-        self.dtype, self.device = dtype, device
-        self.sums: dict[str, torch.Tensor] = {}
-        self.keys: dict[str, str] = {}
-        self.order: list[str] = []
+    def __init__(
+        self, linears: dict[str, nn.Module], keys: dict[str, str], in_features: dict[str, int], *,
+        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", with_input_sum: tuple[str, ...] = (), stop_after: Optional[str] = None,
+    ):
+        self.keys = dict(keys)
+        self.dtype = dtype
         self.num_tokens = 0
+        owners = sorted(set(self.keys.values()))
+        self._sums = {k: torch.zeros(in_features[k], in_features[k], dtype=dtype, device=device) for k in owners}
+        self._totals = {k: torch.zeros(in_features[k], dtype=dtype, device=device) for k in owners if k in with_input_sum}
         self._mask: Optional[torch.Tensor] = None
         self._unpadded = False
-        self._seen: dict[int, tuple[weakref.ref, str]] = {}
+        self._tracker = InputTracker()
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in linears.items()]
         if stop_after is not None:
-            self._handles.append(linears[stop_after].register_forward_hook(self._stop))
-
-    @staticmethod
-    def _stop(module, args, output):
-        raise StopForward
+            self._handles.append(linears[stop_after].register_forward_hook(_stop))
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
-            ref, owner = self._seen.get(id(x), (None, None))
-            if ref is None or ref() is not x:  # a new input (ids of freed tensors get reused)
-                owner = name
-                self._seen[id(x)] = (weakref.ref(x), name)
-            if name not in self.keys:
-                self.order.append(name)
-            known = self.keys.setdefault(name, owner)
-            if known != owner:
+            owner = self._tracker.owner(x, name)
+            if owner != self.keys[name]:
                 raise RuntimeError(f"{name}: shares its input with {owner} in this batch but not in the first one")
-            if owner != name or self._mask is None:
+            if owner != name:
                 return
             rows = x.reshape(-1, x.shape[-1])
             if not self._unpadded:  # boolean indexing copies: skip it when no token is padding
                 rows = rows[self._mask]
-            device = self.device or rows.device
-            rows = rows.to(device=device, dtype=self.dtype)
-            if name not in self.sums:
-                self.sums[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=self.dtype, device=device)
-            add_gram(self.sums[name], rows)
+            upper = self._sums[name]
+            rows = rows.to(device=upper.device, dtype=self.dtype)
+            add_gram(upper, rows)
+            if name in self._totals:
+                self._totals[name].add_(rows.sum(0))
 
         return hook
 
-    def forward(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, accumulate: bool = True) -> None:
-        """Run one batch; with `accumulate=False` only learn keys and order (a probe)."""
+    def forward(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Run one batch and add its non-padding tokens' inputs."""
         mask = attention_mask.reshape(-1).bool()
-        self._mask = mask if accumulate else None
-        self._unpadded = bool(mask.all())
-        self._seen = {}
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # left padding keeps real positions
-        try:
-            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        except StopForward:
-            pass
-        finally:
-            self._seen = {}
-        if accumulate:
-            self.num_tokens += int(mask.sum())
+        self._mask, self._unpadded = mask, bool(mask.all())
+        run_causal(model, input_ids, attention_mask, self._tracker)
+        self.num_tokens += int(mask.sum())
 
-    def full_sums(self) -> dict[str, torch.Tensor]:
-        return {key: symmetric(upper) for key, upper in self.sums.items()}
+    def state(self) -> dict[str, torch.Tensor]:
+        """The partial sums as tensors by name (checkpoints, all-reduce); `restore` reads them back."""
+        return {**self._sums, **{k + SUM_SUFFIX: t for k, t in self._totals.items()}}
+
+    def restore(self, num_tokens: int, saved: dict[str, torch.Tensor]) -> None:
+        self.num_tokens = num_tokens
+        state = self.state()
+        for name, value in saved.items():
+            state[name].copy_(value)
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """Full symmetric grams (and input sums) on the CPU, by stored key."""
+        out = {k: symmetric(t).cpu() for k, t in self._sums.items()}
+        out.update({k + SUM_SUFFIX: t.cpu() for k, t in self._totals.items()})
+        return out
 
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def _stop(module, args, output):
+    raise StopForward
+
+
+class InputTracker:
+    """Tells which hooked module first saw a tensor in the current forward pass: modules fed the
+    very same tensor (q/k/v, gate/up) share one gram."""
+
+    def __init__(self):
+        self._seen: dict[int, tuple[weakref.ref, str]] = {}
+
+    def owner(self, x: torch.Tensor, name: str) -> str:
+        ref, owner = self._seen.get(id(x), (None, None))
+        if ref is None or ref() is not x:  # a new input (ids of freed tensors get reused)
+            owner = name
+            self._seen[id(x)] = (weakref.ref(x), name)
+        return owner
+
+    def reset(self) -> None:
+        self._seen = {}
+
+
+def run_causal(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, tracker: InputTracker) -> None:
+    """One forward pass of a decoder, stopped early by `StopForward`; left padding keeps real positions."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    tracker.reset()
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    except StopForward:
+        pass
+    finally:
+        tracker.reset()
+
+
+def probe_inputs(model: nn.Module, linears: dict[str, nn.Module], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[dict[str, str], list[str]]:
+    """Run one small batch to learn which modules share an input (module -> the first module fed
+    it) and the order the modules run in; modules the forward never reaches are left out."""
+    tracker, keys = InputTracker(), {}
+
+    def hook_for(name):
+        def hook(module, args):
+            keys.setdefault(name, tracker.owner(args[0], name))
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in linears.items()]
+    try:
+        run_causal(model, input_ids, attention_mask, tracker)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return keys, list(keys)

@@ -216,14 +216,16 @@ class GramHandle:
     module: str
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
+    augmented: bool = False  # the input augmented by a constant 1: a bias solved with the weight (grams/solve.py)
 
     @property
-    def key(self) -> tuple[str, str, str]:
+    def key(self) -> tuple:
         ref = self.grams.modules[self.module]
-        return (str(self.grams.path), ref.file, ref.key)
+        return (str(self.grams.path), ref.file, ref.key) + (("augmented",) if self.augmented else ())
 
     def __call__(self) -> torch.Tensor:
-        gram = self.grams.load_mean(self.module, self.dtype, self.device)
+        load = self.grams.load_mean_augmented if self.augmented else self.grams.load_mean
+        gram = load(self.module, self.dtype, self.device)  # sums divided by their token count
         return check_finite(gram, f"{self.grams.path / self.grams.modules[self.module].file} (gram of {self.module})")
 
 

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 LM_HEAD = "lm_head"
 ALPHA = Param("alpha", float, 0.1, "scale of the grams' off-diagonals (1: full RegMean, 0: a diagonal-weighted average)", low=0.0, high=1.0)
 SOLVER_DTYPE = Param("solver_dtype", str, "float32", "precision of the linear solves", choices=("float32", "float64"), per_layer=False)
+REGMEAN_BIAS = Param("regmean_bias", str, "average", "a solved Linear's bias: averaged, or solved with its weight as one least-squares fit "
+                     "(inputs augmented by a constant 1; needs grams with input sums, format 2)", choices=("average", "solve"), per_layer=False)
 
 
 def solved_modules(grams: Sequence["GramDir"], model: "CheckpointReader", *, lm_head: bool) -> list[str]:
@@ -49,19 +51,20 @@ def solved_modules(grams: Sequence["GramDir"], model: "CheckpointReader", *, lm_
             missing = sorted(modules - set(g.modules)) or sorted(set(g.modules) - modules)
             raise ValueError(f"gram directories disagree: {g.path} and {grams[0].path} differ in modules {missing[:3]}; recompute grams for the same model")
     names = set(model.names())
+    head = grams[0].output_layer  # `lm_head`, or what the checkpoint calls it (GPT-NeoX: embed_out)
     for module in sorted(modules):
-        if f"{module}.weight" not in names and module != LM_HEAD:
+        if f"{module}.weight" not in names and module != head:
             raise ValueError(f"{grams[0].path}: has a gram for {module!r}, which is not a Linear of {model.path}; were the grams computed for another model?")
-    solve = {m for m in modules if m != LM_HEAD}
+    solve = {m for m in modules if m != head}
     if lm_head:
-        if is_tied(model.path) or f"{LM_HEAD}.weight" not in names:
+        if is_tied(model.path) or f"{head}.weight" not in names:
             log.warning("lm_head is tied to the input embeddings in %s: averaging it instead of solving it", model.path)
-        elif LM_HEAD not in modules:
+        elif head not in modules:
             raise ValueError(f"{grams[0].path}: no gram for lm_head, but RegMean on lm_head was asked for; compute grams with lm_head (params.yaml: gram.include_lm_head: true)")
         else:
-            solve.add(LM_HEAD)
+            solve.add(head)
     for module in sorted(solve):
-        in_features = model.shape(f"{module}.weight")[-1]
+        in_features = model.shape(f"{module}.weight")[0 if grams[0].modules[module].transposed else -1]  # Conv1D: [in, out]
         for g in grams:
             shape = g.shape(module)
             if shape != (in_features, in_features):
@@ -74,12 +77,13 @@ class RegMean(MergeMethod):
     name = "regmean"
     paper = "https://arxiv.org/abs/2212.09849"
     uses_grams = True
-    params = (ALPHA, WEIGHTS, SOLVER_DTYPE)
+    params = (ALPHA, WEIGHTS, SOLVER_DTYPE, REGMEAN_BIAS)
 
     def __init__(self, values=None):
         super().__init__(values)
         self.fallbacks: list[str] = []  # tensors solved by least squares (the gram sum was not positive definite)
         self.solved: dict[str, list[GramHandle]] = {}  # tensor -> its grams, one per expert
+        self.output_layer = LM_HEAD  # the checkpoint's name for it, from the grams (use_grams)
         self._factored: tuple[object, torch.Tensor, bool] | None = None  # (cache key, factor or lhs, is_cholesky)
 
     @property
@@ -89,6 +93,7 @@ class RegMean(MergeMethod):
     def use_grams(self, grams: Sequence["GramDir"], model: "CheckpointReader", *, lm_head: bool = False) -> None:
         """Solve every block Linear with grams (and lm_head with `lm_head`, unless tied)."""
         dtype = self.solver_dtype
+        self.output_layer = grams[0].output_layer
         self.solved = {f"{m}.weight": [GramHandle(g, m, dtype, self.device) for g in grams] for m in solved_modules(grams, model, lm_head=lm_head)}
 
     def gram_handles(self, tensor: str) -> Optional[list[GramHandle]]:
@@ -99,8 +104,16 @@ class RegMean(MergeMethod):
         handles = self.solved.get(tensor)
         return handles[0].grams.modules[handles[0].module].key if handles else tensor
 
+    def config(self) -> dict:
+        """As every method's, but `regmean_bias` only when it is not `average`: merges made before
+        it existed keep their `mergeflow_merge.json` bytes (and their DVC hashes)."""
+        out = super().config()
+        if out.get("regmean_bias") == "average":
+            del out["regmean_bias"]
+        return out
+
     def report(self) -> dict:
-        return {"solved_modules": len(self.solved), "lm_head_solved": f"{LM_HEAD}.weight" in self.solved, "least_squares_fallback": list(self.fallbacks)}
+        return {"solved_modules": len(self.solved), "lm_head_solved": f"{self.output_layer}.weight" in self.solved, "least_squares_fallback": list(self.fallbacks)}
 
     def _factor(self, name: str, grams: Sequence[GramLoader], weights: list[float], alpha: float) -> tuple[torch.Tensor, bool]:
         """Cholesky factor of `sum_i w_i G~_i` (or the matrix itself when not positive definite).
