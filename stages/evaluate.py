@@ -6,11 +6,11 @@ import mergeflow.pinned  # noqa: F401  first: pins the CPU kernels before torch 
 from pathlib import Path
 
 from mergeflow.evaluation.harness import evaluate_model
-from mergeflow.params import STAGE_PARAMS
+from mergeflow.params import STAGE_READS
 from mergeflow.pipeline import check_in_sync
 from mergeflow.stage import run_stage
 
-PARAMS = STAGE_PARAMS["evaluate"]  # the keys it reads (dvc.yaml lists the same): each must be in the params file
+PARAMS = STAGE_READS["evaluate"]  # every key it reads, each in the params file (dvc.yaml lists STAGE_PARAMS["evaluate"])
 
 
 def add_arguments(parser):

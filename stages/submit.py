@@ -4,11 +4,11 @@ import mergeflow.pinned  # noqa: F401  first: pins the CPU kernels before torch 
 
 from pathlib import Path
 
-from mergeflow.params import STAGE_PARAMS
+from mergeflow.params import STAGE_READS
 from mergeflow.stage import run_stage
 from mergeflow.submission import write_submission
 
-PARAMS = STAGE_PARAMS["submit"]  # the keys it reads (dvc.yaml lists the same): each must be in the params file
+PARAMS = STAGE_READS["submit"]  # every key it reads, each in the params file (dvc.yaml lists STAGE_PARAMS["submit"])
 
 
 def add_arguments(parser):
