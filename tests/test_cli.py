@@ -14,12 +14,25 @@ def mergeflow(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
+def listed_commands(help_text: str) -> list[str]:
+    """The command names of a click group's help: the first word of each line under `Commands:`."""
+    section = help_text.split("\nCommands:\n", 1)[1]
+    return [line.split()[0] for line in section.splitlines() if line.startswith("  ") and not line.startswith("   ")]
+
+
 def test_help_lists_the_commands():
-    out = mergeflow("--help").stdout
-    for command in ("grams", "merge", "evaluate", "submit", "methods"):
-        assert command in out
+    listed = listed_commands(mergeflow("--help").stdout)
+    assert {"evaluate", "grams", "merge", "methods", "plan", "report", "submit", "use"} <= set(listed)
     assert "--max-length" in mergeflow("grams", "compute", "--help").stdout
-    assert all(sub in mergeflow("grams", "--help").stdout for sub in ("compute", "sum", "import", "verify"))
+    assert listed_commands(mergeflow("grams", "--help").stdout) == ["compute", "import", "sum", "verify"]
+
+
+def test_evaluate_help_names_every_shipped_task():
+    from mergeflow.evaluation.tasks import TASK_DIR
+
+    text = " ".join(mergeflow("evaluate", "--help").stdout.split())
+    shipped = sorted(p.stem for p in TASK_DIR.glob("*.yaml"))
+    assert f"(shipped: {', '.join(shipped)}; or any lm-eval task)" in text
 
 
 def test_grams_then_merge(experts, calib_file, tmp_path):

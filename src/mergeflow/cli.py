@@ -8,6 +8,8 @@
     mergeflow submit   --model DIR --test data/test.csv --out submission.csv
     mergeflow report   [--rev COMMIT | --all-commits | --exp-show exp.json] [--out-dir plots]
     mergeflow methods
+    mergeflow use      recipes/smollm2-cpu.yaml
+    mergeflow plan     [--params params.yaml] [--tflops 150]
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import click
 
 from .determinism import pin_cpu_kernels
+from .evaluation.tasks import shipped_tasks
 from .logs import setup_logging
 from .params import field_default
 
@@ -46,7 +49,8 @@ def param_option(*decls: str, key: str, **kwargs):
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging (per-module solver residuals, ...).")
 @click.version_option(package_name="mergeflow")
 def main(verbose: bool) -> None:
-    """Merge fine-tuned LLM experts (RegMean, averaging), evaluate them and write a submission.
+    """Merge fine-tuned LLM experts (`mergeflow methods` lists the methods), evaluate the models
+    with lm-eval and write a Kaggle submission.
 
     In the DVC pipeline these run as stages (`dvc repro`); each is also a command of its own.
     """
@@ -217,7 +221,7 @@ def parse_data_files(values: tuple[str, ...]) -> dict[str, str]:
 
 @main.command()
 @click.option("--model", required=True, type=EXISTING_DIR, help="Model directory to evaluate.")
-@click.option("--task", "tasks", required=True, multiple=True, help="lm-eval task; repeat for several (shipped: toy_math, toy_code, cosmos_qa, xsum, humaneval_instruct_fence; or any lm-eval task).")
+@click.option("--task", "tasks", required=True, multiple=True, help=f"lm-eval task; repeat for several (shipped: {', '.join(shipped_tasks())}; or any lm-eval task).")
 @click.option("--out", required=True, type=PATH, help="Metrics JSON to write ({task: {metric: value}}).")
 @click.option("--data-root", default=".", show_default=True, type=PATH, help="Folder that data files are relative to.")
 @click.option("--data-file", "data_files", multiple=True, metavar="TASK=FILE", help="Local data of a task (csv, json(l), parquet); repeatable.")
