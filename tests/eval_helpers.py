@@ -58,7 +58,7 @@ def competition_rows(n: int = 807) -> list[dict]:
     """`n` rows of a test.csv with the competition's traits (ids 0..n-1, every third row generation)."""
     rows = []
     for i in range(n):
-        text = f"{INPUTS[i % len(INPUTS)]} (question {i})"
+        text = INPUTS[i % len(INPUTS)]
         if i % 3 == 2:
             rows.append({"id": i, "input": text, "eval_type": "generation", "answer_choices": "", "choices": None})
         else:
