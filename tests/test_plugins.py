@@ -27,9 +27,10 @@ PLUGIN = textwrap.dedent(
 
 def install_plugin(site, monkeypatch) -> None:
     """What `pip install` of a package declaring the entry point leaves in site-packages."""
+    site.mkdir()
     (site / "mergeflow_max_plugin.py").write_text(PLUGIN)
     info = site / "mergeflow_max_plugin-1.0.dist-info"
-    info.mkdir(parents=True)
+    info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mergeflow-max-plugin\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\nelementwise_max = mergeflow_max_plugin:Maximum\n")
     monkeypatch.syspath_prepend(str(site))
