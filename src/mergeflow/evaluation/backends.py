@@ -10,6 +10,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import require_model_dir
 from ..params import EvalParams
 
 VLLM_INSTALL = "pip install 'mergeflow[vllm]'"
@@ -82,9 +83,7 @@ def model_args(backend: str, model_dir: str | Path, params: EvalParams) -> dict[
 
 def make_lm(model_dir: str | Path, params: EvalParams):
     """The lm-eval LM for `model_dir` on the backend `params.backend` resolves to."""
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: no config.json; expected a Hugging Face model directory")
+    model_dir = require_model_dir(model_dir)
     backend = resolve_backend(params.backend)
     args = model_args(backend, model_dir, params)
     if backend == "vllm":

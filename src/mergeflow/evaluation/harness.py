@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import require_model_dir
 from ..io import atomic_dir, check_replaceable, write_json
 from ..params import EvalParams
 from .backends import make_lm, resolve_backend
@@ -155,9 +156,7 @@ def evaluate_model(
     params = params or EvalParams()
     limit = params.limit if limit is None else limit
     data_root = Path(data_root)
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: no config.json; expected a Hugging Face model directory")
+    model_dir = require_model_dir(model_dir)
     if lm is None:
         resolve_backend(params.backend)  # a missing vllm is reported before any work
     if log_dir is not None:

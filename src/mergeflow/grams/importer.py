@@ -24,7 +24,6 @@ import io
 import json
 import logging
 import pickle
-import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +31,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import CheckpointReader
+from ..checkpoint import IN_BLOCK, CheckpointReader, is_tied, model_config
 from ..io import atomic_dir
 from .format import GramWriter, check_gram_output, disk_errors, file_for, model_identity
 
 log = logging.getLogger(__name__)
-_IN_BLOCK = re.compile(r"(^|\.)layers\.\d+\.")
 
 
 @dataclass(frozen=True)
@@ -118,7 +116,7 @@ def expected_modules(model: Path) -> dict[str, int]:
     for name in reader.names():
         shape = reader.shape(name)
         module = name.removesuffix(".weight")
-        if name.endswith(".weight") and len(shape) == 2 and (_IN_BLOCK.search(module) or module == "lm_head"):
+        if name.endswith(".weight") and len(shape) == 2 and (IN_BLOCK.search(module) or module == "lm_head"):
             found[module] = shape[1]
     return found
 
@@ -131,7 +129,7 @@ def import_grams(path: str | Path, model: str | Path, out: str | Path, *, overwr
         raise FileNotFoundError(f"{path}: gram file not found")
     check_gram_output(out, force=overwrite, inputs=[path, model])
     expected = expected_modules(model)
-    tied = json.loads((model / "config.json").read_text()).get("tie_word_embeddings", False) if (model / "config.json").is_file() else False
+    tied = is_tied(model_config(model))
     with atomic_dir(out) as tmp:
         spill_dir = tmp / ".spill"
         spill_dir.mkdir()

@@ -23,6 +23,7 @@ import re
 import shutil
 from pathlib import Path
 
+from ..checkpoint import require_model_dir
 from ..io import atomic_dir, atomic_file
 from ..params import DataParams, HubModel, Params
 from .adapters import is_adapter, materialise_adapter
@@ -34,8 +35,7 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "
 
 def link_or_copy_tree(src: Path, dst: Path) -> None:
     """Place the files of model directory `src` at `dst` (atomically), hard-linking when possible."""
-    if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"{src}: no config.json; expected a Hugging Face model directory (or a PEFT adapter with adapter_config.json)")
+    require_model_dir(src, "expected a Hugging Face model directory (or a PEFT adapter with adapter_config.json)")
     with atomic_dir(dst) as tmp:
         for item in sorted(src.rglob("*")):
             if item.is_dir() or ".cache" in item.relative_to(src).parts:
