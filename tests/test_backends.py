@@ -29,7 +29,7 @@ def test_resolve_backend(backend, has_vllm, has_cuda, expected):
 
 
 def test_vllm_asked_for_but_missing_says_how_to_install():
-    with pytest.raises(ValueError, match=r"eval.backend is vllm but the `vllm` package is not installed: pip install 'mergeflow\[vllm\]'"):
+    with pytest.raises(ValueError, match=r"the vllm backend needs the `vllm` package, which is not installed: pip install 'mergeflow\[vllm\]'"):
         resolve_backend("vllm", has_vllm=False)
     with pytest.raises(ValueError, match="unknown eval backend 'tpu'"):
         resolve_backend("tpu")

@@ -33,13 +33,13 @@ def resolve_backend(backend: str, *, has_vllm: bool | None = None, has_cuda: boo
     Asking for `vllm` explicitly without it installed is an error that says how to install it.
     """
     if backend not in ("auto", "vllm", "hf"):
-        raise ValueError(f"unknown eval backend {backend!r} (params.yaml: eval.backend); expected auto, vllm or hf")
+        raise ValueError(f"unknown eval backend {backend!r}; expected auto, vllm or hf")
     if backend == "hf":
         return "hf"
     has_vllm = vllm_available() if has_vllm is None else has_vllm
     if backend == "vllm":
         if not has_vllm:
-            raise ValueError(f"eval.backend is vllm but the `vllm` package is not installed: {VLLM_INSTALL} (CUDA machines only), or set eval.backend: hf")
+            raise ValueError(f"the vllm backend needs the `vllm` package, which is not installed: {VLLM_INSTALL} (CUDA machines only), or use the hf backend")
         return "vllm"
     has_cuda = cuda_available() if has_cuda is None else has_cuda
     return "vllm" if has_vllm and has_cuda else "hf"
