@@ -18,11 +18,9 @@ def add_arguments(parser):
 
 
 def main(args, params):
-    s = params.submit
     # a header-only test.csv here is the download's (data.test_csv unset; it refuses an empty file of
     # the user's): write the header-only submission.csv the DVC output needs, and say so
-    write_submission(args.model, args.test, args.out, params=params.eval, max_new_tokens=s.max_new_tokens, stop=s.stop,
-                     choice_delimiter=s.choice_delimiter, allow_empty=True)
+    write_submission(args.model, args.test, args.out, params=params.eval, submit=params.submit, allow_empty=True)
 
 
 if __name__ == "__main__":

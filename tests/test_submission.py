@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from eval_helpers import competition_rows, write_competition_csv
 
-from mergeflow.params import EvalParams
+from mergeflow.params import EvalParams, SubmitParams
 from mergeflow.submission import (
     EMPTY_PREDICTION,
     predict,
@@ -128,7 +128,7 @@ def test_write_submission_with_a_real_model(experts, tmp_path):
     rows = [(0, "12+5=", "multiple_choice", "['17', '18', '7', '1']"), (1, "rev(abc)=", "generation", ""),
             (2, "1+1=", "multiple_choice", "['2', '3']"), (3, "cp(ab)=", "multiple_choice", "['b', 'ab', 'ba', 'a', 'abab']")]
     csv = write_csv(tmp_path / "test.csv", rows)
-    write_submission(experts[0], csv, tmp_path / "submission.csv", params=EvalParams(backend="hf", hf={"batch_size": 2}), max_new_tokens=4)
+    write_submission(experts[0], csv, tmp_path / "submission.csv", params=EvalParams(backend="hf", hf={"batch_size": 2}), submit=SubmitParams(max_new_tokens=4))
     out = pd.read_csv(tmp_path / "submission.csv", dtype=str, keep_default_na=False)
     expected = greedy_answers(experts[0], read_test_csv(csv), max_new_tokens=4)
     assert out["prediction"].tolist() == [e or EMPTY_PREDICTION for e in expected]
@@ -152,7 +152,7 @@ def test_submission_answers_every_row_of_a_competition_format_test_csv(tmp_path)
     model = long_context_llama(tmp_path / "model", positions=256)
     test_csv = write_competition_csv(tmp_path / "test.csv", competition_rows(200))
     out = tmp_path / "submission.csv"
-    write_submission(model, test_csv, out, params=EvalParams(backend="hf", hf={"batch_size": 32}), max_new_tokens=4)
+    write_submission(model, test_csv, out, params=EvalParams(backend="hf", hf={"batch_size": 32}), submit=SubmitParams(max_new_tokens=4))
     sub = pd.read_csv(out, dtype=str, keep_default_na=False)
     assert list(sub.columns) == ["id", "prediction", "dummy_field"]
     assert sub["id"].tolist() == [str(i) for i in range(200)] and set(sub["dummy_field"]) == {"0"}

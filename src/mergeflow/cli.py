@@ -197,14 +197,16 @@ def backend_options(fn):
     return fn
 
 
-def eval_params(backend, dtype, batch_size, device, tensor_parallel_size, gpu_memory_utilization, max_model_len, tokenizer, trust_remote_code, **extra):
+def eval_params(options: dict, **extra):
+    """The `eval` params that the backend options (`backend_options`) and `extra` fields give."""
     from .params import EvalParams
 
+    o = options
     return EvalParams(
-        backend=backend,
-        hf={"dtype": dtype, "batch_size": batch_size, "device": device},
-        vllm={"dtype": dtype, "tensor_parallel_size": tensor_parallel_size, "gpu_memory_utilization": gpu_memory_utilization, "max_model_len": max_model_len, "tokenizer": tokenizer},
-        trust_remote_code=trust_remote_code,
+        backend=o["backend"],
+        hf={"dtype": o["dtype"], "batch_size": o["batch_size"], "device": o["device"]},
+        vllm={k: o[k] for k in ("dtype", "tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "tokenizer")},
+        trust_remote_code=o["trust_remote_code"],
         **extra,
     )
 
@@ -234,7 +236,7 @@ def evaluate(model: Path, tasks: tuple[str, ...], out: Path, data_root: Path, da
     """Evaluate a model with lm-eval (vLLM or HF backend) and write flattened metrics."""
     from .evaluation.harness import evaluate_model
 
-    params = eval_params(**backend, data_files=parse_data_files(data_files), allow_code_execution=allow_code_execution, max_gen_toks=max_gen_toks)
+    params = eval_params(backend, data_files=parse_data_files(data_files), allow_code_execution=allow_code_execution, max_gen_toks=max_gen_toks)
     evaluate_model(model, tasks, out, params=params, data_root=data_root, limit=limit, log_dir=logs)
 
 
@@ -248,9 +250,11 @@ def evaluate(model: Path, tasks: tuple[str, ...], out: Path, data_root: Path, da
 @backend_options
 def submit(model: Path, test_csv: Path, out: Path, max_new_tokens: int, stop: tuple[str, ...], choice_delimiter: str, **backend) -> None:
     """Answer every row of test.csv and write the Kaggle submission.csv."""
+    from .params import SubmitParams
     from .submission import write_submission
 
-    write_submission(model, test_csv, out, params=eval_params(**backend), max_new_tokens=max_new_tokens, stop=stop, choice_delimiter=choice_delimiter)
+    submit = SubmitParams(max_new_tokens=max_new_tokens, stop=list(stop), choice_delimiter=choice_delimiter)
+    write_submission(model, test_csv, out, params=eval_params(backend), submit=submit)
 
 
 @main.command()

@@ -212,15 +212,14 @@ def write_submission(
     out: str | Path,
     *,
     params: EvalParams | None = None,
-    max_new_tokens: int = SubmitParams().max_new_tokens,
-    stop: Sequence[str] = tuple(SubmitParams().stop),
-    choice_delimiter: str = SubmitParams().choice_delimiter,
+    submit: SubmitParams | None = None,
     allow_empty: bool = False,
     lm=None,
 ) -> pd.DataFrame:
     """Answer `test_csv` with the model in `model_dir` and write a validated `submission.csv`.
 
-    `params` (the `eval` group) picks the backend and its arguments; `lm` is an lm-eval LM to use
+    `params` (the `eval` group) picks the backend and its arguments, `submit` how rows are
+    answered (generation length, stop sequences, choice delimiter); `lm` is an lm-eval LM to use
     instead of loading `model_dir`. A `test_csv` without rows is refused (`out` is left as it
     was) unless `allow_empty`, which writes a header-only `out` without loading the model.
     """
@@ -235,7 +234,8 @@ def write_submission(
         log.warning("%s has no rows (this workload has no competition file): %s gets the header only", test_csv, out)
     else:
         lm = lm if lm is not None else make_lm(model_dir, params or EvalParams())
-        predictions = predict(lm, test, max_new_tokens=max_new_tokens, stop=stop, choice_delimiter=choice_delimiter, where=str(test_csv))
+        s = submit or SubmitParams()
+        predictions = predict(lm, test, max_new_tokens=s.max_new_tokens, stop=s.stop, choice_delimiter=s.choice_delimiter, where=str(test_csv))
     frame = pd.DataFrame({"id": test["id"], "prediction": predictions, "dummy_field": 0})
     validate_submission(frame, test)
     with atomic_file(out) as tmp:
