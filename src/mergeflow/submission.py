@@ -215,7 +215,7 @@ def write_submission(
     submit: SubmitParams | None = None,
     allow_empty: bool = False,
     lm=None,
-) -> pd.DataFrame:
+) -> None:
     """Answer `test_csv` with the model in `model_dir` and write a validated `submission.csv`.
 
     `params` (the `eval` group) picks the backend and its arguments, `submit` how rows are
@@ -241,4 +241,3 @@ def write_submission(
     with atomic_file(out) as tmp:
         frame.to_csv(tmp, index=False)
     log.info("wrote %s: %d rows (%d multiple choice)", out, len(frame), int((test["eval_type"] == "multiple_choice").sum()))
-    return frame
