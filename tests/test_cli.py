@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def mergeflow(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -57,3 +60,19 @@ def test_errors_are_one_clear_line(experts, tmp_path):
     proc = mergeflow("grams", "--model", experts[0], "--data", tmp_path / "none.jsonl", "--out", tmp_path / "g", check=False)
     assert proc.returncode == 1 and "none.jsonl: calibration data file not found" in proc.stderr
     assert not (tmp_path / "m").exists() and not (tmp_path / "g").exists()
+
+
+def test_code_execution_refusal_names_each_edges_own_switch(experts, tmp_path):
+    """The library refuses; the CLI names its option and the DVC stage its params key."""
+    import yaml
+
+    refused = "tasks ['humaneval_instruct_fence'] execute model-written code and code execution is not allowed"
+    proc = mergeflow("evaluate", "--model", experts[0], "--task", "humaneval_instruct_fence", "--out", tmp_path / "m.json", check=False)
+    assert (proc.returncode, proc.stderr.strip()) == (1, f"mergeflow: error: {refused}: pass --allow-code-execution to run them")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["eval"]["tasks"] = ["humaneval_instruct_fence"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    stage = [sys.executable, str(ROOT / "stages/evaluate.py"), "--model", str(experts[0]), "--out", "m.json", "--logs", "logs"]
+    proc = subprocess.run(stage, cwd=tmp_path, capture_output=True, text=True)
+    assert (proc.returncode, proc.stderr.strip().splitlines()[-1]) == (1, f"evaluate.py: error: {refused}: set eval.allow_code_execution: true in params.yaml to run them")
+    assert not (tmp_path / "m.json").exists()

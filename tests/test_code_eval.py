@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from mergeflow.evaluation.code_eval import (
+    CodeExecutionRefused,
     LocalCodeEval,
     code_execution,
     estimate_pass_at_k,
@@ -48,7 +49,7 @@ def test_local_code_eval_matches_the_hub_metric_interface(monkeypatch):
     assert scores == {"pass@1": pytest.approx(0.75)}  # pass@2 needs 2 candidates for every problem
     assert [r["passed"] for _, r in details[0]] == [False, True]
     monkeypatch.delenv("HF_ALLOW_CODE_EVAL")
-    with pytest.raises(ValueError, match="set eval.allow_code_execution: true"):
+    with pytest.raises(CodeExecutionRefused, match="executing model-written code is disabled \\(HF_ALLOW_CODE_EVAL is not 1\\)"):
         LocalCodeEval().compute(references=["assert True"], predictions=[["pass"]], k=[1])
 
 
@@ -59,7 +60,7 @@ def test_code_execution_switch(monkeypatch):
     original = evaluate.load
     assert is_code_task("mbpp") and is_code_task("humaneval_plus") and is_code_task("my_task", {"unsafe_code": True})
     assert not is_code_task("gsm8k", {"unsafe_code": False})
-    with pytest.raises(ValueError, match=r"tasks \['mbpp'\] execute model-written code; set eval.allow_code_execution: true"), code_execution(False, ["mbpp"]):
+    with pytest.raises(CodeExecutionRefused, match=r"tasks \['mbpp'\] execute model-written code and code execution is not allowed"), code_execution(False, ["mbpp"]):
         pass
     with code_execution(False, []) as confirm:
         assert confirm is False and "HF_ALLOW_CODE_EVAL" not in os.environ

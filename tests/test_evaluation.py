@@ -152,7 +152,7 @@ def humaneval_answers(wrong: set[int]):
 
 
 def test_code_tasks_are_refused_without_allow_code_execution(experts, tmp_path):
-    with pytest.raises(ValueError, match=r"\['humaneval_instruct_fence'\] execute model-written code; set eval.allow_code_execution: true"):
+    with pytest.raises(ValueError, match=r"\['humaneval_instruct_fence'\] execute model-written code and code execution is not allowed"):
         evaluate_model(experts[0], ["toy_math", "humaneval_instruct_fence"], tmp_path / "m.json", data_root=tmp_path, lm=ScriptedLM())
     assert not (tmp_path / "m.json").exists()
 

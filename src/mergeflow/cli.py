@@ -234,10 +234,14 @@ def parse_data_files(values: tuple[str, ...]) -> dict[str, str]:
 @backend_options
 def evaluate(model: Path, tasks: tuple[str, ...], out: Path, data_root: Path, data_files: tuple[str, ...], limit: int | None, max_gen_toks: int | None, logs: Path | None, allow_code_execution: bool, **backend) -> None:
     """Evaluate a model with lm-eval (vLLM or HF backend) and write flattened metrics."""
+    from .evaluation.code_eval import CodeExecutionRefused
     from .evaluation.harness import evaluate_model
 
     params = eval_params(backend, data_files=parse_data_files(data_files), allow_code_execution=allow_code_execution, max_gen_toks=max_gen_toks)
-    evaluate_model(model, tasks, out, params=params, data_root=data_root, limit=limit, log_dir=logs)
+    try:
+        evaluate_model(model, tasks, out, params=params, data_root=data_root, limit=limit, log_dir=logs)
+    except CodeExecutionRefused as err:
+        raise ValueError(f"{err}: pass --allow-code-execution to run them") from None
 
 
 @main.command()
