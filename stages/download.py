@@ -5,13 +5,13 @@ import mergeflow.pinned  # noqa: F401  first: pins the CPU kernels before torch 
 
 from pathlib import Path
 
-from mergeflow.params import STAGE_PARAMS
+from mergeflow.params import STAGE_READS
 from mergeflow.io import atomic_file
 from mergeflow.pipeline import check_in_sync
 from mergeflow.stage import run_stage
 from mergeflow.zoo.sources import materialise_base, materialise_eval, materialise_expert
 
-PARAMS = STAGE_PARAMS["download"]  # the keys it reads (dvc.yaml lists the same): each must be in the params file
+PARAMS = STAGE_READS["download"]  # every key it reads, each in the params file (dvc.yaml lists STAGE_PARAMS["download"])
 
 
 def add_arguments(parser):

@@ -5,12 +5,13 @@ import mergeflow.pinned  # noqa: F401  first: pins the CPU kernels before torch 
 
 from pathlib import Path
 
+from mergeflow.evaluation.code_eval import CodeExecutionRefused
 from mergeflow.evaluation.harness import evaluate_model
-from mergeflow.params import STAGE_PARAMS
+from mergeflow.params import STAGE_READS
 from mergeflow.pipeline import check_in_sync
 from mergeflow.stage import run_stage
 
-PARAMS = STAGE_PARAMS["evaluate"]  # the keys it reads (dvc.yaml lists the same): each must be in the params file
+PARAMS = STAGE_READS["evaluate"]  # every key it reads, each in the params file (dvc.yaml lists STAGE_PARAMS["evaluate"])
 
 
 def add_arguments(parser):
@@ -23,7 +24,10 @@ def add_arguments(parser):
 def main(args, params):
     check_in_sync(args.dvc_yaml, params, args.params)
     e = params.eval
-    evaluate_model(args.model, e.tasks, args.out, params=e, log_dir=args.logs if e.log_samples else None)
+    try:
+        evaluate_model(args.model, e.tasks, args.out, params=e, log_dir=args.logs if e.log_samples else None)
+    except CodeExecutionRefused as err:
+        raise ValueError(f"{err}: set eval.allow_code_execution: true in {args.params} to run them") from None
     if not e.log_samples:  # the folder is a DVC output: leave an empty one
         args.logs.mkdir(parents=True, exist_ok=True)
 

@@ -5,10 +5,10 @@ import mergeflow.pinned  # noqa: F401  first: pins the CPU kernels before torch 
 from pathlib import Path
 
 from mergeflow.grams.collect import compute_grams
-from mergeflow.params import STAGE_PARAMS
+from mergeflow.params import STAGE_READS
 from mergeflow.stage import run_stage
 
-PARAMS = STAGE_PARAMS["gram"]  # the keys it reads (dvc.yaml lists the same): each must be in the params file
+PARAMS = STAGE_READS["gram"]  # every key it reads, each in the params file (dvc.yaml lists STAGE_PARAMS["gram"])
 
 
 def add_arguments(parser):

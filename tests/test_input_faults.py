@@ -71,7 +71,7 @@ def test_pipeline_without_a_test_csv_writes_a_header_only_submission(tmp_path, c
     test.write_text(HEADER)
     write_submission(tmp_path / "no-model", test, tmp_path / "submission.csv", allow_empty=True)  # the model is never loaded
     assert (tmp_path / "submission.csv").read_text() == "id,prediction,dummy_field\n"
-    assert "has no rows (params.yaml: data.test_csv is not set, so this workload has no competition file)" in caplog.text
+    assert f"{test} has no rows (this workload has no competition file): {tmp_path / 'submission.csv'} gets the header only" in caplog.text
 
 
 @pytest.mark.faults
@@ -144,13 +144,13 @@ def test_a_choice_longer_than_the_model_is_refused_naming_the_row(short_model, t
 
 @pytest.mark.faults
 def test_max_new_tokens_that_fill_the_model_are_refused(short_model, tmp_path, good_submission, record_property):
-    from mergeflow.params import EvalParams
+    from mergeflow.params import EvalParams, SubmitParams
 
     test = tmp_path / "test.csv"
     test.write_text(HEADER + "0,rev(ab)=,generation,\n")
     with pytest.raises(ValueError) as err:
-        write_submission(short_model, test, good_submission, params=EvalParams(backend="hf"), max_new_tokens=64)
-    assert str(err.value) == ("submit.max_new_tokens (--max-new-tokens) is 64 but the model takes 64 tokens (max_position_embeddings 64) in all, "
+        write_submission(short_model, test, good_submission, params=EvalParams(backend="hf"), submit=SubmitParams(max_new_tokens=64))
+    assert str(err.value) == ("max_new_tokens is 64 but the model takes 64 tokens (max_position_embeddings 64) in all, "
                               "leaving none for the input; use fewer than 64")
     record(record_property, "max_new_tokens = the model's length", "refused: one line with the limit", good_submission, GOOD)
 

@@ -146,14 +146,27 @@ def test_gram_file_missing_is_refused(experts, gram_dirs, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_failed_merge_keeps_the_previous_output(experts, gram_dirs, tmp_path):
+def test_failed_merge_keeps_the_previous_output(experts, tmp_path):
+    """A merge that fails after writing some tensors into its temporary folder leaves the previous
+    output byte for byte and no temporary beside it."""
     out = tmp_path / "out"
     merge_models(experts, get_method("average")(), out)
-    before = state(out)
-    with pytest.raises(ValueError, match="needs one gram directory per expert"):
-        merge_models(experts, regmean(0.1), out, grams=[gram_dirs[0]])
-    after = state(out)
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    before = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+    class FailsOnTheThirdTensor(get_method("average")):
+        calls = 0
+
+        def merge(self, name, tensors, **kwargs):
+            type(self).calls += 1
+            if type(self).calls == 3:
+                raise ValueError(f"failed at {name}")
+            return super().merge(name, tensors, **kwargs)
+
+    with pytest.raises(ValueError, match="failed at"):
+        merge_models(experts, FailsOnTheThirdTensor(), out, max_shard_size=1)  # one shard per tensor: two are on disk
+    assert FailsOnTheThirdTensor.calls == 3
+    assert {p.name: p.read_bytes() for p in sorted(out.iterdir())} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_merged_model_loads_and_generates(experts, gram_dirs, tmp_path):

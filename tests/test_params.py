@@ -12,8 +12,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_repository_params_are_valid():
-    p = load_params(ROOT / "params.yaml")
-    assert p.method == "regmean" and 0 <= p.alpha <= 1 and p.models.source == "toy"
+    """Whatever recipe `mergeflow use` made it: every key the stages read, a method that resolves,
+    and a dvc.yaml whose generated parts follow it (the stages would refuse to run otherwise)."""
+    from mergeflow.methods import get_method
+    from mergeflow.params import PIPELINE_PARAMS
+    from mergeflow.pipeline import out_of_sync
+
+    p = load_params(ROOT / "params.yaml", require=PIPELINE_PARAMS)
+    get_method(p.method)
+    assert out_of_sync(ROOT / "dvc.yaml", p) == []
 
 
 @pytest.mark.parametrize(

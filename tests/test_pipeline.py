@@ -147,7 +147,13 @@ def test_toy_expert_parameter_invalidates_the_experts_not_the_base(repo, first_r
 def test_gram_parameter_invalidates_grams_not_download(repo, first_repro):
     status = status_after_setting(repo, "gram.max_length", 8)
     assert set(status) == {"gram@math", "gram@code"}  # and what follows them; download and the reference evaluations stay
-    assert status["gram@math"] == [{"changed deps": {"params.yaml": {"gram": "modified"}}}]
+    assert status["gram@math"] == [{"changed deps": {"params.yaml": {"gram.max_length": "modified"}}}]
+
+
+@pytest.mark.parametrize(("key", "value"), [("gram.checkpoint_every", 1), ("gram.max_gram_memory", "6KB")])
+def test_keys_that_do_not_change_outputs_rerun_nothing(repo, first_repro, key, value):
+    """params.RUN_ONLY: how a stage runs, not what it writes (the same grams: test_grams_scale.py)."""
+    assert status_after_setting(repo, key, value) == {}
 
 
 def test_eval_parameter_invalidates_only_evaluation(repo, first_repro):

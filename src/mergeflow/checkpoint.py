@@ -16,6 +16,7 @@ read back with `safe_open` like any other.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 from dataclasses import dataclass
@@ -33,6 +34,43 @@ DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
 CODES = {dtype: code for code, dtype in DTYPES.items()}
+# Floating dtypes by the names params, configs and the CLI use (`float32`, `bfloat16`, ...); a
+# dtype's size in bytes is `torch_dtype(name).itemsize`.
+NAMED_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Largest block of rows a tensor is streamed in (reading, merging, writing): memory per tensor.
+BLOCK_BYTES = 256 * 2**20
+# A tensor or module inside a transformer block: `model.layers.3.mlp.up_proj`.
+IN_BLOCK = re.compile(r"(^|\.)layers\.\d+\.")
+CONFIG = "config.json"
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """`float32` -> torch.float32, for the floating dtypes of NAMED_DTYPES."""
+    if name not in NAMED_DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {', '.join(NAMED_DTYPES)}")
+    return NAMED_DTYPES[name]
+
+
+def require_model_dir(model_dir: str | Path, expected: str = "expected a Hugging Face model directory") -> Path:
+    """`model_dir` as a Path, or one line saying it holds no config.json (and what was `expected`)."""
+    model_dir = Path(model_dir)
+    if not (model_dir / CONFIG).is_file():
+        raise FileNotFoundError(f"{model_dir}: no {CONFIG}; {expected}")
+    return model_dir
+
+
+def model_config(model_dir: str | Path) -> dict:
+    """A model's config.json ({} when it has none); invalid JSON is one line naming the file."""
+    path = Path(model_dir) / CONFIG
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); restore the model's {CONFIG}") from None
+
+
+def is_tied(config: dict) -> bool:
+    """Whether lm_head shares the input embeddings (a multimodal config keeps it in text_config)."""
+    return bool(config.get("tie_word_embeddings", (config.get("text_config") or {}).get("tie_word_embeddings", False)))
 
 
 @dataclass(frozen=True)

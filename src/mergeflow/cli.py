@@ -8,6 +8,8 @@
     mergeflow submit   --model DIR --test data/test.csv --out submission.csv
     mergeflow report   [--rev COMMIT | --all-commits | --exp-show exp.json] [--out-dir plots]
     mergeflow methods  [--describe regmean]
+    mergeflow use      recipes/smollm2-cpu.yaml
+    mergeflow plan     [--params params.yaml] [--tflops 150]
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Optional
 import click
 
 from .determinism import pin_cpu_kernels
+from .evaluation.tasks import shipped_tasks
 from .logs import setup_logging
 from .cli_methods import MergeCommand
 from .params import field_default
@@ -48,7 +51,8 @@ def param_option(*decls: str, key: str, **kwargs):
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging (per-module solver residuals, ...).")
 @click.version_option(package_name="mergeflow")
 def main(verbose: bool) -> None:
-    """Merge fine-tuned LLM experts (RegMean, averaging), evaluate them and write a submission.
+    """Merge fine-tuned LLM experts (`mergeflow methods` lists the methods), evaluate the models
+    with lm-eval and write a Kaggle submission.
 
     In the DVC pipeline these run as stages (`dvc repro`); each is also a command of its own.
     """
@@ -208,14 +212,16 @@ def backend_options(fn):
     return fn
 
 
-def eval_params(backend, dtype, batch_size, device, tensor_parallel_size, gpu_memory_utilization, max_model_len, tokenizer, trust_remote_code, **extra):
+def eval_params(options: dict, **extra):
+    """The `eval` params that the backend options (`backend_options`) and `extra` fields give."""
     from .params import EvalParams
 
+    o = options
     return EvalParams(
-        backend=backend,
-        hf={"dtype": dtype, "batch_size": batch_size, "device": device},
-        vllm={"dtype": dtype, "tensor_parallel_size": tensor_parallel_size, "gpu_memory_utilization": gpu_memory_utilization, "max_model_len": max_model_len, "tokenizer": tokenizer},
-        trust_remote_code=trust_remote_code,
+        backend=o["backend"],
+        hf={"dtype": o["dtype"], "batch_size": o["batch_size"], "device": o["device"]},
+        vllm={k: o[k] for k in ("dtype", "tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "tokenizer")},
+        trust_remote_code=o["trust_remote_code"],
         **extra,
     )
 
@@ -232,7 +238,7 @@ def parse_data_files(values: tuple[str, ...]) -> dict[str, str]:
 
 @main.command()
 @click.option("--model", required=True, type=EXISTING_DIR, help="Model directory to evaluate.")
-@click.option("--task", "tasks", required=True, multiple=True, help="lm-eval task; repeat for several (shipped: toy_math, toy_code, cosmos_qa, xsum, humaneval_instruct_fence; or any lm-eval task).")
+@click.option("--task", "tasks", required=True, multiple=True, help=f"lm-eval task; repeat for several (shipped: {', '.join(shipped_tasks())}; or any lm-eval task).")
 @click.option("--out", required=True, type=PATH, help="Metrics JSON to write ({task: {metric: value}}).")
 @click.option("--data-root", default=".", show_default=True, type=PATH, help="Folder that data files are relative to.")
 @click.option("--data-file", "data_files", multiple=True, metavar="TASK=FILE", help="Local data of a task (csv, json(l), parquet); repeatable.")
@@ -243,10 +249,14 @@ def parse_data_files(values: tuple[str, ...]) -> dict[str, str]:
 @backend_options
 def evaluate(model: Path, tasks: tuple[str, ...], out: Path, data_root: Path, data_files: tuple[str, ...], limit: int | None, max_gen_toks: int | None, logs: Path | None, allow_code_execution: bool, **backend) -> None:
     """Evaluate a model with lm-eval (vLLM or HF backend) and write flattened metrics."""
+    from .evaluation.code_eval import CodeExecutionRefused
     from .evaluation.harness import evaluate_model
 
-    params = eval_params(**backend, data_files=parse_data_files(data_files), allow_code_execution=allow_code_execution, max_gen_toks=max_gen_toks)
-    evaluate_model(model, tasks, out, params=params, data_root=data_root, limit=limit, log_dir=logs)
+    params = eval_params(backend, data_files=parse_data_files(data_files), allow_code_execution=allow_code_execution, max_gen_toks=max_gen_toks)
+    try:
+        evaluate_model(model, tasks, out, params=params, data_root=data_root, limit=limit, log_dir=logs)
+    except CodeExecutionRefused as err:
+        raise ValueError(f"{err}: pass --allow-code-execution to run them") from None
 
 
 @main.command()
@@ -259,9 +269,11 @@ def evaluate(model: Path, tasks: tuple[str, ...], out: Path, data_root: Path, da
 @backend_options
 def submit(model: Path, test_csv: Path, out: Path, max_new_tokens: int, stop: tuple[str, ...], choice_delimiter: str, **backend) -> None:
     """Answer every row of test.csv and write the Kaggle submission.csv."""
+    from .params import SubmitParams
     from .submission import write_submission
 
-    write_submission(model, test_csv, out, params=eval_params(**backend), max_new_tokens=max_new_tokens, stop=stop, choice_delimiter=choice_delimiter)
+    submit = SubmitParams(max_new_tokens=max_new_tokens, stop=list(stop), choice_delimiter=choice_delimiter)
+    write_submission(model, test_csv, out, params=eval_params(backend), submit=submit)
 
 
 @main.command()

@@ -30,7 +30,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointReader, ShardedWriter, TensorSpec, copy_model_files
+from .checkpoint import CheckpointReader, ShardedWriter, TensorSpec, copy_model_files, model_config
 from .grams import GramDir
 from .faults import fault_point
 from .finite import check_finite  # noqa: F401  (also this module's name for it)
@@ -82,15 +82,6 @@ def merged_files(out: Path) -> Optional[set[str]]:
     if "files" in config:
         return set(config["files"]) | {MERGE_CONFIG}
     return {p.name for p in out.iterdir() if any(fnmatch.fnmatch(p.name, pat) for pat in LEGACY_MODEL_FILES)}
-
-
-def model_config(model_dir: Path) -> dict:
-    """A model's config.json ({} when it has none); invalid JSON is one line naming the file."""
-    path = Path(model_dir) / "config.json"
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); restore the model's config.json") from None
 
 
 def check_same_config(first: Path, other: Path, what: str) -> None:
@@ -166,10 +157,6 @@ def check_disk_space(out: Path, needed: int) -> None:
     free = usage.free
     if usage.total and free < needed:  # total 0: a filesystem that reports nothing (some FUSE mounts)
         raise OSError(f"{out}: the merged model needs {human_size(needed)} but only {human_size(free)} is free there; free space or choose --out on a larger disk")
-
-
-def is_tied(model_dir: Path) -> bool:
-    return bool(model_config(model_dir).get("tie_word_embeddings", False))
 
 
 def row_blocks(spec: TensorSpec, row_separable: bool, block_bytes: int) -> list[Optional[slice]]:

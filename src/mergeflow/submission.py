@@ -40,7 +40,7 @@ def read_test_csv(path: str | Path) -> pd.DataFrame:
     """Read and validate `test.csv`; multiple-choice rows get their choices parsed (safely)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: test file not found (params.yaml: data.test_csv, or the download stage's data/test.csv)")
+        raise FileNotFoundError(f"{path}: test file not found")
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: empty file (0 bytes); expected the header {','.join(COLUMNS)} and one row per question (the competition's test.csv)")
     try:
@@ -61,20 +61,22 @@ def read_test_csv(path: str | Path) -> pd.DataFrame:
     bad = sorted(set(frame["eval_type"]) - EVAL_TYPES)
     if bad:
         raise ValueError(f"{path}: unknown eval_type values {bad}; expected {sorted(EVAL_TYPES)}")
-    choices = []
-    for row in frame.itertuples():
-        if row.eval_type != "multiple_choice":
-            choices.append(None)
-            continue
-        try:
-            parsed = ast.literal_eval(row.answer_choices)
-        except (ValueError, SyntaxError):
-            parsed = None
-        if not isinstance(parsed, (list, tuple)) or len(parsed) < 2:
-            raise ValueError(f"{path}: row id={row.id}: answer_choices {row.answer_choices!r} is not a list of at least two choices")
-        choices.append([str(c) for c in parsed])
-    frame["choices"] = choices
+    try:
+        frame["choices"] = [parse_choices(row.answer_choices, row.id) if row.eval_type == "multiple_choice" else None for row in frame.itertuples()]
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     return frame
+
+
+def parse_choices(text: str, row_id: object) -> list[str]:
+    """A row's `answer_choices`, a Python-literal list, read safely (`ast.literal_eval`) as strings."""
+    try:
+        parsed = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        parsed = None
+    if not isinstance(parsed, (list, tuple)) or len(parsed) < 2:
+        raise ValueError(f"row id={row_id}: answer_choices {text!r} is not a list of at least two choices")
+    return [str(c) for c in parsed]
 
 
 def _first_bad_byte(path: Path) -> str:
@@ -122,7 +124,7 @@ def check_lengths(lm, test: pd.DataFrame, *, max_new_tokens: int, choice_delimit
     max_length = lm.max_length
     generation = test[test["eval_type"] != "multiple_choice"]
     if len(generation) and max_new_tokens >= max_length:
-        raise ValueError(f"submit.max_new_tokens (--max-new-tokens) is {max_new_tokens} but the model takes {_model_length(lm)} in all, "
+        raise ValueError(f"max_new_tokens is {max_new_tokens} but the model takes {_model_length(lm)} in all, "
                          f"leaving none for the input; use fewer than {max_length}")
     too_long, truncated = [], []
     for row in test.itertuples():
@@ -210,15 +212,14 @@ def write_submission(
     out: str | Path,
     *,
     params: EvalParams | None = None,
-    max_new_tokens: int = SubmitParams().max_new_tokens,
-    stop: Sequence[str] = tuple(SubmitParams().stop),
-    choice_delimiter: str = SubmitParams().choice_delimiter,
+    submit: SubmitParams | None = None,
     allow_empty: bool = False,
     lm=None,
-) -> pd.DataFrame:
+) -> None:
     """Answer `test_csv` with the model in `model_dir` and write a validated `submission.csv`.
 
-    `params` (the `eval` group) picks the backend and its arguments; `lm` is an lm-eval LM to use
+    `params` (the `eval` group) picks the backend and its arguments, `submit` how rows are
+    answered (generation length, stop sequences, choice delimiter); `lm` is an lm-eval LM to use
     instead of loading `model_dir`. A `test_csv` without rows is refused (`out` is left as it
     was) unless `allow_empty`, which writes a header-only `out` without loading the model.
     """
@@ -230,14 +231,13 @@ def write_submission(
         raise ValueError(f"{test_csv}: no rows, only the header: refusing to write an empty {out}{kept}; give the competition's test.csv")
     if test.empty:
         predictions: list[str] = []
-        log.warning("%s has no rows (params.yaml: data.test_csv is not set, so this workload has no competition file): "
-                    "%s gets the header only", test_csv, out)
+        log.warning("%s has no rows (this workload has no competition file): %s gets the header only", test_csv, out)
     else:
         lm = lm if lm is not None else make_lm(model_dir, params or EvalParams())
-        predictions = predict(lm, test, max_new_tokens=max_new_tokens, stop=stop, choice_delimiter=choice_delimiter, where=str(test_csv))
+        s = submit or SubmitParams()
+        predictions = predict(lm, test, max_new_tokens=s.max_new_tokens, stop=s.stop, choice_delimiter=s.choice_delimiter, where=str(test_csv))
     frame = pd.DataFrame({"id": test["id"], "prediction": predictions, "dummy_field": 0})
     validate_submission(frame, test)
     with atomic_file(out) as tmp:
         frame.to_csv(tmp, index=False)
     log.info("wrote %s: %d rows (%d multiple choice)", out, len(frame), int((test["eval_type"] == "multiple_choice").sum()))
-    return frame

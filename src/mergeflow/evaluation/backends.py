@@ -10,6 +10,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import require_model_dir
 from ..params import EvalParams
 
 VLLM_INSTALL = "pip install 'mergeflow[vllm]'"
@@ -32,13 +33,13 @@ def resolve_backend(backend: str, *, has_vllm: bool | None = None, has_cuda: boo
     Asking for `vllm` explicitly without it installed is an error that says how to install it.
     """
     if backend not in ("auto", "vllm", "hf"):
-        raise ValueError(f"unknown eval backend {backend!r} (params.yaml: eval.backend); expected auto, vllm or hf")
+        raise ValueError(f"unknown eval backend {backend!r}; expected auto, vllm or hf")
     if backend == "hf":
         return "hf"
     has_vllm = vllm_available() if has_vllm is None else has_vllm
     if backend == "vllm":
         if not has_vllm:
-            raise ValueError(f"eval.backend is vllm but the `vllm` package is not installed: {VLLM_INSTALL} (CUDA machines only), or set eval.backend: hf")
+            raise ValueError(f"the vllm backend needs the `vllm` package, which is not installed: {VLLM_INSTALL} (CUDA machines only), or use the hf backend")
         return "vllm"
     has_cuda = cuda_available() if has_cuda is None else has_cuda
     return "vllm" if has_vllm and has_cuda else "hf"
@@ -82,9 +83,7 @@ def model_args(backend: str, model_dir: str | Path, params: EvalParams) -> dict[
 
 def make_lm(model_dir: str | Path, params: EvalParams):
     """The lm-eval LM for `model_dir` on the backend `params.backend` resolves to."""
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: no config.json; expected a Hugging Face model directory")
+    model_dir = require_model_dir(model_dir)
     backend = resolve_backend(params.backend)
     args = model_args(backend, model_dir, params)
     if backend == "vllm":

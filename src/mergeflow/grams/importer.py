@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..checkpoint import is_tied, model_config
 from ..io import atomic_dir
 from .format import GramRef, GramWriter, check_gram_output, disk_errors, format_for, model_identity
 from .modules import SolvedModule, discover_dir
@@ -124,7 +125,7 @@ def import_grams(path: str | Path, model: str | Path, out: str | Path, *, overwr
         raise FileNotFoundError(f"{path}: gram file not found")
     check_gram_output(out, force=overwrite, inputs=[path, model])
     expected = expected_modules(model)
-    tied = json.loads((model / "config.json").read_text()).get("tie_word_embeddings", False) if (model / "config.json").is_file() else False
+    tied = is_tied(model_config(model))
     with atomic_dir(out) as tmp:
         spill_dir = tmp / ".spill"
         spill_dir.mkdir()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
+from ..checkpoint import is_tied, model_config
 from ..determinism import lapack_one_thread
 from . import register
 from .base import WEIGHTS, GramHandle, GramLoader, MergeMethod, Param, weighted_sum
@@ -43,7 +44,6 @@ def solved_modules(grams: Sequence["GramDir"], model: "CheckpointReader", *, lm_
     `lm_head` needs grams of its own and is never solved when tied to the input embeddings (the
     merged model's embeddings would no longer equal its output layer).
     """
-    from ..merge import is_tied  # the engine's config.json reader (the engine imports the methods first)
 
     modules = set(grams[0].modules)
     for g in grams[1:]:
@@ -57,7 +57,7 @@ def solved_modules(grams: Sequence["GramDir"], model: "CheckpointReader", *, lm_
             raise ValueError(f"{grams[0].path}: has a gram for {module!r}, which is not a Linear of {model.path}; were the grams computed for another model?")
     solve = {m for m in modules if m != head}
     if lm_head:
-        if is_tied(model.path) or f"{head}.weight" not in names:
+        if is_tied(model_config(model.path)) or f"{head}.weight" not in names:
             log.warning("lm_head is tied to the input embeddings in %s: averaging it instead of solving it", model.path)
         elif head not in modules:
             raise ValueError(f"{grams[0].path}: no gram for lm_head, but RegMean on lm_head was asked for; compute grams with lm_head (params.yaml: gram.include_lm_head: true)")

@@ -13,6 +13,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from ..checkpoint import require_model_dir
 from ..io import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,7 @@ def materialise_adapter(adapter: Path, base: Path, out: Path, *, trust_remote_co
     config = json.loads((adapter / ADAPTER_CONFIG).read_text())
     if config.get("peft_type", "LORA") not in ("LORA", "ADALORA", "IA3", "LOHA", "LOKR"):
         raise ValueError(f"{adapter / ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r} cannot be merged into the weights")
-    if not (base / "config.json").is_file():
-        raise FileNotFoundError(f"{base}: no config.json; the adapter {adapter} needs its full base model (models.*.base)")
+    require_model_dir(base, f"the adapter {adapter} needs its full base model")
     declared = config.get("base_model_name_or_path")
     if declared and Path(declared).name != base.name and declared not in str(base):
         log.warning("%s was trained on %s; applying it to %s", adapter, declared, base)

@@ -23,6 +23,8 @@ import re
 import shutil
 from pathlib import Path
 
+from ..checkpoint import require_model_dir
+from ..submission import COLUMNS, read_test_csv
 from ..io import atomic_dir, atomic_file
 from ..params import DataParams, HubModel, Params
 from .adapters import is_adapter, materialise_adapter
@@ -34,8 +36,7 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "
 
 def link_or_copy_tree(src: Path, dst: Path) -> None:
     """Place the files of model directory `src` at `dst` (atomically), hard-linking when possible."""
-    if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"{src}: no config.json; expected a Hugging Face model directory (or a PEFT adapter with adapter_config.json)")
+    require_model_dir(src, "expected a Hugging Face model directory (or a PEFT adapter with adapter_config.json)")
     with atomic_dir(dst) as tmp:
         for item in sorted(src.rglob("*")):
             if item.is_dir() or ".cache" in item.relative_to(src).parts:
@@ -85,15 +86,13 @@ def copy_eval_data(data: DataParams, experts: list[str], data_dir: Path) -> None
     if data.test_csv:
         src = Path(data.test_csv)
         if src.is_file():  # refuse a bad or empty file now, not at submit (where an empty one would pass: see submission.py)
-            from ..submission import read_test_csv
-
             if read_test_csv(src).empty:
                 raise ValueError(f"{src}: no rows, only the header (params.yaml: data.test_csv); give the competition's test.csv, or unset data.test_csv")
         _copy_file(src, data_dir / "test.csv", "data.test_csv")
     else:  # not a competition run: submit answers no rows
         log.warning("params.yaml: data.test_csv is not set; data/test.csv has no rows and submission.csv will be empty")
         with atomic_file(data_dir / "test.csv") as tmp:
-            tmp.write_text("id,input,eval_type,answer_choices\n")
+            tmp.write_text(",".join(COLUMNS) + "\n")
 
 
 def _convert_to_jsonl(src: Path, dst: Path, param: str) -> None:

@@ -22,6 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ..io import atomic_dir, atomic_file, write_jsonl
 from ..params import ToyZooParams
+from ..submission import COLUMNS
 from . import skills
 from .tokenizer import build_tokenizer
 from .train import train
@@ -123,14 +124,7 @@ def submission_rows(examples: list[skills.Example], draw: Callable[[random.Rando
 
 
 def write_test_csv(path: Path, rows: list[tuple[str, str, list[str] | None]]) -> None:
-    frame = pd.DataFrame(
-        {
-            "id": range(len(rows)),
-            "input": [r[0] for r in rows],
-            "eval_type": [r[1] for r in rows],
-            "answer_choices": [repr(r[2]) if r[2] is not None else "" for r in rows],
-        }
-    )
+    frame = pd.DataFrame([(i, text, kind, "" if choices is None else repr(choices)) for i, (text, kind, choices) in enumerate(rows)], columns=COLUMNS)
     with atomic_file(path) as tmp:
         frame.to_csv(tmp, index=False)
 

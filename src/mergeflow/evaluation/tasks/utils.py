@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import ast
+from mergeflow.submission import parse_choices
 
 
 def answer_choices(doc: dict) -> list[str]:
-    """The competition CSV's `answer_choices`, a Python-literal list string, parsed safely."""
-    choices = ast.literal_eval(doc["answer_choices"])
-    if not isinstance(choices, (list, tuple)) or len(choices) < 2:
-        raise ValueError(f"row id={doc.get('id')}: answer_choices {doc['answer_choices']!r} is not a list of at least two choices")
-    return [str(c) for c in choices]
+    """The competition CSV's `answer_choices`, read as `mergeflow submit` reads test.csv's."""
+    return parse_choices(doc["answer_choices"], doc.get("id"))
 
 
 _SCORER = None
