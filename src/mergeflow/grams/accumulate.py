@@ -6,6 +6,10 @@ the product is symmetric, so for wide inputs only the upper triangle is computed
 (each one GEMM), and mirrored when the sums are read: about half the FLOPs of `X^T X`.
 A pass may hook only some layers (`max_gram_memory`); the forward then stops after the last
 hooked module instead of running the rest of the model for nothing.
+Encoder-decoders have two token streams, each with its own padding mask: a module's stream is
+learnt from the number of tokens its input holds (a probe batch gives the encoder and the decoder
+different lengths), so cross-attention k/v, fed encoder outputs, take the encoder's mask and
+every other decoder module the decoder's.
 """
 
 from __future__ import annotations
@@ -57,8 +61,10 @@ class GramAccumulator:
         self.keys: dict[str, str] = {}
         self.order: list[str] = []
         self.num_tokens = 0
-        self._mask: Optional[torch.Tensor] = None
-        self._unpadded = False
+        self.streams: dict[str, str] = {}  # module -> the stream (key of `forward_batch`'s masks) its input belongs to
+        self._masks: dict[str, torch.Tensor] = {}
+        self._accumulate = False
+        self._unpadded: dict[str, bool] = {}
         self._seen: dict[int, tuple[weakref.ref, str]] = {}
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in linears.items()]
         if stop_after is not None:
@@ -80,11 +86,12 @@ class GramAccumulator:
             known = self.keys.setdefault(name, owner)
             if known != owner:
                 raise RuntimeError(f"{name}: shares its input with {owner} in this batch but not in the first one")
-            if owner != name or self._mask is None:
+            stream = self.streams.get(name) or self._learn_stream(name, x)
+            if owner != name or not self._accumulate:
                 return
             rows = x.reshape(-1, x.shape[-1])
-            if not self._unpadded:  # boolean indexing copies: skip it when no token is padding
-                rows = rows[self._mask]
+            if not self._unpadded[stream]:  # boolean indexing copies: skip it when no token is padding
+                rows = rows[self._masks[stream]]
             device = self.device or rows.device
             rows = rows.to(device=device, dtype=self.dtype)
             if name not in self.sums:
@@ -93,21 +100,39 @@ class GramAccumulator:
 
         return hook
 
+    def _learn_stream(self, name: str, x: torch.Tensor) -> str:
+        """The stream whose token count `x` holds; it must be the only one (a probe makes sure)."""
+        tokens = x.numel() // x.shape[-1]
+        matches = [stream for stream, mask in self._masks.items() if mask.numel() == tokens]
+        if len(matches) != 1:
+            raise RuntimeError(f"{name}: its input of {tokens} tokens matches streams {matches} of {sorted(self._masks)}; "
+                               "learn the streams from a probe batch whose streams differ in length")
+        self.streams[name] = matches[0]
+        return matches[0]
+
     def forward(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, accumulate: bool = True) -> None:
-        """Run one batch; with `accumulate=False` only learn keys and order (a probe)."""
-        mask = attention_mask.reshape(-1).bool()
-        self._mask = mask if accumulate else None
-        self._unpadded = bool(mask.all())
-        self._seen = {}
+        """Run one batch of a decoder-only model; with `accumulate=False` only learn keys and order (a probe)."""
         position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # left padding keeps real positions
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        self.forward_batch(model, inputs, {"tokens": attention_mask}, accumulate=accumulate)
+
+    def forward_batch(self, model: nn.Module, inputs: dict, masks: dict[str, torch.Tensor], *, accumulate: bool = True) -> None:
+        """Run `model(**inputs)`, each hooked module's input masked by its stream's mask in `masks`
+        (the first stream's tokens are counted); with `accumulate=False` only learn keys, order and
+        streams (a probe)."""
+        self._masks = {stream: mask.reshape(-1).bool() for stream, mask in masks.items()}
+        self._unpadded = {stream: bool(mask.all()) for stream, mask in self._masks.items()}
+        self._accumulate = accumulate
+        self._seen = {}
         try:
-            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+            model(**inputs, use_cache=False)
         except StopForward:
             pass
         finally:
             self._seen = {}
+            self._accumulate = False
         if accumulate:
-            self.num_tokens += int(mask.sum())
+            self.num_tokens += int(next(iter(self._masks.values())).sum())
 
     def full_sums(self) -> dict[str, torch.Tensor]:
         return {key: symmetric(upper) for key, upper in self.sums.items()}

@@ -22,14 +22,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoint import parse_size
-from ..models import load_causal_lm
+from ..models import is_encoder_decoder, load_model
 from .accumulate import GramAccumulator, symmetric
+from .batches import CausalBatches, pad_batch  # noqa: F401  pad_batch: where callers found it before
 from .data import load_rows, parse_shard, slice_of, tokenize
+from .seq2seq import Seq2SeqBatches, decoder_start_id, load_pairs, tokenize_pairs
 from .format import check_gram_output, file_for, model_identity, sha256_of
 from .resume import Checkpoint, Progress, file_identity, fingerprint
 
 log = logging.getLogger(__name__)
-_IN_BLOCK = re.compile(r"(^|\.)layers\.\d+\.")
+_IN_BLOCK = re.compile(r"(^|\.)(layers|block)\.\d+\.")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -52,17 +54,6 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
     """Indices grouped into batches of similar length, so little compute goes to padding."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def pad_batch(rows: Sequence[list[int]], pad: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, seq in enumerate(rows):
-        span = slice(0, len(seq)) if side == "right" else slice(width - len(seq), width)
-        ids[r, span] = torch.tensor(seq)
-        mask[r, span] = 1
-    return ids, mask
 
 
 def plan_groups(order: list[str], keys: dict[str, str], in_features: dict[str, int], element: int, budget: Optional[int]) -> list[list[str]]:
@@ -135,6 +126,7 @@ def compute_grams(
     num_samples: int | None = None,
     seed: int | None = None,
     text_field: str = "text",
+    target_field: str = "target",
     device: str = "cpu",
     model_dtype: str = "float32",
     dtype: str = "float32",
@@ -166,26 +158,32 @@ def compute_grams(
     budget = parse_size(max_gram_memory) if isinstance(max_gram_memory, str) else max_gram_memory
     acc_dtype = DTYPES[dtype]
 
-    selected = load_rows(data, text_field, num_samples=num_samples, seed=seed)
+    seq2seq = is_encoder_decoder(model_dir)
+    if seq2seq:  # (input, target) pairs: the decoder is teacher-forced on the target
+        selected = load_pairs(data, text_field, target_field, num_samples=num_samples, seed=seed)
+    else:
+        selected = load_rows(data, text_field, num_samples=num_samples, seed=seed)
     rows = [selected[i] for i in slice_of(len(selected), shard_index, shard_count)]
     if not rows:
         raise ValueError(f"{data}: shard {shard_index}/{shard_count} of {len(selected)} rows is empty; use fewer shards")
     device, ranks = setup_device_and_ranks(device)
-    model, tokenizer = load_causal_lm(model_dir, device=device, dtype=DTYPES[model_dtype])
-    encoded = tokenize(rows, tokenizer, max_length)
+    model, tokenizer = load_model(model_dir, device=device, dtype=DTYPES[model_dtype])
+    if seq2seq:
+        start = decoder_start_id(model)
+        batcher, encoded = Seq2SeqBatches(tokenizer, start), tokenize_pairs(rows, tokenizer, max_length, start)
+    else:
+        batcher, encoded = CausalBatches(tokenizer), tokenize(rows, tokenizer, max_length)
     mine = [encoded[i] for i in slice_of(len(encoded), ranks.rank, ranks.world)]
     linears = block_linears(model, include_lm_head)
     if not linears:
         raise ValueError(f"{model_dir}: no nn.Linear inside transformer blocks (`layers.N.`) to compute grams for")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    side = getattr(tokenizer, "padding_side", "right") or "right"
 
     probe = GramAccumulator(linears)  # learns which modules share an input, and the execution order
     try:
-        probe.forward(model, *(t.to(device) for t in pad_batch([encoded[0][:8]], pad, side)), accumulate=False)
+        probe.forward_batch(model, *batcher.probe(encoded[0], device), accumulate=False)
     finally:
         probe.close()
-    keys, order = probe.keys, probe.order
+    keys, order, streams = probe.keys, probe.order, probe.streams
     in_features = {name: linears[name].in_features for name in keys}
     groups = plan_groups(order, keys, in_features, acc_dtype.itemsize, budget)
 
@@ -193,6 +191,7 @@ def compute_grams(
     ckpt = Checkpoint(out, fingerprint(
         model=[file_identity(p) for p in weights], data=file_identity(data), max_length=max_length, batch_size=batch_size,
         num_samples=num_samples, seed=seed, text_field=text_field, model_dtype=model_dtype, dtype=dtype,
+        **({"target_field": target_field} if seq2seq else {}),
         include_lm_head=include_lm_head, shard=[shard_index, shard_count], world=ranks.world, groups=groups,
     ), ranks.rank)
     if published and not overwrite and not ckpt.of_this_command():  # another command's grams: refused as ever
@@ -202,10 +201,10 @@ def compute_grams(
     ranks.barrier()
     progress, saved = ckpt.load(device if accumulate_on == "device" else "cpu")
 
-    batches = length_sorted_batches([len(ids) for ids in mine], batch_size)
-    tokens_per_pass = sum(map(len, mine))
+    batches = length_sorted_batches([batcher.length(row) for row in mine], batch_size)
+    tokens_per_pass = sum(map(batcher.length, mine))
     bar = tqdm(total=tokens_per_pass * len(groups), desc=f"grams {model_dir.name}", unit="tok", unit_scale=True, disable=not ranks.main or None)
-    bar.update(tokens_per_pass * progress.group + sum(len(mine[i]) for b in batches[: progress.batch] for i in b))
+    bar.update(tokens_per_pass * progress.group + sum(batcher.length(mine[i]) for b in batches[: progress.batch] for i in b))
     num_tokens = None
     for g, owners in enumerate(groups):
         if g < progress.group:
@@ -214,6 +213,7 @@ def compute_grams(
         acc = GramAccumulator(members, dtype=acc_dtype, device="cpu" if accumulate_on == "cpu" else None,
                               stop_after=[m for m in order if m in members][-1])
         acc.keys = {m: keys[m] for m in members}
+        acc.streams = {m: streams[m] for m in members}
         acc.sums = {o: torch.zeros(in_features[o], in_features[o], dtype=acc_dtype, device=device if accumulate_on == "device" else "cpu") for o in owners}
         start = 0
         if g == progress.group and progress.batch:
@@ -222,9 +222,9 @@ def compute_grams(
                 acc.sums[key].copy_(value)
         try:
             for b in range(start, len(batches)):
-                ids, mask = pad_batch([mine[i] for i in batches[b]], pad, side)
-                acc.forward(model, ids.to(device), mask.to(device))
-                bar.update(int(mask.sum()))
+                inputs, masks = batcher.batch([mine[i] for i in batches[b]], device)
+                acc.forward_batch(model, inputs, masks)
+                bar.update(sum(int(mask.sum()) for mask in masks.values()))
                 if checkpoint_every and (b + 1) % checkpoint_every == 0 and b + 1 < len(batches):
                     ckpt.save(Progress(g, b + 1, acc.num_tokens), acc.sums)
         finally:
@@ -246,6 +246,8 @@ def compute_grams(
         num_tokens = progress.num_tokens
     if ranks.main:
         calibration = {"sha256": sha256_of(data), "rows": len(selected), "text_field": text_field, "num_samples": num_samples, "seed": seed, "max_length": max_length}
+        if seq2seq:  # num_tokens counts encoder tokens; decoder grams are divided by it too
+            calibration["target_field"] = target_field
         ckpt.publish(
             sorted({file_for(o) for o in keys.values()}), keys, num_tokens=num_tokens, model=str(model_dir), dtype=dtype,
             shard=f"{shard_index}/{shard_count}" if shard_count > 1 else None,
