@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported by the loaders only: `is_encoder_decoder` stays light
+    import torch
 
 
 def is_encoder_decoder(model_dir: str | Path) -> bool:
@@ -26,26 +28,28 @@ def auto_model_class(model_dir: str | Path):
     return AutoModelForSeq2SeqLM if is_encoder_decoder(model_dir) else AutoModelForCausalLM
 
 
-def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None, trust_remote_code: bool = False):
     """Return `(model, tokenizer)` from a local HF directory, in eval mode on `device`, with the
     auto class that fits it (`auto_model_class`)."""
+    import torch
     from transformers import AutoTokenizer
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: no config.json; expected a Hugging Face model directory")
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    model = auto_model_class(model_dir).from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = auto_model_class(model_dir).from_pretrained(model_dir, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
     return model.to(device).eval(), tokenizer
 
 
-def load_causal_lm(model_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+def load_causal_lm(model_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None, trust_remote_code: bool = False):
     """Return `(model, tokenizer)` of a causal LM from a local HF directory, in eval mode on `device`."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: no config.json; expected a Hugging Face model directory")
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
     return model.to(device).eval(), tokenizer

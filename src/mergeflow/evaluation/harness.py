@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import atomic_dir, check_replaceable, write_json
+from ..models import is_encoder_decoder
 from ..params import EvalParams
 from .backends import make_lm, resolve_backend
 from .code_eval import code_execution, is_code_task
@@ -159,7 +160,7 @@ def evaluate_model(
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: no config.json; expected a Hugging Face model directory")
     if lm is None:
-        resolve_backend(params.backend)  # a missing vllm is reported before any work
+        resolve_backend(params.backend, seq2seq=is_encoder_decoder(model_dir))  # a missing vllm is reported before any work
     if log_dir is not None:
         check_log_dir(log_dir, [model_dir])  # before minutes of evaluation, not after
     unknown_files = sorted(set(params.data_files) - set(tasks))
