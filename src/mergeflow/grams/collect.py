@@ -26,6 +26,7 @@ from ..models import is_encoder_decoder, load_model
 from .accumulate import GramAccumulator, symmetric
 from .batches import CausalBatches, pad_batch  # noqa: F401  pad_batch: where callers found it before
 from .data import load_rows, parse_shard, slice_of, tokenize
+from .moe import fused_expert_warning, fused_experts, input_width, routers
 from .seq2seq import Seq2SeqBatches, decoder_start_id, load_pairs, tokenize_pairs
 from .format import check_gram_output, file_for, model_identity, sha256_of
 from .resume import Checkpoint, Progress, file_identity, fingerprint
@@ -174,7 +175,10 @@ def compute_grams(
     else:
         batcher, encoded = CausalBatches(tokenizer), tokenize(rows, tokenizer, max_length)
     mine = [encoded[i] for i in slice_of(len(encoded), ranks.rank, ranks.world)]
-    linears = block_linears(model, include_lm_head)
+    linears = {**block_linears(model, include_lm_head), **routers(model)}
+    fused = fused_experts(model)
+    if fused and ranks.main:
+        log.warning("%s: %s", model_dir, fused_expert_warning(fused))
     if not linears:
         raise ValueError(f"{model_dir}: no nn.Linear inside transformer blocks (`layers.N.`) to compute grams for")
 
@@ -184,7 +188,7 @@ def compute_grams(
     finally:
         probe.close()
     keys, order, streams = probe.keys, probe.order, probe.streams
-    in_features = {name: linears[name].in_features for name in keys}
+    in_features = {name: input_width(linears[name]) for name in keys}
     groups = plan_groups(order, keys, in_features, acc_dtype.itemsize, budget)
 
     weights = sorted(p for p in model_dir.iterdir() if p.suffix == ".safetensors" or p.name == "config.json")
