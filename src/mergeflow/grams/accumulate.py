@@ -10,6 +10,8 @@ Encoder-decoders have two token streams, each with its own padding mask: a modul
 learnt from the number of tokens its input holds (a probe batch gives the encoder and the decoder
 different lengths), so cross-attention k/v, fed encoder outputs, take the encoder's mask and
 every other decoder module the decoder's.
+Experts of a mixture-of-experts block fused into 3-D parameters are hooked once per block
+(`moe.ExpertSlot`): each expert's gram covers the tokens routed to it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Optional
 
 import torch
 from torch import nn
+
+from .moe import ExpertSlot, expert_inputs
 
 PANEL = 128  # inputs narrower than 2 panels are multiplied whole
 
@@ -66,9 +70,15 @@ class GramAccumulator:
         self._accumulate = False
         self._unpadded: dict[str, bool] = {}
         self._seen: dict[int, tuple[weakref.ref, str]] = {}
-        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in linears.items()]
+        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in linears.items() if not isinstance(m, ExpertSlot)]
+        blocks: dict[int, tuple[nn.Module, list[str]]] = {}
+        for name, m in linears.items():
+            if isinstance(m, ExpertSlot):
+                blocks.setdefault(id(m.experts), (m.experts, []))[1].append(name)
+        self._handles += [experts.register_forward_pre_hook(self._experts_hook(names)) for experts, names in blocks.values()]
         if stop_after is not None:
-            self._handles.append(linears[stop_after].register_forward_hook(self._stop))
+            target = linears[stop_after]
+            self._handles.append((target.experts if isinstance(target, ExpertSlot) else target).register_forward_hook(self._stop))
 
     @staticmethod
     def _stop(module, args, output):
@@ -92,11 +102,38 @@ class GramAccumulator:
             rows = x.reshape(-1, x.shape[-1])
             if not self._unpadded[stream]:  # boolean indexing copies: skip it when no token is padding
                 rows = rows[self._masks[stream]]
-            device = self.device or rows.device
-            rows = rows.to(device=device, dtype=self.dtype)
-            if name not in self.sums:
-                self.sums[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=self.dtype, device=device)
-            add_gram(self.sums[name], rows)
+            self._add(name, rows)
+
+        return hook
+
+    def _add(self, owner: str, rows: torch.Tensor) -> None:
+        device = self.device or rows.device
+        rows = rows.to(device=device, dtype=self.dtype)
+        if owner not in self.sums:
+            self.sums[owner] = torch.zeros(rows.shape[-1], rows.shape[-1], dtype=self.dtype, device=device)
+        add_gram(self.sums[owner], rows)
+
+    def _experts_hook(self, names: list[str]):
+        """One fused experts module's slots: expert e's gate/up share the inputs routed to e (one
+        key, the first slot's name), its down projection the gated intermediate states."""
+        slots = {name: self.linears[name] for name in sorted(names)}
+        owners: dict[tuple[int, str], str] = {}
+        for name, slot in slots.items():
+            owners.setdefault((slot.index, slot.kind), name)
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            hidden, routed_to = args[0], args[1]
+            for name, slot in slots.items():
+                if name not in self.keys:
+                    self.order.append(name)
+                self.keys.setdefault(name, owners[slot.index, slot.kind])
+                stream = self.streams.get(name) or self._learn_stream(name, hidden)
+            if not self._accumulate:
+                return
+            mask = None if self._unpadded[stream] else self._masks[stream]
+            wanted = {key for key in owners if self.keys.get(owners[key]) == owners[key]}
+            for (index, kind), rows in expert_inputs(module, hidden, routed_to, mask, wanted):
+                self._add(owners[index, kind], rows)
 
         return hook
 

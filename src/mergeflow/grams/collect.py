@@ -26,7 +26,7 @@ from ..models import is_encoder_decoder, load_model
 from .accumulate import GramAccumulator, symmetric
 from .batches import CausalBatches, pad_batch  # noqa: F401  pad_batch: where callers found it before
 from .data import load_rows, parse_shard, slice_of, tokenize
-from .moe import fused_expert_warning, fused_experts, input_width, routers
+from .moe import expert_slots, fused_expert_warning, input_width, routers
 from .seq2seq import Seq2SeqBatches, decoder_start_id, load_pairs, tokenize_pairs
 from .format import check_gram_output, file_for, model_identity, sha256_of
 from .resume import Checkpoint, Progress, file_identity, fingerprint
@@ -175,10 +175,10 @@ def compute_grams(
     else:
         batcher, encoded = CausalBatches(tokenizer), tokenize(rows, tokenizer, max_length)
     mine = [encoded[i] for i in slice_of(len(encoded), ranks.rank, ranks.world)]
-    linears = {**block_linears(model, include_lm_head), **routers(model)}
-    fused = fused_experts(model)
-    if fused and ranks.main:
-        log.warning("%s: %s", model_dir, fused_expert_warning(fused))
+    slots, unsolved = expert_slots(model)  # MoE: one gram per saved expert tensor, over the tokens routed to it
+    linears = {**block_linears(model, include_lm_head), **routers(model), **slots}
+    if unsolved and ranks.main:
+        log.warning("%s: %s", model_dir, fused_expert_warning(unsolved))
     if not linears:
         raise ValueError(f"{model_dir}: no nn.Linear inside transformer blocks (`layers.N.`) to compute grams for")
 
