@@ -8,6 +8,7 @@ loading."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -163,3 +164,17 @@ def test_other_methods_merge_moe(moe, tmp_path, method):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / method)
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
+
+
+def test_moe_grams_in_layer_groups_equal_one_pass(moe, tmp_path, caplog):
+    """`max_gram_memory` splits the layers into passes that stop after their last module, an experts block included."""
+    family, experts, grams, _ = moe
+    data = tmp_path / "calib.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    with caplog.at_level(logging.INFO, logger="mergeflow.grams.collect"):  # about 32 and 37 KB of float64 grams per layer
+        compute_grams(experts[0], data, tmp_path / "g", max_length=16, batch_size=2, dtype="float64", max_gram_memory="40KB")
+    assert ", 2 pass(es) -> " in caplog.text
+    whole, parts = GramDir.open(grams[0]), GramDir.open(tmp_path / "g")
+    assert parts.modules == whole.modules
+    for module in whole.modules:
+        torch.testing.assert_close(parts.load(module), whole.load(module), rtol=1e-12, atol=1e-12)
