@@ -148,3 +148,31 @@ def test_other_methods_merge_t5(t5_experts, tmp_path, method):
     with torch.no_grad():
         logits = model(**tok(["the dog"], return_tensors="pt"), decoder_input_ids=torch.zeros(1, 2, dtype=torch.long)).logits
     assert torch.isfinite(logits).all()
+
+
+def test_encoder_decoders_run_on_lm_evals_seq2seq_hf_model(t5_experts):
+    from mergeflow.evaluation.backends import model_args, resolve_backend
+    from mergeflow.params import EvalParams
+
+    params = EvalParams.model_validate({"hf": {"dtype": "float32", "batch_size": 4, "device": "cpu"}})
+    assert model_args("hf", t5_experts[0], params) == {
+        "pretrained": str(t5_experts[0]), "dtype": "float32", "batch_size": 4, "device": "cpu", "trust_remote_code": False, "backend": "seq2seq"}
+    assert resolve_backend("auto", has_vllm=True, has_cuda=True, seq2seq=True) == "hf"
+    with pytest.raises(ValueError, match=r"^eval.backend is vllm but the model is an encoder-decoder \(T5, BART\), which lm-eval's vLLM model does not run; set eval.backend: hf or auto$"):
+        resolve_backend("vllm", has_vllm=True, seq2seq=True)
+
+
+def test_submission_with_a_t5(t5_experts, tmp_path, caplog):
+    import pandas as pd
+
+    from mergeflow.params import EvalParams
+    from mergeflow.submission import write_submission
+
+    test = tmp_path / "test.csv"
+    pd.DataFrame({"id": [7, 8], "input": ["Pick the colour of the sky:", "the lazy dog " * 30], "eval_type": ["multiple_choice"] * 2,
+                  "answer_choices": ["['blue', 'green', 'red']", "['yes', 'no']"]}).to_csv(test, index=False)
+    params = EvalParams.model_validate({"backend": "auto", "hf": {"dtype": "float32", "batch_size": 4, "device": "cpu"}})
+    with caplog.at_level(logging.WARNING):
+        frame = write_submission(t5_experts[0], test, tmp_path / "submission.csv", params=params)
+    assert frame["id"].tolist() == [7, 8] and frame["prediction"].astype(int).tolist()[0] in (0, 1, 2)
+    assert "row id=8: input longer than the model's 64 tokens" in caplog.text and "the encoder keeps the last 64 tokens" in caplog.text
