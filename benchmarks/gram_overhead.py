@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mergeflow.grams.accumulate import GramAccumulator, panel_bounds
-from mergeflow.grams.collect import block_linears
+from mergeflow.grams.accumulate import GramAccumulator, panel_bounds, probe_inputs
+from mergeflow.grams.modules import discover
 
 HERE = Path(__file__).parent
 
@@ -84,7 +84,8 @@ def overhead(args) -> dict:
     dtype = getattr(torch, args.dtype)
     model = LlamaForCausalLM(cfg).to(device=args.device, dtype=dtype).eval()
     params = sum(p.numel() for p in model.parameters())
-    linears = block_linears(model, include_lm_head=True)
+    modules = discover(model, include_lm_head=True)
+    linears = modules.linears()
     batches = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=args.device) for _ in range(args.batches)]
     mask = torch.ones(args.batch, args.seq, dtype=torch.long, device=args.device)
 
@@ -103,16 +104,16 @@ def overhead(args) -> dict:
         finally:
             hooks.close()
 
-    acc_keys = {}
+    acc_keys, _ = probe_inputs(model, linears, batches[0][:1, :8], mask[:1, :8])
+    in_features = {k: modules.solved[k].in_features for k in set(acc_keys.values())}
 
     def ours():
-        acc = GramAccumulator(linears)
+        acc = GramAccumulator(linears, acc_keys, in_features, device=args.device)
         try:
             for ids in batches:
                 acc.forward(model, ids, mask)
         finally:
             acc.close()
-        acc_keys.update(acc.keys)
 
     runs = {"forward": plain, "reference": reference, "mergeflow": ours}
     times = {k: [] for k in runs}

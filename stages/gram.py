@@ -19,7 +19,7 @@ def add_arguments(parser):
 
 
 def main(args, params):
-    compute_grams(args.model, args.data, args.out, shard=args.shard, **params.gram.model_dump())
+    compute_grams(args.model, args.data, args.out, params.gram, shard=args.shard)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def main(args, params):
     m = params.merge
     options = MergeOptions(
         alpha=params.alpha, weights=tuple(m.weights) if m.weights else None, scaling=m.scaling, density=m.density,
-        solver_dtype=getattr(torch, m.solver_dtype), device=m.device,
+        solver_dtype=getattr(torch, m.solver_dtype), device=m.device, regmean_bias=m.regmean_bias,
     )
     method = get_method(params.method)(options)
     merge_models(

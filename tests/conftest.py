@@ -52,11 +52,12 @@ def calib_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def gram_dirs(experts, calib_file, tmp_path_factory) -> list[Path]:
     from mergeflow.grams.collect import compute_grams
+    from mergeflow.params import GramParams
 
     root = tmp_path_factory.mktemp("grams")
     outs = [root / f"g{i}" for i in range(len(experts))]
     for expert, out in zip(experts, outs):
-        compute_grams(expert, calib_file, out, max_length=16, batch_size=3)
+        compute_grams(expert, calib_file, out, GramParams(max_length=16, batch_size=3))
     return outs
 
 

@@ -132,14 +132,14 @@ def test_merge_options_default_to_the_params_defaults():
 
 
 def test_library_entry_points_default_to_the_params_defaults():
-    """compute_grams spells out the params' defaults in its signature: this keeps them in step."""
+    """write_submission spells out the params' defaults in its signature: this keeps them in step
+    (compute_grams takes the GramParams object itself)."""
     import inspect
 
-    from mergeflow.grams.collect import compute_grams
-    from mergeflow.params import GramParams, SubmitParams
+    from mergeflow.params import SubmitParams
     from mergeflow.submission import write_submission
 
-    for fn, group, model in [(compute_grams, "gram", GramParams), (write_submission, "submit", SubmitParams)]:
+    for fn, group, model in [(write_submission, "submit", SubmitParams)]:
         signature = inspect.signature(fn).parameters
         for name in model.model_fields:
             default = field_default(f"{group}.{name}")[0]

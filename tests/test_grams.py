@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from mergeflow.grams import FORMAT, GramDir
-from mergeflow.grams.collect import block_linears, compute_grams, read_texts
+from mergeflow.grams.collect import compute_grams
+from mergeflow.grams.data import load_rows as read_texts
+from mergeflow.grams.modules import discover
+from mergeflow.params import GramParams
 from mergeflow.models import load_causal_lm
 
 
@@ -18,7 +21,7 @@ def direct_grams(model_dir, texts, max_length):
     model.double()
     sums: dict[str, torch.Tensor] = {}
     hooks = []
-    for name, linear in block_linears(model).items():
+    for name, linear in discover(model).linears().items():
         def hook(mod, args, name=name):
             x = args[0].reshape(-1, args[0].shape[-1])
             sums[name] = sums.get(name, 0) + x.T @ x
@@ -68,7 +71,7 @@ def test_grams_are_float32_sums_of_right_shape(gram_dirs):
 
 
 def test_num_samples_and_max_length_limit_the_tokens(experts, calib_file, tmp_path):
-    n = compute_grams(experts[0], calib_file, tmp_path / "g", max_length=4, num_samples=3)
+    n = compute_grams(experts[0], calib_file, tmp_path / "g", GramParams(max_length=4, num_samples=3))
     assert n == sum(min(4, len(t)) for t in read_texts(calib_file)[:3])
 
 

@@ -18,12 +18,13 @@ from helpers import bytes_lost, dead_pid, killed_at, refused, report, run_cli, s
 from mergeflow import io
 from mergeflow.grams import GramDir
 from mergeflow.grams.collect import compute_grams
+from mergeflow.params import GramParams
 from mergeflow.grams.combine import sum_grams
 
 pytestmark = pytest.mark.faults
 
 # float64 sums and a 11 KB cap: one pass per layer, so a kill can fall between two layer groups
-KWARGS = dict(max_length=16, batch_size=3, dtype="float64", max_gram_memory="11KB")
+CONFIG = GramParams(max_length=16, batch_size=3, dtype="float64", max_gram_memory="11KB")
 CLI_ARGS = ["--max-length", "16", "--batch-size", "3", "--dtype", "float64", "--max-gram-memory", "11KB"]
 PHASES = [
     "grams:group-written",  # a finished layer file in the checkpoint, its record not yet
@@ -46,7 +47,7 @@ def debris(root: Path) -> list[str]:
 def reference(experts, calib_file, tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """An uninterrupted run: the bytes every interrupted-then-rerun one must reproduce."""
     out = tmp_path_factory.mktemp("reference") / "g"
-    compute_grams(experts[0], calib_file, out, **KWARGS)
+    compute_grams(experts[0], calib_file, out, CONFIG)
     return out, snapshot(out)
 
 
@@ -62,14 +63,14 @@ def interrupted_at(fault: str, monkeypatch, *args) -> None:
     """A gram run in this process, interrupted by Ctrl-C at fault point `fault`."""
     monkeypatch.setenv("MERGEFLOW_FAULT", fault)
     with pytest.raises(KeyboardInterrupt, match=f"MERGEFLOW_FAULT={fault}"):
-        compute_grams(*args, **KWARGS)
+        compute_grams(*args, CONFIG)
     monkeypatch.delenv("MERGEFLOW_FAULT")
 
 
 def check_rerun(record_property, experts, calib_file, reference, out, old, fault, signal_name) -> None:
     expected = reference[1]
     assert snapshot(out) in ({}, old, expected), f"{fault}: the output is neither absent nor complete after the interrupt"
-    compute_grams(experts[0], calib_file, out, **KWARGS)
+    compute_grams(experts[0], calib_file, out, CONFIG)
     assert snapshot(out) == expected
     assert debris(out.parent) == []
     report(record_property, f"{signal_name} at {fault} (gram finalisation)", "recovered: rerun gave the uninterrupted bytes, no debris", bytes_lost(expected, out))
@@ -126,7 +127,7 @@ def test_a_checkpoint_of_a_live_or_unknown_run_is_not_touched(owner, experts, ca
         assert why.startswith(f"PID {parent.pid} still runs")
     before = snapshot(partial)
     with pytest.raises(BlockingIOError) as err:
-        compute_grams(experts[0], calib_file, tmp_path / "g", **KWARGS)
+        compute_grams(experts[0], calib_file, tmp_path / "g", CONFIG)
     assert str(err.value) == (
         f"{partial}: the checkpoint of a gram run for {tmp_path / 'g'} that may still be in use ({why}); "
         f"wait for its run to finish or stop it, then rerun (if none runs any more, remove it: rm -rf '{partial}')"
@@ -143,7 +144,7 @@ def test_a_checkpoint_whose_owner_died_is_resumed_and_says_why(experts, calib_fi
     owner = json.loads(owner_file.read_text())
     owner_file.write_text(json.dumps({**owner, "pid": dead}))  # as if that finished process had written it
     with caplog.at_level("INFO", logger="mergeflow"):
-        compute_grams(experts[0], calib_file, out, **KWARGS)
+        compute_grams(experts[0], calib_file, out, CONFIG)
     assert f"a checkpoint of this command, left by an interrupted run (no process has PID {dead} any more" in caplog.text
     assert "layer group 2, batch 0" in caplog.text  # nothing recomputed: both groups were done
     assert snapshot(out) == reference[1] and debris(tmp_path) == []
@@ -155,7 +156,7 @@ def test_a_checkpoint_missing_a_finished_layer_is_not_built_on(experts, calib_fi
     interrupted_at("grams:publish-begin", monkeypatch, experts[0], calib_file, out)
     (tmp_path / ".g.partial" / "done" / "layer_000.safetensors").unlink()  # what the old code's move lost
     with caplog.at_level("WARNING", logger="mergeflow"):
-        compute_grams(experts[0], calib_file, out, **KWARGS)
+        compute_grams(experts[0], calib_file, out, CONFIG)
     assert f"{tmp_path / '.g.partial'}: finished layer files ['layer_000.safetensors'] are missing or damaged; starting over" in caplog.text
     assert snapshot(out) == reference[1] and debris(tmp_path) == []
     report(record_property, "gram checkpoint that lost a finished layer", "recovered: recomputed instead of publishing a broken dir")
@@ -167,9 +168,9 @@ def test_a_checkpoint_missing_a_finished_layer_is_not_built_on(experts, calib_fi
 def shards(experts, calib_file, tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("shards")
     for i in range(2):
-        compute_grams(experts[0], calib_file, root / f"part{i}", max_length=16, shard=f"{i}/2")
-    compute_grams(experts[1], calib_file, root / "other-model", max_length=16, shard="1/2")
-    compute_grams(experts[0], calib_file, root / "other-length", max_length=8, shard="1/2")
+        compute_grams(experts[0], calib_file, root / f"part{i}", GramParams(max_length=16), shard=f"{i}/2")
+    compute_grams(experts[1], calib_file, root / "other-model", GramParams(max_length=16), shard="1/2")
+    compute_grams(experts[0], calib_file, root / "other-length", GramParams(max_length=8), shard="1/2")
     return root
 
 
@@ -298,14 +299,14 @@ def test_disk_full_is_one_line_and_the_rerun_keeps_the_finished_layers(experts, 
 
     monkeypatch.setattr(gram_format, "save_file", fills_the_disk)
     with pytest.raises(OSError) as err:
-        compute_grams(experts[0], calib_file, out, **KWARGS)
+        compute_grams(experts[0], calib_file, out, CONFIG)
     done = out.parent / ".g.partial" / "done"
     assert str(err.value).startswith(f"{done / 'layer_001.safetensors'}: no space left on the device; ")
     assert str(err.value).endswith("GB free there: free space on that disk (or write the grams to another one) and rerun the same command; "
                                    "layers already finished are kept and not computed again")
     assert "\n" not in str(err.value) and snapshot(out) == old and (done / "layer_000.safetensors").is_file()
     monkeypatch.setattr(gram_format, "save_file", real)
-    compute_grams(experts[0], calib_file, out, **KWARGS)
+    compute_grams(experts[0], calib_file, out, CONFIG)
     assert snapshot(out) == reference[1] and debris(out.parent) == []
     report(record_property, "disk full while writing grams (SafetensorError)", "refused: one line with the path; rerun resumed")
 
@@ -339,7 +340,7 @@ def test_bad_calibration_file_is_one_line_naming_it(name, experts, previous, rec
     path = out.parent / name
     path.write_bytes(content)
     with pytest.raises(ValueError) as err:
-        compute_grams(experts[0], path, out, **KWARGS)
+        compute_grams(experts[0], path, out, CONFIG)
     assert str(err.value) == f"{path}: " + reason.replace("{path}", str(path))
     assert snapshot(out) == old and debris(out.parent) == []
     report(record_property, f"calibration file: {name}", "refused: one line naming the file (and line or row)")
@@ -358,7 +359,7 @@ def test_grams_never_replace_what_mergeflow_did_not_write(experts, calib_file, t
     shutil.copytree(experts[0], victim)
     before = snapshot(victim)
     with pytest.raises(FileExistsError) as err:
-        compute_grams(experts[0], calib_file, victim, **KWARGS)
+        compute_grams(experts[0], calib_file, victim, CONFIG)
     assert str(err.value) == f"{victim}: --out exists and is not a gram mergeflow wrote; mergeflow never replaces it: choose another --out or remove it yourself"
     assert snapshot(victim) == before and debris(tmp_path) == []
     report(record_property, "grams --out naming a model directory", "refused: names the directory")

@@ -21,6 +21,7 @@ import torch
 from mergeflow.grams import GramDir
 from mergeflow.grams.accumulate import add_gram, symmetric
 from mergeflow.grams.collect import compute_grams
+from mergeflow.params import GramParams
 from mergeflow.grams.combine import sum_grams
 from mergeflow.grams.importer import import_grams
 from test_grams import direct_grams
@@ -63,7 +64,7 @@ def test_float64_grams_equal_direct_computation_with_either_padding(side, expert
 
     model = padded_on(experts[0], side, tmp_path / "expert")
     assert AutoTokenizer.from_pretrained(model).padding_side == side
-    n = compute_grams(model, calib_file, tmp_path / "g", max_length=16, batch_size=3, dtype="float64")
+    n = compute_grams(model, calib_file, tmp_path / "g", GramParams(max_length=16, batch_size=3, dtype="float64"))
     expected, tokens = direct_grams(experts[0], TEXTS, max_length=16)
     grams = GramDir.open(tmp_path / "g")
     assert n == tokens == grams.num_tokens
@@ -87,19 +88,19 @@ def test_symmetric_product_equals_the_full_product():
 def test_layer_groups_give_the_same_grams_as_one_pass(experts, calib_file, gram_dirs, tmp_path, caplog):
     # one layer's distinct inputs: 3 x 16^2 + 24^2 floats = 5376 bytes; a 6 KB cap forces one pass per layer
     with caplog.at_level("INFO", logger="mergeflow"):
-        compute_grams(experts[0], calib_file, tmp_path / "g", max_length=16, batch_size=3, max_gram_memory="6KB")
+        compute_grams(experts[0], calib_file, tmp_path / "g", GramParams(max_length=16, batch_size=3, max_gram_memory="6KB"))
     assert "2 pass(es)" in caplog.text
     assert_same_grams(tmp_path / "g", gram_dirs[0])
     with pytest.raises(ValueError, match=r"max_gram_memory 1000 bytes is below .* one layer \(layer_000\.safetensors\)"):
-        compute_grams(experts[0], calib_file, tmp_path / "h", max_length=16, max_gram_memory="1KB")
+        compute_grams(experts[0], calib_file, tmp_path / "h", GramParams(max_length=16, max_gram_memory="1KB"))
     assert not (tmp_path / "h").exists()
 
 
 def test_resume_after_an_interruption_gives_the_same_grams(experts, calib_file, tmp_path, monkeypatch):
     from mergeflow.grams import resume
 
-    kwargs = dict(max_length=16, batch_size=1, dtype="float64", checkpoint_every=2, max_gram_memory="11KB")  # float64: a pass per layer
-    compute_grams(experts[0], calib_file, tmp_path / "whole", **kwargs)
+    config = GramParams(max_length=16, batch_size=1, dtype="float64", checkpoint_every=2, max_gram_memory="11KB")  # float64: a pass per layer
+    compute_grams(experts[0], calib_file, tmp_path / "whole", config)
     saves = []
     original = resume.Checkpoint.save
 
@@ -111,11 +112,11 @@ def test_resume_after_an_interruption_gives_the_same_grams(experts, calib_file, 
 
     monkeypatch.setattr(resume.Checkpoint, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        compute_grams(experts[0], calib_file, tmp_path / "g", **kwargs)
+        compute_grams(experts[0], calib_file, tmp_path / "g", config)
     assert not (tmp_path / "g").exists() and (tmp_path / ".g.partial" / "done" / "layer_000.safetensors").is_file()
     assert saves[-1].group == 1 and saves[-1].batch == 2
     monkeypatch.setattr(resume.Checkpoint, "save", original)
-    compute_grams(experts[0], calib_file, tmp_path / "g", **kwargs)
+    compute_grams(experts[0], calib_file, tmp_path / "g", config)
     assert_same_grams(tmp_path / "g", tmp_path / "whole", exact=True)  # float64: identical
     assert not (tmp_path / ".g.partial").exists()
 
@@ -127,7 +128,7 @@ def test_a_checkpoint_of_another_command_is_discarded(experts, calib_file, tmp_p
     (stale / "rank0.json").write_text("{}")
     (stale / "owner.json").write_text(json.dumps({"pid": os.getpid(), "start": 0, "boot": "an-earlier-boot", "host": socket.gethostname()}))
     with caplog.at_level("WARNING"):
-        compute_grams(experts[0], calib_file, tmp_path / "g", max_length=16, batch_size=3)
+        compute_grams(experts[0], calib_file, tmp_path / "g", GramParams(max_length=16, batch_size=3))
     assert "a checkpoint of a different command" in caplog.text and "ran under boot an-earlier-boot, this machine has booted since" in caplog.text
     assert GramDir.open(tmp_path / "g").num_tokens > 0 and not stale.exists()
 
@@ -139,7 +140,7 @@ def mergeflow_cmd(*args) -> list[str]:
 def test_killed_cli_run_resumes_to_the_same_grams(experts, tmp_path):
     data = write_jsonl(tmp_path / "calib.jsonl", [{"text": t * (1 + i % 3)} for i, t in enumerate(TEXTS * 15)])
     args = ["grams", "--model", experts[0], "--data", data, "--max-length", 32, "--batch-size", 1, "--dtype", "float64", "--checkpoint-every", 3]
-    compute_grams(experts[0], data, tmp_path / "whole", max_length=32, batch_size=1, dtype="float64")
+    compute_grams(experts[0], data, tmp_path / "whole", GramParams(max_length=32, batch_size=1, dtype="float64"))
     proc = subprocess.Popen(mergeflow_cmd(*args, "--out", tmp_path / "g"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state = tmp_path / ".g.partial" / "rank0.json"
     deadline = time.time() + 120
@@ -157,7 +158,7 @@ def test_killed_cli_run_resumes_to_the_same_grams(experts, tmp_path):
 
 def test_torchrun_two_ranks_equal_one_process(experts, calib_file, tmp_path):
     args = ["grams", "--model", experts[0], "--data", calib_file, "--max-length", 16, "--batch-size", 2, "--dtype", "float64"]
-    compute_grams(experts[0], calib_file, tmp_path / "one", max_length=16, batch_size=2, dtype="float64")
+    compute_grams(experts[0], calib_file, tmp_path / "one", GramParams(max_length=16, batch_size=2, dtype="float64"))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([*torchrun, "-m", "mergeflow", *map(str, args), "--out", tmp_path / "two"], capture_output=True, text=True, env=env, timeout=300)
@@ -166,9 +167,9 @@ def test_torchrun_two_ranks_equal_one_process(experts, calib_file, tmp_path):
 
 
 def test_shards_summed_equal_the_whole(experts, calib_file, tmp_path):
-    kwargs = dict(max_length=16, batch_size=2, dtype="float64")
-    whole = compute_grams(experts[0], calib_file, tmp_path / "whole", **kwargs)
-    parts = [compute_grams(experts[0], calib_file, tmp_path / f"part{i}", shard=f"{i}/3", **kwargs) for i in range(3)]
+    config = GramParams(max_length=16, batch_size=2, dtype="float64")
+    whole = compute_grams(experts[0], calib_file, tmp_path / "whole", config)
+    parts = [compute_grams(experts[0], calib_file, tmp_path / f"part{i}", config, shard=f"{i}/3") for i in range(3)]
     assert sum(parts) == whole and all(p > 0 for p in parts)
     assert json.loads((tmp_path / "part1" / "grams.json").read_text())["shard"] == "1/3"
     sum_grams([tmp_path / f"part{i}" for i in range(3)], tmp_path / "sum")
@@ -309,12 +310,12 @@ def test_chat_messages_are_rendered_with_the_chat_template(experts, tmp_path):
     messages = [{"role": "user", "content": "1+2"}, {"role": "assistant", "content": "3"}]
     sharegpt = [{"from": "human", "value": "1+2"}]
     data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}, {"messages": sharegpt}])
-    n = compute_grams(model, data, tmp_path / "g", text_field="messages", max_length=64)
+    n = compute_grams(model, data, tmp_path / "g", GramParams(text_field="messages", max_length=64))
     rendered = ["user:1+2\nassistant:3\n", "user:1+2\n"]
     assert n == sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in rendered)
     assert tokenize([messages], tok, 4) == [tok(rendered[0], add_special_tokens=False)["input_ids"][:4]]
     with pytest.raises(ValueError, match=r"chat messages but the tokenizer has no chat template"):
-        compute_grams(experts[0], data, tmp_path / "h", text_field="messages")
+        compute_grams(experts[0], data, tmp_path / "h", GramParams(text_field="messages"))
 
 
 def test_bad_inputs_are_clear_errors_and_leave_nothing(experts, calib_file, tmp_path):
@@ -322,8 +323,8 @@ def test_bad_inputs_are_clear_errors_and_leave_nothing(experts, calib_file, tmp_
     no_config.mkdir()
     with pytest.raises(FileNotFoundError, match=r"noconfig: no config\.json"):
         compute_grams(no_config, calib_file, tmp_path / "g")
-    with pytest.raises(ValueError, match=r"max_length and batch_size must be at least 1"):
-        compute_grams(experts[0], calib_file, tmp_path / "g", max_length=0)
+    with pytest.raises(ValueError, match=r"max_length\n  Input should be greater than or equal to 1"):
+        compute_grams(experts[0], calib_file, tmp_path / "g", GramParams(max_length=0))
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(ValueError, match=r"empty\.csv: is empty"):
         compute_grams(experts[0], tmp_path / "empty.csv", tmp_path / "g")

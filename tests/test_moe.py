@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
 from helpers import state
 from mergeflow.grams import GramDir
 from mergeflow.grams.collect import compute_grams
+from mergeflow.params import GramParams
 from mergeflow.grams.moe import expert_slots, fused_expert_warning
 from mergeflow.merge import merge_models
 from mergeflow.methods import MergeOptions, get_method
@@ -61,7 +62,7 @@ def moe(request, tmp_path_factory):
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     grams = [root / f"g{i}" for i in range(2)]
     for expert, out in zip(experts, grams):
-        compute_grams(expert, data, out, max_length=16, batch_size=2, dtype="float64")
+        compute_grams(expert, data, out, GramParams(max_length=16, batch_size=2, dtype="float64"))
     return family, experts, grams, make_moe(root / "base", family, seed=9)
 
 
@@ -172,7 +173,7 @@ def test_moe_grams_in_layer_groups_equal_one_pass(moe, tmp_path, caplog):
     data = tmp_path / "calib.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     with caplog.at_level(logging.INFO, logger="mergeflow.grams.collect"):  # about 32 and 37 KB of float64 grams per layer
-        compute_grams(experts[0], data, tmp_path / "g", max_length=16, batch_size=2, dtype="float64", max_gram_memory="40KB")
+        compute_grams(experts[0], data, tmp_path / "g", GramParams(max_length=16, batch_size=2, dtype="float64", max_gram_memory="40KB"))
     assert ", 2 pass(es) -> " in caplog.text
     whole, parts = GramDir.open(grams[0]), GramDir.open(tmp_path / "g")
     assert parts.modules == whole.modules

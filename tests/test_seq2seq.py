@@ -12,6 +12,7 @@ import torch
 from helpers import state
 from mergeflow.grams import GramDir
 from mergeflow.grams.collect import compute_grams
+from mergeflow.params import GramParams
 from mergeflow.merge import merge_models
 from mergeflow.methods import MergeOptions, get_method
 from mergeflow.models import load_model
@@ -45,7 +46,7 @@ def t5_grams(t5_experts, pairs_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("t5grams")
     outs = [root / f"g{i}" for i in range(2)]
     for expert, out in zip(t5_experts, outs):  # batches of 2 rows of unequal lengths on both sides: padding everywhere
-        compute_grams(expert, pairs_file, out, text_field="input", max_length=16, batch_size=2, dtype="float64")
+        compute_grams(expert, pairs_file, out, GramParams(text_field="input", max_length=16, batch_size=2, dtype="float64"))
     return outs
 
 
@@ -98,7 +99,7 @@ def test_rows_without_target_are_refused_naming_file_and_row(t5_experts, tmp_pat
     data = tmp_path / "pairs.jsonl"
     data.write_text('{"input": "a", "target": "b"}\n{"input": "c", "target": ""}\n{"input": "d"}\n')
     with pytest.raises(ValueError) as err:
-        compute_grams(t5_experts[0], data, tmp_path / "g", text_field="input")
+        compute_grams(t5_experts[0], data, tmp_path / "g", GramParams(text_field="input"))
     assert str(err.value) == (f"{data}: row 2 has no 'target' value; a seq2seq model is calibrated on input/target pairs "
                               "(the decoder is teacher-forced on the target): fill it in or drop the row")
     assert not (tmp_path / "g").exists()
@@ -109,7 +110,7 @@ def test_plain_text_rows_feed_the_encoder_and_the_decoder_its_start_token(t5_exp
     data = tmp_path / "plain.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with caplog.at_level(logging.WARNING):
-        compute_grams(t5_experts[0], data, tmp_path / "g", max_length=16, batch_size=2, dtype="float64")
+        compute_grams(t5_experts[0], data, tmp_path / "g", GramParams(max_length=16, batch_size=2, dtype="float64"))
     assert "rows have no 'target' field" in caplog.text and "the decoder sees only its start token" in caplog.text
     expected, _ = direct_grams(t5_experts[0], [{"input": r["text"]} for r in rows], max_length=16)
     grams = GramDir.open(tmp_path / "g")

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from mergeflow.grams import GramDir
 from mergeflow.grams.collect import compute_grams
+from mergeflow.params import GramParams
 from mergeflow.merge import merge_models
 from mergeflow.methods import MergeOptions, get_method
 from mergeflow.params import SmolLM2Params, load_params
@@ -137,7 +138,7 @@ def slice_experts(sliced, tmp_path_factory):
         tokenizer.save_pretrained(root / skill)
         calib = root / f"{skill}.jsonl"
         calib.write_text("".join(json.dumps({"messages": q.messages()}) + "\n" for q in chat_skills.sample(skill, 12, 10 + i)))
-        compute_grams(root / skill, calib, root / f"grams-{skill}", text_field="messages", max_length=64, batch_size=8)
+        compute_grams(root / skill, calib, root / f"grams-{skill}", GramParams(text_field="messages", max_length=64, batch_size=8))
         experts.append(root / skill)
         grams.append(root / f"grams-{skill}")
     return experts, grams

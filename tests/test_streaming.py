@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from helpers import make_tiny_llama, state
 from mergeflow.checkpoint import CheckpointReader, ShardedWriter, TensorSpec
 from mergeflow.grams.collect import compute_grams
+from mergeflow.params import GramParams
 from mergeflow.merge import merge_models
 from mergeflow.methods import MergeOptions, get_method
 
@@ -68,7 +69,7 @@ def test_streaming_in_row_blocks_equals_whole_tensors(experts, gram_dirs, tmp_pa
 def test_regmean_on_lm_head_when_asked(experts, calib_file, tmp_path):
     grams = []
     for i, e in enumerate(experts):
-        compute_grams(e, calib_file, tmp_path / f"g{i}", max_length=16, include_lm_head=True)
+        compute_grams(e, calib_file, tmp_path / f"g{i}", GramParams(max_length=16, include_lm_head=True))
         grams.append(tmp_path / f"g{i}")
     plain = merge_models(experts, get_method("regmean")(MergeOptions(alpha=0.5)), tmp_path / "plain", grams=grams)
     solved = merge_models(experts, get_method("regmean")(MergeOptions(alpha=0.5)), tmp_path / "head", grams=grams, lm_head=True)
@@ -91,7 +92,7 @@ def tied(tmp_path_factory, calib_file):
     models = [make_tiny_llama(root / f"t{i}", seed=10 + i, tie=True) for i in range(3)]
     grams = []
     for i, m in enumerate(models[:2]):
-        compute_grams(m, calib_file, root / f"g{i}", max_length=16, include_lm_head=True)
+        compute_grams(m, calib_file, root / f"g{i}", GramParams(max_length=16, include_lm_head=True))
         grams.append(root / f"g{i}")
     return models, grams
 

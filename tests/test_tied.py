@@ -16,6 +16,7 @@ from helpers import make_tiny_llama, state
 from safetensors.torch import load_file, save_file
 
 from mergeflow.grams.collect import compute_grams
+from mergeflow.params import GramParams
 from mergeflow.merge import merge_models
 from mergeflow.methods import MergeOptions, get_method
 
@@ -46,7 +47,7 @@ def tied(tmp_path_factory, calib_file):
         explicit.append(dst)
     grams = []
     for m in implicit[:2]:
-        compute_grams(m, calib_file, root / f"grams-{m.name}", max_length=16, include_lm_head=True)
+        compute_grams(m, calib_file, root / f"grams-{m.name}", GramParams(max_length=16, include_lm_head=True))
         grams.append(root / f"grams-{m.name}")
     return {"implicit": implicit, "explicit": explicit}, grams
 

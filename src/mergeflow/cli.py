@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Optional
 
 import click
 
@@ -70,7 +71,21 @@ def grams() -> None:
     """Compute, add, import and verify RegMean grams (`mergeflow grams compute` is the default)."""
 
 
+def list_modules(ctx: click.Context, param: click.Parameter, model: Optional[Path]) -> None:
+    """`--list-modules MODEL`: print what RegMean would solve and what would be averaged, then exit."""
+    if model is None or ctx.resilient_parsing:
+        return
+    from .grams.modules import discover_dir, listing
+
+    modules, names = discover_dir(model)
+    click.echo(listing(modules, names))
+    click.echo("(with --lm-head the output layer is solved too, unless tied to the input embeddings)")
+    ctx.exit()
+
+
 @grams.command("compute")
+@click.option("--list-modules", type=EXISTING_DIR, is_eager=True, expose_value=False, callback=list_modules, metavar="MODEL",
+              help="Print which modules of MODEL RegMean solves (grams) and which tensors are averaged, then exit: check a model before a long run.")
 @click.option("--model", required=True, type=EXISTING_DIR, help="Expert: a Hugging Face model directory.")
 @click.option("--data", required=True, type=PATH, help="Calibration data: JSONL, JSON, Parquet or CSV with a text (or chat messages) field.")
 @click.option("--out", required=True, type=PATH, help="Gram directory to write (grams.json + one safetensors file per layer).")
@@ -100,12 +115,13 @@ def grams_compute(model, data, out, text_field, target_field, max_length, batch_
     on GPU) and the sums all-reduced; the result equals a single process's.
     """
     from .grams.collect import compute_grams
+    from .params import GramParams
 
-    compute_grams(
-        model, data, out, text_field=text_field, target_field=target_field, max_length=max_length, batch_size=batch_size, num_samples=num_samples, seed=seed,
-        device=device, model_dtype=model_dtype, dtype=dtype, include_lm_head=lm_head, accumulate_on=accumulate_on,
-        max_gram_memory=max_gram_memory, checkpoint_every=checkpoint_every, shard=shard, overwrite=force,
+    config = GramParams(
+        text_field=text_field, target_field=target_field, max_length=max_length, batch_size=batch_size, num_samples=num_samples, seed=seed, device=device,
+        model_dtype=model_dtype, dtype=dtype, include_lm_head=lm_head, accumulate_on=accumulate_on, max_gram_memory=max_gram_memory, checkpoint_every=checkpoint_every,
     )
+    compute_grams(model, data, out, config, shard=shard, overwrite=force)
 
 
 @grams.command("sum")

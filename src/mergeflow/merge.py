@@ -34,6 +34,7 @@ from .checkpoint import CheckpointReader, ShardedWriter, TensorSpec, copy_model_
 from .grams import GramDir
 from .faults import fault_point
 from .grams.format import check_grams_match
+from .grams.solve import JointSolve
 from .io import atomic_dir, check_replaceable, full_disk_reported, write_json
 from .methods import MergeMethod
 
@@ -183,19 +184,20 @@ def solved_modules(grams: Sequence[GramDir], reader: CheckpointReader, *, lm_hea
             missing = sorted(modules - set(g.modules)) or sorted(set(g.modules) - modules)
             raise ValueError(f"gram directories disagree: {g.path} and {grams[0].path} differ in modules {missing[:3]}; recompute grams for the same model")
     names = set(reader.names())
+    head = grams[0].output_layer  # `lm_head`, or what the checkpoint calls it (GPT-NeoX: embed_out)
     for module in sorted(modules):
-        if f"{module}.weight" not in names and module != LM_HEAD:
+        if f"{module}.weight" not in names and module != head:
             raise ValueError(f"{grams[0].path}: has a gram for {module!r}, which is not a Linear of {reader.path}; were the grams computed for another model?")
-    solve = {m for m in modules if m != LM_HEAD}
+    solve = {m for m in modules if m != head}
     if lm_head:
-        if is_tied(reader.path) or f"{LM_HEAD}.weight" not in names:
+        if is_tied(reader.path) or f"{head}.weight" not in names:
             log.warning("lm_head is tied to the input embeddings in %s: averaging it instead of solving it", reader.path)
-        elif LM_HEAD not in modules:
+        elif head not in modules:
             raise ValueError(f"{grams[0].path}: no gram for lm_head, but RegMean on lm_head was asked for; compute grams with lm_head (params.yaml: gram.include_lm_head: true)")
         else:
-            solve.add(LM_HEAD)
+            solve.add(head)
     for module in sorted(solve):
-        in_features = reader.shape(f"{module}.weight")[-1]
+        in_features = reader.shape(f"{module}.weight")[0 if grams[0].modules[module].transposed else -1]  # Conv1D: [in, out]
         for g in grams:
             shape = g.shape(module)
             if shape != (in_features, in_features):
@@ -242,14 +244,16 @@ class DiskGramLoader:
     module: str
     dtype: torch.dtype
     device: str
+    augmented: bool = False  # the input augmented by a constant 1 (a bias solved with the weight)
 
     @property
-    def key(self) -> tuple[str, str, str]:
+    def key(self) -> tuple:
         ref = self.grams.modules[self.module]
-        return (str(self.grams.path), ref.file, ref.key)
+        return (str(self.grams.path), ref.file, ref.key) + (("augmented",) if self.augmented else ())
 
     def __call__(self) -> torch.Tensor:
-        gram = self.grams.load_mean(self.module, self.dtype, self.device)  # sums divided by their token count
+        load = self.grams.load_mean_augmented if self.augmented else self.grams.load_mean
+        gram = load(self.module, self.dtype, self.device)  # sums divided by their token count
         return check_finite(gram, f"{self.grams.path / self.grams.modules[self.module].file} (gram of {self.module})")
 
 
@@ -303,6 +307,10 @@ def merge_models(
         shared = {f"{m}.weight": gram_dirs[0].modules[m].key for m in solved}
         specs.sort(key=lambda spec: (shared.get(spec.name, spec.name), spec.name))
     dtype, device = method.options.solver_dtype, method.options.device
+    joint = JointSolve.plan({m: gram_dirs[0].modules[m] for m in solved}, readers[0].names(), getattr(method.options, "regmean_bias", "average"))
+    if joint.biased:  # refused before the first byte when a gram directory has no input sums
+        for g in gram_dirs:
+            g.load_mean_augmented(min(joint.biased), dtype, "cpu")
     needed = sum(spec.nbytes for spec in specs)
     check_disk_space(out, needed)
     fault_point("merge:checked")
@@ -314,6 +322,15 @@ def merge_models(
             loaders = None
             if spec.name.endswith(".weight") and module in solved:
                 loaders = [DiskGramLoader(g, module, dtype, device) for g in gram_dirs]
+            if joint.module_of(spec.name):  # Conv1D weights, solved biases (grams/solve.py): whole tensors
+                merged = joint.merge(
+                    spec.name, lambda n, t, grams, b: method.merge(n, t, grams=grams, base=b),
+                    lambda n: [check_finite(r.get(n), f"{r.path}: {n}") for r in readers],
+                    lambda n: check_finite(base_reader.get(n), f"{base_reader.path}: {n}") if base_reader else None,
+                    lambda m, aug: [DiskGramLoader(g, m, dtype, device, aug) for g in gram_dirs],
+                )
+                writer.write(spec.name, check_finite(merged, f"merged tensor {spec.name}").to(spec.dtype))
+                continue
             for rows in row_blocks(spec, method.row_separable, block_bytes):
                 tensors = [check_finite(r.get(spec.name, rows), f"{r.path}: {spec.name}") for r in readers]
                 base_tensor = check_finite(base_reader.get(spec.name, rows), f"{base_reader.path}: {spec.name}") if base_reader else None
@@ -337,7 +354,7 @@ def merge_models(
             "num_tokens": [g.num_tokens for g in gram_dirs],
             "gram_reductions": [g.reduction for g in gram_dirs],
             "solved_modules": len(solved),
-            "lm_head_solved": LM_HEAD in solved,
+            "lm_head_solved": bool(gram_dirs) and gram_dirs[0].output_layer in solved,
             "least_squares_fallback": list(getattr(method, "fell_back", [])),
         }
         (tmp / "README.md").write_text(model_card(config))

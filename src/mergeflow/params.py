@@ -120,6 +120,7 @@ class MergeParams(Strict):
     scaling: float = 1.0
     density: float = Field(0.2, gt=0.0, le=1.0)
     regmean_lm_head: bool = False
+    regmean_bias: Literal["average", "solve"] = "average"  # solve: weight and bias as one least-squares fit (grams with input sums)
     solver_dtype: Literal["float32", "float64"] = "float32"
     device: str = "cpu"
     max_shard_size: str = "5GB"

@@ -16,6 +16,7 @@ right-hand side); other tensors stream in 256 MB row blocks. (Measured on Llama-
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from typing import Optional
 from .grams.accumulate import panel_bounds
 from .params import HubModel, Params
 
+log = logging.getLogger(__name__)
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 BLOCK_BYTES = 256 * 2**20
 RUNTIME_BYTES = 300 * 2**20  # Python, torch and the libraries
@@ -32,59 +34,59 @@ RUNTIME_BYTES = 300 * 2**20  # Python, torch and the libraries
 
 @dataclass(frozen=True)
 class Shape:
-    """The sizes of a Llama-architecture decoder that the costs depend on."""
+    """The sizes the costs depend on, for any transformers architecture: read from the model that
+    config.json describes, built with fake tensors (no weights, no memory), its solved modules
+    found as `mergeflow grams` finds them and their shared inputs learnt by a fake forward pass."""
 
-    hidden: int
-    intermediate: int
+    family: str
     layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
+    hidden: int
     vocab: int
     tied: bool
     dtype: str
+    parameters: int
+    solved: tuple[tuple[int, int], ...]  # (in, out) of every block Linear RegMean solves
+    inputs: tuple[int, ...]              # widths of their distinct inputs: one gram each
+    attention: int                       # layers x heads x head_dim, the attention FLOPs' factor
 
     @classmethod
     def from_config(cls, config: dict, where: str) -> "Shape":
-        text = config.get("text_config", config)
+        from transformers import AutoConfig
+
         try:
-            hidden, heads = text["hidden_size"], text["num_attention_heads"]
-            return cls(
-                hidden=hidden, intermediate=text["intermediate_size"], layers=text["num_hidden_layers"], heads=heads,
-                kv_heads=text.get("num_key_value_heads") or heads, head_dim=text.get("head_dim") or hidden // heads,
-                vocab=text["vocab_size"], tied=bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
-                dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
-            )
-        except KeyError as err:
-            raise ValueError(f"{where}: config lacks {err}; mergeflow plan understands Llama-style decoder configs") from None
-
-    @property
-    def linears(self) -> list[tuple[str, int, int]]:
-        """(name, in, out) of one layer's Linears."""
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        h, i = self.hidden, self.intermediate
-        return [("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h), ("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h)]
-
-    @property
-    def parameters(self) -> int:
-        per_layer = sum(n * o for _, n, o in self.linears) + 2 * self.hidden
-        return self.vocab * self.hidden * (1 if self.tied else 2) + self.layers * per_layer + self.hidden
+            cfg = AutoConfig.for_model(**config) if "model_type" in config else None
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{where}: transformers cannot build a model of this config ({err})") from None
+        if cfg is None:
+            raise ValueError(f"{where}: config lacks 'model_type'; mergeflow plan needs a transformers config.json")
+        text = cfg.get_text_config()
+        try:
+            hidden, heads, layers = text.hidden_size, text.num_attention_heads, text.num_hidden_layers
+        except AttributeError as err:
+            raise ValueError(f"{where}: config lacks {err.name!r}; mergeflow plan needs a transformer's sizes") from None
+        solved, keys, parameters = probe_architecture(cfg, where)
+        head_dim = getattr(text, "head_dim", None) or hidden // heads
+        return cls(
+            family=cfg.model_type, layers=layers, hidden=hidden, vocab=text.vocab_size,
+            tied=bool(config.get("tie_word_embeddings", getattr(text, "tie_word_embeddings", False))),
+            dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"), parameters=parameters,
+            solved=tuple((m.in_features, m.out_features) for m in solved.values()),
+            inputs=tuple(solved[k].in_features for k in dict.fromkeys(keys.values())), attention=layers * heads * head_dim,
+        )
 
     def model_bytes(self, dtype: Optional[str] = None) -> int:
         return self.parameters * BYTES.get(dtype or self.dtype, 4)
 
     def distinct_inputs(self, lm_head: bool) -> list[int]:
-        """Widths of the distinct Linear inputs grams are kept for: q/k/v share one, gate/up one."""
-        q = self.heads * self.head_dim
-        per_layer = [self.hidden, q, self.hidden, self.intermediate]
-        return per_layer * self.layers + ([self.hidden] if lm_head and not self.tied else [])
+        """Widths of the distinct Linear inputs grams are kept for (q/k/v share one, gate/up one)."""
+        return list(self.inputs) + ([self.hidden] if lm_head and not self.tied else [])
 
     def gram_bytes(self, lm_head: bool, dtype: str = "float32") -> int:
         return sum(n * n for n in self.distinct_inputs(lm_head)) * BYTES[dtype]
 
     def forward_flops_per_token(self, seq: int) -> float:
-        linear = self.layers * sum(n * o for _, n, o in self.linears) + self.vocab * self.hidden
-        attention = self.layers * 2 * seq * self.heads * self.head_dim  # QK^T and AV, causal: half of 2 x 2
+        linear = sum(n * o for n, o in self.solved) + self.vocab * self.hidden
+        attention = 2 * seq * self.attention  # QK^T and AV, causal: half of 2 x 2
         return 2 * linear + attention
 
     def gram_flops_per_token(self, lm_head: bool) -> float:
@@ -92,13 +94,35 @@ class Shape:
 
     def merge_peak_bytes(self, experts: int, lm_head: bool, solver_dtype: str = "float32", *, solves: bool = True) -> int:
         s = BYTES[solver_dtype]
-        largest = 4 * max([self.vocab * self.hidden] + [n * o for _, n, o in self.linears])
+        largest = 4 * max([self.vocab * self.hidden] + [n * o for n, o in self.solved])
         streamed = (experts + 2) * min(largest, BLOCK_BYTES)
         if not solves:
             return RUNTIME_BYTES + streamed
-        solved = [(n, o) for _, n, o in self.linears] + ([(self.hidden, self.vocab)] if lm_head and not self.tied else [])
+        solved = list(self.solved) + ([(self.hidden, self.vocab)] if lm_head and not self.tied else [])
         regmean = max(2 * n * n * s + (experts + 3) * min(o * n * 4, BLOCK_BYTES) for n, o in solved)
         return RUNTIME_BYTES + max(regmean, streamed)
+
+
+def probe_architecture(config, where: str) -> tuple[dict, dict[str, str], int]:
+    """(solved modules, module -> shared-input key, parameter count) of a model of `config`, built
+    and run on fake tensors (torch's FakeTensorMode: shapes only), so an 8B model costs seconds."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .grams.accumulate import probe_inputs
+    from .grams.modules import auto_class, discover
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = auto_class(config).from_config(config)
+        solved = discover(model, where=where).solved
+        parameters = sum(p.numel() for p in model.parameters())
+        ids, mask = torch.ones(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long)
+        try:
+            keys, _ = probe_inputs(model, {n: m.module for n, m in solved.items()}, ids, mask)
+        except Exception as err:  # a model whose forward needs more than ids (an encoder-decoder): no sharing assumed, an upper bound
+            log.warning("%s: a shape-only forward pass failed (%s: %s); counting one gram per Linear, an upper bound", where, type(err).__name__, err)
+            keys = {n: n for n in solved}
+    return solved, keys, int(parameters)
 
 
 def read_config(source: str, params: Params, name: str) -> tuple[dict, str]:
@@ -186,7 +210,7 @@ def make_plan(params: Params, *, tflops: float, root: Path = Path(".")) -> dict:
     for expert in params.experts:  # every expert must share the base's architecture
         cfg, at = read_config(source, params, expert)
         other = Shape.from_config(cfg, at)
-        if (other.hidden, other.intermediate, other.layers, other.vocab) != (shape.hidden, shape.intermediate, shape.layers, shape.vocab):
+        if (other.family, other.solved, other.vocab) != (shape.family, shape.solved, shape.vocab):
             raise ValueError(f"{at}: expert {expert!r} has other shapes than the base ({where}); all experts must share one architecture")
     g = params.gram
     lm_head = g.include_lm_head
@@ -229,8 +253,8 @@ def gb(n: Optional[float]) -> str:
 def format_plan(plan: dict) -> str:
     s = plan["shape"]
     lines = [
-        f"model: {plan['model']}: {plan['parameters'] / 1e6:,.1f}M parameters, {s['layers']} layers, hidden {s['hidden']}, "
-        f"intermediate {s['intermediate']}, vocabulary {s['vocab']}, {s['dtype']}{', tied embeddings' if s['tied'] else ''}",
+        f"model: {plan['model']}: {s['family']}, {plan['parameters'] / 1e6:,.1f}M parameters, {s['layers']} layers, hidden {s['hidden']}, "
+        f"{len(s['solved'])} Linears solved ({len(s['inputs'])} distinct inputs), vocabulary {s['vocab']}, {s['dtype']}{', tied embeddings' if s['tied'] else ''}",
         f"{'stage':<22}{'writes':>14}{'gram TFLOP':>14}{'time @ ' + str(plan['tflops']) + ' TFLOPS':>24}{'memory':>16}",
     ]
     for name, st in plan["stages"].items():

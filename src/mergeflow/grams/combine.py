@@ -32,7 +32,7 @@ def sum_grams(parts: Sequence[str | Path], out: str | Path, *, overwrite: bool =
     for d in dirs:
         if d.reduction != "sum":
             raise ValueError(f"{d.path / INDEX}: holds mean grams without token counts; only summed grams (from `mergeflow grams`) can be added")
-        if {m: r.key for m, r in d.modules.items()} != {m: r.key for m, r in first.modules.items()}:
+        if d.modules != first.modules:
             raise ValueError(f"{d.path / INDEX}: lists other modules than {first.path / INDEX}; the parts must come from one model and one command")
     check_parts(dirs)
     for d in dirs:
@@ -41,7 +41,7 @@ def sum_grams(parts: Sequence[str | Path], out: str | Path, *, overwrite: bool =
     with atomic_dir(out) as tmp:
         writer = GramWriter(tmp)
         for file in files:
-            keys = sorted({ref.key for ref in first.modules.values() if ref.file == file})
+            keys = sorted({k for ref in first.modules.values() if ref.file == file for k in (ref.key, ref.input_sum) if k})
             total: dict[str, torch.Tensor] = {}
             dtype = None
             for d in dirs:
@@ -52,12 +52,13 @@ def sum_grams(parts: Sequence[str | Path], out: str | Path, *, overwrite: bool =
                             raise ValueError(f"{d.path / file}: {key} has shape {tuple(t.shape)}, {tuple(total[key].shape)} in {first.path / file}")
                         dtype = t.dtype
                         total[key] = total[key].add_(t) if key in total else t.to(torch.float64)
-            writer.write_file(file, total, dtype)
+            writer.write_file(file, total, dtype, first.format)
             del total
         writer.finish(
-            {m: r.key for m, r in first.modules.items()}, num_tokens=sum(d.num_tokens for d in dirs), model=first.model,
+            dict(first.modules), num_tokens=sum(d.num_tokens for d in dirs), model=first.model,
             dtype=str(dtype).removeprefix("torch."), parts=[str(d.path) for d in dirs],
             model_id=first.model_id, calibration=first.calibration, shards=[d.shard or "0/1" for d in dirs],
+            **({"output_layer": first.output_layer} if first.output_layer != "lm_head" else {}),
         )
     log.info("added %d gram directories (%d tokens) -> %s", len(dirs), sum(d.num_tokens for d in dirs), out)
     return GramDir.open(out)

@@ -1,4 +1,4 @@
-"""The on-disk gram format, `mergeflow.grams/1`.
+"""The on-disk gram format, `mergeflow.grams/1` and `mergeflow.grams/2`.
 
 A gram directory holds `grams.json` and one or more `.safetensors` files (one per transformer
 layer, so a partial pull or a corrupted file touches one layer only):
@@ -13,6 +13,12 @@ With `"reduction": "sum"` (what `mergeflow grams` writes) each tensor is the `[i
 `x x^T` over the `num_tokens` non-padding tokens that reached that Linear; with `"mean"` (imported
 published grams) it is already a per-token mean and `num_tokens` may be null. Modules that see the
 same input (q/k/v, gate/up) point to the same key, so each distinct input is stored once.
+Version 2 adds what version 1 cannot say, and is written only when a directory needs it (so grams
+of models without either stay byte-identical to version 1's): `"transposed": true` on a module
+whose weight is stored `[in, out]` (GPT-2's `Conv1D`), and `"input_sum": "<key>"` naming the `[in]`
+sum of the inputs a Linear with a bias sees (beside its gram in the same file), which a
+least-squares fit of the bias (`regmean_bias: solve`) needs; `output_layer` names the output layer
+when the checkpoint does not call it `lm_head`. Both versions are read.
 `files` records each file's size (checked on every open, which catches truncation) and SHA-256
 (checked by `mergeflow grams verify`, which catches any corruption). Directories written before
 `reduction` and `files` existed are read as sums without integrity records.
@@ -48,8 +54,11 @@ from ..checkpoint import open_safetensors
 from ..io import atomic_dir, check_replaceable, full_disk_reported, umask, write_json
 
 FORMAT = "mergeflow.grams/1"
+FORMAT_2 = "mergeflow.grams/2"  # adds Conv1D's `transposed` and the `input_sum` of inputs to biased Linears
+FORMATS = (FORMAT, FORMAT_2)
 INDEX = "grams.json"
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
+_IN_BLOCK = re.compile(r"(^|\.)\d+\.")  # a tensor inside a repeated block: a numbered path component
 IDENTITY_BYTES = 4096  # sampled from the start of every tensor by `model_identity`
 
 
@@ -118,8 +127,22 @@ def recover_advice(path: str | Path, file: Optional[str | Path] = None) -> str:
 
 @dataclass(frozen=True)
 class GramRef:
+    """Where a module's gram is stored; `transposed`: its weight is stored [in, out] (Conv1D);
+    `input_sum`: the key of the `[in]` sum of its inputs (kept for Linears with a bias)."""
+
     file: str
     key: str
+    transposed: bool = False
+    input_sum: Optional[str] = None
+
+    def record(self) -> dict:
+        """Its entry in grams.json (version-1 fields only when nothing else is needed)."""
+        return {"file": self.file, "key": self.key, **({"transposed": True} if self.transposed else {}), **({"input_sum": self.input_sum} if self.input_sum else {})}
+
+
+def format_for(refs: Iterable[GramRef]) -> str:
+    """The lowest format version that describes these records: 2 only for what 1 cannot say."""
+    return FORMAT_2 if any(r.transposed or r.input_sum for r in refs) else FORMAT
 
 
 def sha256_of(path: Path, chunk: int = 2**24) -> str:
@@ -143,6 +166,8 @@ class GramDir:
     model_id: Optional[str] = None
     calibration: Optional[Mapping] = None
     shard: Optional[str] = None
+    format: str = FORMAT
+    output_layer: str = "lm_head"  # the checkpoint name of the output layer (GPT-NeoX: embed_out)
 
     @classmethod
     def open(cls, path: str | Path) -> "GramDir":
@@ -154,15 +179,15 @@ class GramDir:
             meta = json.loads(index.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{index}: not valid JSON ({err}); {recover_advice(path, index)}") from None
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{index}: format {meta.get('format')!r} is not {FORMAT!r}")
+        if meta.get("format") not in FORMATS:
+            raise ValueError(f"{index}: format {meta.get('format')!r} is not one of {', '.join(map(repr, FORMATS))}; a newer mergeflow wrote it: upgrade mergeflow")
         reduction = meta.get("reduction", "sum")
         if reduction not in ("sum", "mean"):
             raise ValueError(f"{index}: reduction must be 'sum' or 'mean', got {reduction!r}")
         num_tokens = meta.get("num_tokens")
         if reduction == "sum" and (not isinstance(num_tokens, int) or num_tokens < 1):
             raise ValueError(f"{index}: num_tokens must be a positive integer for summed grams, got {num_tokens!r}")
-        modules = {name: GramRef(ref["file"], ref["key"]) for name, ref in meta.get("modules", {}).items()}
+        modules = {name: GramRef(ref["file"], ref["key"], bool(ref.get("transposed", False)), ref.get("input_sum")) for name, ref in meta.get("modules", {}).items()}
         if not modules:
             raise ValueError(f"{index}: lists no modules")
         files = meta.get("files") or {}
@@ -175,10 +200,11 @@ class GramDir:
                 raise ValueError(f"{path / file}: {actual} bytes, but {index} records {expected}; the file is truncated or corrupt: {recover_advice(path, path / file)}")
             with open_safetensors(path / file) as f:
                 keys = set(f.keys())
-            missing = sorted({ref.key for ref in modules.values() if ref.file == file} - keys)
+            missing = sorted({k for ref in modules.values() if ref.file == file for k in (ref.key, ref.input_sum) if k} - keys)
             if missing:
                 raise ValueError(f"{path / file}: lacks tensors {missing[:3]} that {index} points to; {recover_advice(path, index)}")
-        return cls(path, num_tokens, str(meta.get("model", "")), modules, reduction, files, meta.get("model_id"), meta.get("calibration"), meta.get("shard"))
+        return cls(path, num_tokens, str(meta.get("model", "")), modules, reduction, files, meta.get("model_id"), meta.get("calibration"), meta.get("shard"),
+                   meta["format"], meta.get("output_layer", "lm_head"))
 
     def verify(self) -> list[str]:
         """Check every file's SHA-256 against `grams.json`; return the files checked."""
@@ -207,6 +233,24 @@ class GramDir:
         gram = self.load(module).to(device=device, dtype=dtype)  # a copy: the loaded tensor maps the file
         return gram.div_(self.num_tokens) if self.reduction == "sum" else gram
 
+    def load_mean_augmented(self, module: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.Tensor:
+        """The per-token mean gram of `module`'s input augmented by a constant 1, `[in + 1, in + 1]`:
+        `[[G, m], [m^T, 1]]` with `m` the mean input, for a least-squares fit with a bias. Needs the
+        input sum, which grams of format 1 (or imported mean grams) do not hold: refused, saying so."""
+        ref = self.modules[module]
+        if ref.input_sum is None or self.reduction != "sum":
+            why = "imported mean grams" if self.reduction != "sum" else f"format {self.format!r}, written before input sums were kept"
+            raise ValueError(f"{self.path / INDEX}: no input sum for {module} ({why}); solving biases needs grams from this mergeflow: `{recompute_command(self.path)}`")
+        n = self.load(module).shape[0]
+        out = torch.empty(n + 1, n + 1, dtype=dtype, device=device)
+        out[:n, :n] = self.load_mean(module, dtype, device)
+        with open_safetensors(self.path / ref.file) as f:
+            mean = f.get_tensor(ref.input_sum).to(device=device, dtype=dtype).div_(self.num_tokens)
+        out[:n, n] = mean
+        out[n, :n] = mean
+        out[n, n] = 1.0
+        return out
+
 
 def file_for(module: str) -> str:
     """One safetensors file per transformer layer; anything outside the layers goes to `other`."""
@@ -223,11 +267,11 @@ class GramWriter:
         self.files: dict[str, dict] = {}
         self.modules: dict[str, dict] = {}
 
-    def write_file(self, file: str, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> None:
+    def write_file(self, file: str, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32, version: str = FORMAT) -> None:
         if file in self.files:
             raise ValueError(f"{file} written twice")
         with disk_errors(self.out / file):
-            save_tensors({k: v.to(dtype).contiguous() for k, v in tensors.items()}, self.out / file)
+            save_tensors({k: v.to(dtype).contiguous() for k, v in tensors.items()}, self.out / file, version)
         self.add_file(file)
 
     def add_file(self, file: str, record: Optional[Mapping] = None) -> None:
@@ -236,19 +280,19 @@ class GramWriter:
         os.chmod(self.out / file, 0o666 & ~umask())
         self.files[file] = dict(record) if record else file_record(self.out / file)
 
-    def finish(self, keys: Mapping[str, str], *, num_tokens: Optional[int], model: str, reduction: str = "sum", dtype: str = "float32", **extra) -> None:
-        """`keys`: module -> the stored key it reads (its own, or the module whose input it shares)."""
+    def finish(self, refs: Mapping[str, GramRef], *, num_tokens: Optional[int], model: str, reduction: str = "sum", dtype: str = "float32", **extra) -> None:
+        """`refs`: module -> where its gram is (its own key, or that of the module whose input it shares)."""
         with disk_errors(self.out / INDEX):
             write_json(
                 self.out / INDEX,
                 {
-                    "format": FORMAT,
+                    "format": format_for(refs.values()),
                     "reduction": reduction,
                     "num_tokens": int(num_tokens) if num_tokens is not None else None,
                     "model": model,
                     "dtype": dtype,
                     **extra,
-                    "modules": {m: {"file": file_for(k), "key": k} for m, k in sorted(keys.items())},
+                    "modules": {m: ref.record() for m, ref in sorted(refs.items())},
                     "files": dict(sorted(self.files.items())),
                 },
             )
@@ -266,7 +310,8 @@ def write_grams(
         writer = GramWriter(tmp)
         for file, tensors in sorted(files.items()):
             writer.write_file(file, tensors, dtype)
-        writer.finish(keys, num_tokens=num_tokens, model=model, reduction=reduction, dtype=str(dtype).removeprefix("torch."), **extra)
+        refs = {m: GramRef(file_for(k), k) for m, k in keys.items()}
+        writer.finish(refs, num_tokens=num_tokens, model=model, reduction=reduction, dtype=str(dtype).removeprefix("torch."), **extra)
 
 
 def file_record(path: Path) -> dict:
@@ -294,14 +339,15 @@ def disk_fix(path: str | Path) -> str:
     return f"{free / 1e9:.1f} GB free there: free space on that disk (or write the grams to another one) and rerun the same command{kept}"
 
 
-def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, version: str = FORMAT) -> None:
     """safetensors' `save_file` with the format metadata (callers name the path in `disk_errors`)."""
-    save_file(dict(tensors), str(path), metadata={"format": FORMAT})
+    save_file(dict(tensors), str(path), metadata={"format": version})
 
 
 def model_identity(model_dir: str | Path) -> Optional[str]:
     """A SHA-256 that tells experts apart without reading their weights: the name, dtype, shape and
-    first `IDENTITY_BYTES` of every tensor in the transformer blocks (`layers.N.`; fine-tuning
+    first `IDENTITY_BYTES` of every tensor in the transformer blocks (a numbered path component, as
+`layers.N.`, `h.N.`, `block.N.`; fine-tuning
     changes almost every value of a tensor it trains), whatever the shard layout and whether a tied
     `lm_head` is stored or not. About 1 MB read for an 8B model; None for a model without
     safetensors files."""
@@ -318,7 +364,7 @@ def model_identity(model_dir: str | Path) -> Optional[str]:
             except (struct.error, ValueError) as err:
                 raise ValueError(f"{file}: not a readable safetensors file ({err}); it may be truncated or corrupt") from None
             for name, info in header.items():
-                if name == "__metadata__" or not _LAYER.search(f".{name}"):
+                if name == "__metadata__" or not _IN_BLOCK.search(name):
                     continue
                 start, end = info["data_offsets"]
                 f.seek(8 + size + start)
@@ -352,7 +398,7 @@ def owned_files(out: Path) -> Optional[set[str]]:
         meta = json.loads((out / INDEX).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in FORMATS:
         return None
     return {INDEX, *(meta.get("files") or {}), *(ref.get("file") for ref in (meta.get("modules") or {}).values() if isinstance(ref, dict))}
 

@@ -24,7 +24,6 @@ import io
 import json
 import logging
 import pickle
-import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +31,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import CheckpointReader
 from ..io import atomic_dir
-from .format import GramWriter, check_gram_output, disk_errors, file_for, model_identity
+from .format import GramRef, GramWriter, check_gram_output, disk_errors, file_for, model_identity
+from .modules import discover_dir
 
 log = logging.getLogger(__name__)
-_IN_BLOCK = re.compile(r"(^|\.)layers\.\d+\.")
 
 
 @dataclass(frozen=True)
@@ -112,15 +110,10 @@ def read_gram_file(path: Path, spill_dir: Path) -> dict[str, Spilled]:
 
 
 def expected_modules(model: Path) -> dict[str, int]:
-    """The model's block Linears and `lm_head`, with their input sizes, from its checkpoint headers."""
-    reader = CheckpointReader(model)
-    found = {}
-    for name in reader.names():
-        shape = reader.shape(name)
-        module = name.removesuffix(".weight")
-        if name.endswith(".weight") and len(shape) == 2 and (_IN_BLOCK.search(module) or module == "lm_head"):
-            found[module] = shape[1]
-    return found
+    """The model's solved modules (`modules.discover`: the block Linears) and its output layer when
+    the checkpoint stores one, with their input sizes, from config.json and the checkpoint headers."""
+    modules, names = discover_dir(model, include_lm_head=True)
+    return {name: m.in_features for name, m in modules.solved.items() if f"{name}.weight" in names}
 
 
 def import_grams(path: str | Path, model: str | Path, out: str | Path, *, overwrite: bool = True) -> dict:
@@ -161,7 +154,7 @@ def import_grams(path: str | Path, model: str | Path, out: str | Path, *, overwr
         for spilled in spill_dir.iterdir():
             spilled.unlink()
         spill_dir.rmdir()
-        writer.finish(keys, num_tokens=None, model=str(model), reduction="mean", imported_from=path.name, model_id=model_identity(model))
+        writer.finish({m: GramRef(file_for(k), k) for m, k in keys.items()}, num_tokens=None, model=str(model), reduction="mean", imported_from=path.name, model_id=model_identity(model))
         index = json.loads((tmp / "grams.json").read_text())
     log.info("imported %d module grams (%d distinct) from %s -> %s", len(keys), len(set(keys.values())), path, out)
     return index

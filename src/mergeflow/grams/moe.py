@@ -67,15 +67,14 @@ def disk_names(model: nn.Module, params: list[str]) -> dict[str, list[str]]:
     return {name: [disk for disk, _ in pairs] for name, pairs in saved_as(model, params).items()}
 
 
-def routers(model: nn.Module) -> dict[str, nn.Module]:
-    """MoE routers that are not `nn.Linear` (modules named `...Router` holding a 2-D `weight`),
-    by the module name their weight is saved under (Mixtral: `block_sparse_moe.gate`)."""
-    found = {
-        name: m for name, m in model.named_modules()
-        if type(m).__name__.endswith("Router") and isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() == 2
-    }
-    saved = disk_names(model, [f"{name}.weight" for name in found])
-    return {saved[f"{name}.weight"][0].removesuffix(".weight"): m for name, m in found.items()}
+def register_routers(model: nn.Module) -> None:
+    """Let discovery solve the MoE routers of `model` that are not `nn.Linear`: modules named
+    `...Router` holding a 2-D `[experts, hidden]` weight, applied with `F.linear` to their input."""
+    from .modules import register_linear
+
+    for m in model.modules():
+        if type(m).__name__.endswith("Router") and isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() == 2:
+            register_linear(type(m))
 
 
 def fused_experts(model: nn.Module) -> dict[str, list[str]]:
@@ -93,6 +92,7 @@ class ExpertSlot:
     index: int
     kind: str
     in_features: int
+    out_features: int
 
 
 def supported_layout(experts: nn.Module) -> bool:
@@ -115,18 +115,28 @@ def expert_slots(model: nn.Module) -> tuple[dict[str, ExpertSlot], dict[str, lis
     params = {}
     for name, m in model.named_modules():
         if supported_layout(m):
-            params[f"{name}.gate_up_proj"] = (m, "in", m.gate_up_proj.shape[-1])
-            params[f"{name}.down_proj"] = (m, "mid", m.down_proj.shape[-1])
+            params[f"{name}.gate_up_proj"] = (m, "in", m.gate_up_proj.shape[-1], m.gate_up_proj.shape[1] // 2)
+            params[f"{name}.down_proj"] = (m, "mid", m.down_proj.shape[-1], m.down_proj.shape[1])
     saved = saved_as(model, sorted(params))
-    for param, (module, kind, width) in params.items():
+    for param, (module, kind, width, out) in params.items():
         targets = saved[param]
         if any(index < 0 or not disk.endswith(".weight") for disk, index in targets):
             continue
         for disk, index in targets:
-            slots[disk.removesuffix(".weight")] = ExpertSlot(module, index, kind, int(width))
+            slots[disk.removesuffix(".weight")] = ExpertSlot(module, index, kind, int(width), int(out))
     covered = {id(slot.experts) for slot in slots.values()}
     unsolved = {name: names for name, names in fused_experts(model).items() if id(model.get_submodule(name.rsplit(".", 1)[0])) not in covered}
     return slots, unsolved
+
+
+def slot_blocks(linears: dict[str, nn.Module]) -> list[tuple[nn.Module, dict[str, ExpertSlot]]]:
+    """The expert slots among `linears`, grouped by their fused experts module (hooked once), sorted by name."""
+    blocks: dict[int, tuple[nn.Module, dict[str, ExpertSlot]]] = {}
+    for name in sorted(linears):
+        slot = linears[name]
+        if isinstance(slot, ExpertSlot):
+            blocks.setdefault(id(slot.experts), (slot.experts, {}))[1][name] = slot
+    return list(blocks.values())
 
 
 def expert_inputs(experts: nn.Module, hidden: torch.Tensor, routed_to: torch.Tensor, mask, wanted: set[tuple[int, str]]):
@@ -145,12 +155,6 @@ def expert_inputs(experts: nn.Module, hidden: torch.Tensor, routed_to: torch.Ten
         if (index, "mid") in wanted:
             gate_up = experts.gate_up_proj[index]
             yield (index, "mid"), experts.act_fn(F.linear(tokens, gate_up[:half])) * F.linear(tokens, gate_up[half:])
-
-
-def input_width(module: nn.Module) -> int:
-    """The input size of a Linear (`in_features`) or of a router (its weight's last dimension)."""
-    width = getattr(module, "in_features", None)
-    return int(width) if width is not None else int(module.weight.shape[-1])
 
 
 def fused_expert_warning(fused: dict[str, list[str]]) -> str:

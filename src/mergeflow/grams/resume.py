@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from ..faults import fault_point
 from ..io import OWNER_FILE, atomic_file, claim_dir, publish, remove_path, umask, write_json
-from .format import INDEX, GramWriter, disk_errors, file_record, save_tensors
+from .format import FORMAT, INDEX, GramRef, GramWriter, disk_errors, file_record, save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +140,10 @@ class Checkpoint:
         if previous and previous != step_name:
             shutil.rmtree(self.root / previous, ignore_errors=True)
 
-    def write_done(self, file: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    def write_done(self, file: str, tensors: Mapping[str, torch.Tensor], version: str = FORMAT) -> None:
         """A finished layer file in `done/`, then its record (size, SHA-256) beside it."""
         with disk_errors(self.done / file), atomic_file(self.done / file) as tmp:
-            save_tensors(tensors, tmp)
+            save_tensors(tensors, tmp, version)
             record = file_record(tmp)  # hashed while it is in the page cache
         fault_point("grams:group-written")
         with disk_errors(self.done / f"{file}.json"):
@@ -165,7 +165,7 @@ class Checkpoint:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def publish(self, files: list[str], keys: Mapping[str, str], **meta) -> None:
+    def publish(self, files: list[str], refs: Mapping[str, GramRef], **meta) -> None:
         """Put the finished `files` and their grams.json in the place of `out` in one atomic swap
         (`io.publish`: never an instant without an output), then remove the checkpoint (rank 0
         only). Every step can be interrupted and redone."""
@@ -182,7 +182,7 @@ class Checkpoint:
             link_or_copy(self.done / file, staging / file)
             writer.add_file(file, record)
             fault_point("grams:publish-linked")
-        writer.finish(keys, **meta)
+        writer.finish(refs, **meta)
         fault_point("grams:publish-indexed")
         os.chmod(staging, 0o777 & ~umask())
         publish(staging, self.out)

@@ -43,6 +43,7 @@ class MergeOptions:
     density: float = field_default("merge.density")[0]
     solver_dtype: torch.dtype = getattr(torch, field_default("merge.solver_dtype")[0])
     device: str = field_default("merge.device")[0]
+    regmean_bias: str = field_default("merge.regmean_bias")[0]  # average | solve (grams/solve.py)
 
     def __post_init__(self):
         if self.device == "auto":

@@ -39,6 +39,13 @@ class RegMean(MergeMethod):
         self.fell_back: list[str] = []
         self._factored: tuple[object, torch.Tensor, bool] | None = None  # (cache key, factor or lhs, is_cholesky)
 
+    def config(self) -> dict:
+        """As every method's, plus `regmean_bias` when it is not the default `average`."""
+        out = super().config()
+        if self.options.regmean_bias != "average":
+            out["regmean_bias"] = self.options.regmean_bias
+        return out
+
     def _factor(self, name: str, grams: Sequence[GramLoader], weights: list[float]) -> tuple[torch.Tensor, bool]:
         """Cholesky factor of `sum_i w_i G~_i` (or the matrix itself when not positive definite).
 
