@@ -38,6 +38,17 @@ def saved_as(model: nn.Module, params: list[str]) -> dict[str, list[tuple[str, i
     a 3-D parameter tagged with its index) through `revert_weight_conversion`."""
     if not params:
         return {}
+    try:  # under `mergeflow plan`'s fake tensors: the tags must hold real values
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+    except ImportError:  # pragma: no cover - an older torch
+        import contextlib
+
+        unset_fake_temporarily = contextlib.nullcontext
+    with unset_fake_temporarily():
+        return _saved_as(model, params)
+
+
+def _saved_as(model: nn.Module, params: list[str]) -> dict[str, list[tuple[str, int]]]:
     shapes = dict(model.named_parameters())
     tagged = {}
     for i, name in enumerate(params):
