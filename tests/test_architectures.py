@@ -237,7 +237,7 @@ def test_slices_of_conv1d_grams_with_input_sums_add_up_to_the_whole(zoo, tmp_pat
     total, whole = sum_grams(parts, tmp_path / "sum"), GramDir.open(zoo.grams[0])
     assert total.modules == whole.modules and total.format == whole.format == "mergeflow.grams/2" and total.num_tokens == whole.num_tokens
     for name in whole.modules:
-        torch.testing.assert_close(total.load_mean_augmented(name, torch.float64), whole.load_mean_augmented(name, torch.float64), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(total.load_mean_augmented(name, torch.float64), whole.load_mean_augmented(name, torch.float64), rtol=1e-5, atol=1e-6)  # other batches: float32 forward rounding
 
 
 @pytest.mark.parametrize("zoo", ["qwen2"], indirect=True)
