@@ -62,3 +62,19 @@ def make_t5_lora(base: Path, out: Path, rank: int, alpha: int, seed: int) -> Pat
                 p.normal_(0, 0.1)
     model.save_pretrained(out)
     return out
+
+
+def make_tiny_bart(path: Path, seed: int) -> Path:
+    """BART: learnt absolute positions, biases, the decoder starting from eos."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tokenizer = byte_level_tokenizer()
+    config = BartConfig(
+        vocab_size=len(tokenizer), d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=24, decoder_ffn_dim=24, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id,
+    )
+    BartForConditionalGeneration(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

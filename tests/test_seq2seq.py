@@ -16,7 +16,7 @@ from mergeflow.params import GramParams
 from mergeflow.merge import merge_models
 from mergeflow.methods import MergeOptions, get_method
 from mergeflow.models import load_model
-from seq2seq_helpers import make_tiny_t5
+from seq2seq_helpers import make_tiny_bart, make_tiny_t5
 from test_merge import closed_form
 
 ROWS = [
@@ -51,7 +51,7 @@ def t5_grams(t5_experts, pairs_file, tmp_path_factory):
 
 
 def block_linears(model) -> dict[str, torch.nn.Linear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".block." in n}
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
 
 
 def direct_grams(model_dir, rows, max_length):
@@ -177,3 +177,25 @@ def test_submission_with_a_t5(t5_experts, tmp_path, caplog):
         frame = write_submission(t5_experts[0], test, tmp_path / "submission.csv", params=params)
     assert frame["id"].tolist() == [7, 8] and frame["prediction"].astype(int).tolist()[0] in (0, 1, 2)
     assert "row id=8: input longer than the model's 64 tokens" in caplog.text and "the encoder keeps the last 64 tokens" in caplog.text
+
+
+def test_bart_grams_and_regmean(pairs_file, tmp_path):
+    """Another encoder-decoder (learnt positions, biases, cross-attention named encoder_attn): the
+    streams are found from token counts, not names."""
+    experts = [make_tiny_bart(tmp_path / f"bart{i}", seed=i) for i in range(2)]
+    grams = [tmp_path / f"g{i}" for i in range(2)]
+    for expert, out in zip(experts, grams):
+        compute_grams(expert, pairs_file, out, GramParams(text_field="input", max_length=16, batch_size=2, dtype="float64"))
+    expected, tokens = direct_grams(experts[0], ROWS, max_length=16)
+    g0 = GramDir.open(grams[0])
+    assert g0.num_tokens == tokens and set(g0.modules) == set(expected) and len(expected) == 2 * 6 + 2 * 10
+    for module, value in expected.items():
+        torch.testing.assert_close(g0.load(module), value, rtol=1e-5, atol=1e-5, msg=lambda m: f"{module}: {m}")
+    merge_models(experts, get_method("regmean")(MergeOptions(alpha=0.5, solver_dtype=torch.float64)), tmp_path / "rm", grams=grams)
+    merged, states, gdirs = state(tmp_path / "rm"), [state(e) for e in experts], [GramDir.open(g) for g in grams]
+    for module in g0.modules:
+        expected = closed_form([s[f"{module}.weight"].double() for s in states], [g.load(module) / g.num_tokens for g in gdirs], 0.5)
+        torch.testing.assert_close(merged[f"{module}.weight"].double(), expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{module}: {m}")
+    model, tok = load_model(tmp_path / "rm")
+    with torch.no_grad():
+        assert torch.isfinite(model(**tok(["the dog"], return_tensors="pt"), decoder_input_ids=torch.ones(1, 2, dtype=torch.long)).logits).all()
