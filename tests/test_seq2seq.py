@@ -199,3 +199,17 @@ def test_bart_grams_and_regmean(pairs_file, tmp_path):
     model, tok = load_model(tmp_path / "rm")
     with torch.no_grad():
         assert torch.isfinite(model(**tok(["the dog"], return_tensors="pt"), decoder_input_ids=torch.ones(1, 2, dtype=torch.long)).logits).all()
+
+
+def test_bias_solve_on_decoder_linears_is_refused(pairs_file, tmp_path):
+    """The bias fit assumes every Linear saw `num_tokens` tokens; an encoder-decoder's decoder saw another count."""
+    experts = [make_tiny_bart(tmp_path / f"bart{i}", seed=i) for i in range(2)]
+    grams = [tmp_path / f"g{i}" for i in range(2)]
+    for expert, out in zip(experts, grams):
+        compute_grams(expert, pairs_file, out, GramParams(text_field="input", max_length=16, batch_size=2))
+    refs = json.loads((grams[0] / "grams.json").read_text())["modules"]
+    assert refs["model.encoder.layers.0.fc1"].get("input_sum") and not refs["model.decoder.layers.0.fc1"].get("input_sum")
+    with pytest.raises(ValueError, match=r"no input sum for model\.decoder\.layers\.\d\.[a-z_.0-9]+: an encoder-decoder's decoder Linears cannot have their bias "
+                                         r"solved yet \(their token count differs from the encoder's\); set merge\.regmean_bias: average$"):
+        merge_models(experts, get_method("regmean")(MergeOptions(alpha=0.5, regmean_bias="solve")), tmp_path / "rm", grams=grams)
+    assert not (tmp_path / "rm").exists()

@@ -130,8 +130,10 @@ class GramPass:
         return sum(self.batcher.length(self.rows[i]) for batch in self.batches[:b] for i in batch)
 
     def with_input_sum(self) -> set[str]:
-        """The stored keys whose input feeds a Linear with a bias: their token sums are kept too."""
-        return {self.keys[m] for m in self.keys if self.modules.solved[m].bias}
+        """The stored keys whose input feeds a Linear with a bias: their token sums are kept too.
+        Not an encoder-decoder's decoder stream: its token count is not `num_tokens` (the
+        encoder's), which the bias fit's augmented gram assumes, so `regmean_bias: solve` is refused there."""
+        return {self.keys[m] for m in self.keys if self.modules.solved[m].bias and self.streams.get(self.keys[m]) != "decoder"}
 
     def refs(self) -> dict[str, GramRef]:
         """Each module's record in grams.json: its file and key, transposed (Conv1D), input sum."""
