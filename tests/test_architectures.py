@@ -161,13 +161,13 @@ def test_other_methods_run_and_load(zoo, tmp_path, method):
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("zoo", ["bloom", "gpt2", "gpt_neox", "opt", "qwen2"], indirect=True)  # the families with biases
 def test_regmean_bias_solve_is_the_least_squares_fit_with_a_bias_column(zoo, tmp_path):
     """alpha 1: [W b] minimises sum_i ||[X_i 1] ([W b] - [W_i b_i])^T||^2 / n_i: the float64 lstsq
     solution of the experts' recorded inputs stacked with a column of ones."""
     dirs = [GramDir.open(g) for g in zoo.grams]
     biased = [m for m, r in dirs[0].modules.items() if r.input_sum]
-    if not biased:
-        pytest.skip(f"{zoo.family}: no Linear with a bias")
+    assert biased
     options = MergeOptions(alpha=1.0, solver_dtype=torch.float64, regmean_bias="solve")
     merge_models(zoo.experts, get_method("regmean")(options), tmp_path / "rm", grams=zoo.grams)
     merged, inputs = state(tmp_path / "rm"), [state(e) for e in zoo.experts]
@@ -258,3 +258,17 @@ def test_format_1_grams_still_merge_and_bias_solve_asks_for_new_ones(zoo, tmp_pa
                                          rf"input sums were kept\); solving biases needs grams from this mergeflow: `rm -rf {old} && mergeflow grams --model "):
         merge_models(zoo.experts, solve, tmp_path / "solved", grams=[zoo.grams[0], old])
     assert not (tmp_path / "solved").exists()
+
+
+@pytest.mark.parametrize("zoo", ["gpt2"], indirect=True)
+def test_imported_conv1d_grams_keep_their_orientation_and_layer_files(zoo, tmp_path):
+    import pickle
+
+    from mergeflow.grams.importer import import_grams
+
+    g = GramDir.open(zoo.grams[0])
+    (tmp_path / "gram.pkl").write_bytes(pickle.dumps({m: g.load_mean(m, torch.float32) for m in g.modules}))
+    import_grams(tmp_path / "gram.pkl", zoo.experts[0], tmp_path / "imported")
+    imported = GramDir.open(tmp_path / "imported")
+    assert imported.format == "mergeflow.grams/2" and imported.reduction == "mean"
+    assert {m: (r.file, r.transposed) for m, r in imported.modules.items()} == {m: (r.file, True) for m, r in g.modules.items()}

@@ -41,7 +41,6 @@ from .methods import MergeMethod
 log = logging.getLogger(__name__)
 MERGE_CONFIG = "mergeflow_merge.json"
 BLOCK_BYTES = 256 * 2**20
-LM_HEAD = "lm_head"
 # |weight| no trained LLM comes near (their weights are O(1), norms O(10)); an exponent bit flip
 # gives 1e19 or more. `check_magnitude=False` (--no-magnitude-check) turns the check off.
 MAX_ABS_WEIGHT = 1e4
@@ -329,6 +328,10 @@ def merge_models(
                     lambda n: check_finite(base_reader.get(n), f"{base_reader.path}: {n}") if base_reader else None,
                     lambda m, aug: [DiskGramLoader(g, m, dtype, device, aug) for g in gram_dirs],
                 )
+                if tuple(merged.shape) != spec.shape:
+                    raise ValueError(f"method {method.name!r} returned shape {tuple(merged.shape)} for {spec.name}, expected {spec.shape}")
+                if check_magnitudes:
+                    check_magnitude(merged, spec.name, [(r.path, r.get(spec.name)) for r in readers], method.name)
                 writer.write(spec.name, check_finite(merged, f"merged tensor {spec.name}").to(spec.dtype))
                 continue
             for rows in row_blocks(spec, method.row_separable, block_bytes):

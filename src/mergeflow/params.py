@@ -96,7 +96,8 @@ class DataParams(Strict):
 
 
 class GramParams(Strict):
-    """Options of `mergeflow grams` (see `mergeflow grams compute --help`)."""
+    """Options of `mergeflow grams` (see `mergeflow grams compute --help`); `compute_grams` takes
+    this object as it is."""
 
     include_lm_head: bool = False
     text_field: str = "text"

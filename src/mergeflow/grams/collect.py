@@ -6,6 +6,12 @@ slice and the sums are all-reduced: gloo on CPU, NCCL on GPU), a bounded accumul
 (`max_gram_memory`: the layers are split into groups and each group gets its own pass over the
 data, stopping the forward after the group's last layer), and resumption from the last checkpoint
 of a killed run with the same command.
+
+It takes one `GramParams` (params.yaml's `gram` group, or what `mergeflow grams` builds from its
+options) and runs named steps: select the rows, `prepare_pass` (load the model, find the modules to
+solve with `modules.discover`, learn shared inputs with a probe, plan the layer groups),
+`run_fingerprint` and the checkpoint, `accumulate_groups` (one `GramAccumulator` per group, which
+owns its sums), then publish.
 """
 
 from __future__ import annotations

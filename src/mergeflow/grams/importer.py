@@ -32,8 +32,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..io import atomic_dir
-from .format import GramRef, GramWriter, check_gram_output, disk_errors, file_for, model_identity
-from .modules import discover_dir
+from .format import GramRef, GramWriter, check_gram_output, disk_errors, format_for, model_identity
+from .modules import SolvedModule, discover_dir
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +109,11 @@ def read_gram_file(path: Path, spill_dir: Path) -> dict[str, Spilled]:
     return loaded
 
 
-def expected_modules(model: Path) -> dict[str, int]:
+def expected_modules(model: Path) -> dict[str, SolvedModule]:
     """The model's solved modules (`modules.discover`: the block Linears) and its output layer when
-    the checkpoint stores one, with their input sizes, from config.json and the checkpoint headers."""
+    the checkpoint stores one, from config.json and the checkpoint headers."""
     modules, names = discover_dir(model, include_lm_head=True)
-    return {name: m.in_features for name, m in modules.solved.items() if f"{name}.weight" in names}
+    return {name: m for name, m in modules.solved.items() if f"{name}.weight" in names}
 
 
 def import_grams(path: str | Path, model: str | Path, out: str | Path, *, overwrite: bool = True) -> dict:
@@ -140,7 +140,7 @@ def import_grams(path: str | Path, model: str | Path, out: str | Path, *, overwr
         if extra or missing:
             raise ValueError(f"{path}: modules do not match the Linears of {model}: unknown {extra[:3]}, missing {missing[:3]}; were these grams computed for another model?")
         for module, spilled in grams.items():
-            n = expected[module]
+            n = expected[module].in_features
             if spilled.shape != (n, n):
                 raise ValueError(f"{path}: gram of {module} has shape {spilled.shape}, but {module} of {model} takes {n} inputs: expected ({n}, {n})")
         owners: dict[str, str] = {}
@@ -148,13 +148,14 @@ def import_grams(path: str | Path, model: str | Path, out: str | Path, *, overwr
         writer = GramWriter(tmp)
         by_file: dict[str, list[str]] = {}
         for owner in dict.fromkeys(keys.values()):
-            by_file.setdefault(file_for(owner), []).append(owner)
+            by_file.setdefault(expected[owner].file, []).append(owner)
+        refs = {m: GramRef(expected[k].file, k, expected[m].transposed) for m, k in keys.items()}
         for file, members in sorted(by_file.items()):
-            writer.write_file(file, {m: load_file(grams[m].path)["gram"] for m in members})
+            writer.write_file(file, {m: load_file(grams[m].path)["gram"] for m in members}, version=format_for(refs.values()))
         for spilled in spill_dir.iterdir():
             spilled.unlink()
         spill_dir.rmdir()
-        writer.finish({m: GramRef(file_for(k), k) for m, k in keys.items()}, num_tokens=None, model=str(model), reduction="mean", imported_from=path.name, model_id=model_identity(model))
+        writer.finish(refs, num_tokens=None, model=str(model), reduction="mean", imported_from=path.name, model_id=model_identity(model))
         index = json.loads((tmp / "grams.json").read_text())
     log.info("imported %d module grams (%d distinct) from %s -> %s", len(keys), len(set(keys.values())), path, out)
     return index
