@@ -95,6 +95,7 @@ def list_modules(ctx: click.Context, param: click.Parameter, model: Optional[Pat
 @click.option("--data", required=True, type=PATH, help="Calibration data: JSONL, JSON, Parquet or CSV with a text (or chat messages) field.")
 @click.option("--out", required=True, type=PATH, help="Gram directory to write (grams.json + one safetensors file per layer).")
 @param_option("--text-field", key="gram.text_field", help="Field with the text, or with chat messages [{role, content}] rendered by the model's chat template.")
+@param_option("--target-field", key="gram.target_field", help="Encoder-decoders (T5, BART): field with each row's target, on which the decoder is teacher-forced.")
 @param_option("--max-length", key="gram.max_length", type=click.IntRange(min=1), help="Truncate each text to this many tokens.")
 @param_option("--batch-size", key="gram.batch_size", type=click.IntRange(min=1), help="Texts per forward pass (sorted by length to limit padding).")
 @param_option("--num-samples", key="gram.num_samples", type=click.IntRange(min=1), help="Use only N rows [default: all]: the first N, or N drawn with --seed.")
@@ -111,7 +112,7 @@ def list_modules(ctx: click.Context, param: click.Parameter, model: Optional[Pat
               "rerunning the same command after a kill continues from the last save.")
 @click.option("--shard", default=None, help="Compute only slice i/n of the rows (e.g. 0/4), for machines that each take one; add them with `mergeflow grams sum`.")
 @GRAM_FORCE
-def grams_compute(model, data, out, text_field, max_length, batch_size, num_samples, seed, device, model_dtype, dtype, lm_head, accumulate_on, max_gram_memory, checkpoint_every, shard, force) -> None:
+def grams_compute(model, data, out, text_field, target_field, max_length, batch_size, num_samples, seed, device, model_dtype, dtype, lm_head, accumulate_on, max_gram_memory, checkpoint_every, shard, force) -> None:
     """Compute RegMean grams: the sum of x x^T of every block Linear's input over non-padding tokens.
 
     q/k/v (and gate/up), which see the same input, share one tensor. Under `torchrun
@@ -122,8 +123,8 @@ def grams_compute(model, data, out, text_field, max_length, batch_size, num_samp
     from .params import GramParams
 
     config = GramParams(
-        text_field=text_field, max_length=max_length, batch_size=batch_size, num_samples=num_samples, seed=seed, device=device, model_dtype=model_dtype,
-        dtype=dtype, include_lm_head=lm_head, accumulate_on=accumulate_on, max_gram_memory=max_gram_memory, checkpoint_every=checkpoint_every,
+        text_field=text_field, target_field=target_field, max_length=max_length, batch_size=batch_size, num_samples=num_samples, seed=seed, device=device,
+        model_dtype=model_dtype, dtype=dtype, include_lm_head=lm_head, accumulate_on=accumulate_on, max_gram_memory=max_gram_memory, checkpoint_every=checkpoint_every,
     )
     compute_grams(model, data, out, config, shard=shard, overwrite=force)
 

@@ -103,6 +103,7 @@ class GramParams(Strict):
 
     include_lm_head: bool = False
     text_field: str = "text"
+    target_field: str = "target"
     max_length: int = Field(64, ge=1)
     batch_size: int = Field(32, ge=1)
     num_samples: Optional[int] = Field(None, ge=1)

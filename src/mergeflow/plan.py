@@ -109,7 +109,7 @@ def probe_architecture(config, where: str) -> tuple[dict, dict[str, str], int]:
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .grams.accumulate import probe_inputs
+    from .grams.accumulate import causal_inputs, probe
     from .grams.modules import auto_class, discover
 
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -117,8 +117,17 @@ def probe_architecture(config, where: str) -> tuple[dict, dict[str, str], int]:
         solved = discover(model, where=where).solved
         parameters = sum(p.numel() for p in model.parameters())
         ids, mask = torch.ones(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long)
+        inputs, masks = causal_inputs(ids, mask), {"tokens": mask}
+        if getattr(config, "is_encoder_decoder", False):  # the decoder 3 tokens long: each module's stream shows
+            decoder = torch.ones(1, 3, dtype=torch.long)
+            inputs, masks = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": decoder}, {"encoder": mask, "decoder": decoder}
+        if hasattr(model, "set_experts_implementation"):  # fused MoE kernels want real dtypes; the eager loop runs on fake tensors
+            try:
+                model.set_experts_implementation("eager")
+            except (ValueError, AttributeError):
+                pass
         try:
-            keys, _ = probe_inputs(model, {n: m.module for n, m in solved.items()}, ids, mask)
+            keys, _, _ = probe(model, {n: m.module for n, m in solved.items()}, inputs, masks)
         except Exception as err:  # a model whose forward needs more than ids (an encoder-decoder): no sharing assumed, an upper bound
             log.warning("%s: a shape-only forward pass failed (%s: %s); counting one gram per Linear, an upper bound", where, type(err).__name__, err)
             keys = {n: n for n in solved}

@@ -122,6 +122,9 @@ def check_lengths(lm, test: pd.DataFrame, *, max_new_tokens: int, choice_delimit
     if not (hasattr(lm, "max_length") and hasattr(lm, "_encode_pair")):
         return
     max_length = lm.max_length
+    if getattr(lm, "backend", "causal") == "seq2seq":  # the encoder takes the input, the decoder the answer: no shared budget
+        _check_seq2seq_lengths(lm, test, choice_delimiter=choice_delimiter, where=where)
+        return
     generation = test[test["eval_type"] != "multiple_choice"]
     if len(generation) and max_new_tokens >= max_length:
         raise ValueError(f"max_new_tokens is {max_new_tokens} but the model takes {_model_length(lm)} in all, "
@@ -142,6 +145,23 @@ def check_lengths(lm, test: pd.DataFrame, *, max_new_tokens: int, choice_delimit
     if truncated:
         log.warning("%s: row id=%s: input longer than the model's %s allows; left-truncated as lm-eval does (generation keeps the last "
                     "%d tokens, multiple choice what fits before each choice)", where, _ids(truncated), _model_length(lm), max_length - max_new_tokens)
+
+
+def _check_seq2seq_lengths(lm, test: pd.DataFrame, *, choice_delimiter: str, where: str) -> None:
+    """`check_lengths` for an encoder-decoder: lm-eval keeps the last `max_length` tokens of an
+    input (the encoder's side) and scores a choice on the decoder's side."""
+    too_long, truncated = [], []
+    for row in test.itertuples():
+        if len(lm.tok_encode(row.input)) > lm.max_length:
+            truncated.append(row.id)
+        if row.eval_type == "multiple_choice" and any(len(lm.tok_encode(choice_delimiter + c)) > lm.max_length for c in row.choices):
+            too_long.append(row.id)
+    if too_long:
+        raise ValueError(f"{where}: row id={_ids(too_long)}: an answer choice is longer than the model's {_model_length(lm)}, which lm-eval "
+                         "cannot score; use a model with a longer context, or drop the row")
+    if truncated:
+        log.warning("%s: row id=%s: input longer than the model's %s; left-truncated as lm-eval does (the encoder keeps the last %d tokens)",
+                    where, _ids(truncated), _model_length(lm), lm.max_length)
 
 
 class _DropTruncationWarnings(logging.Filter):

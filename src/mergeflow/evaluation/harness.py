@@ -17,6 +17,7 @@ from typing import Any
 
 from ..checkpoint import require_model_dir
 from ..io import atomic_dir, check_replaceable, write_json
+from ..models import is_encoder_decoder
 from ..params import EvalParams
 from .backends import make_lm, resolve_backend
 from .code_eval import code_execution, is_code_task
@@ -152,7 +153,7 @@ def evaluate_model(
     data_root = Path(data_root)
     model_dir = require_model_dir(model_dir)
     if lm is None:
-        resolve_backend(params.backend)  # a missing vllm is reported before any work
+        resolve_backend(params.backend, seq2seq=is_encoder_decoder(model_dir))  # a missing vllm is reported before any work
     if log_dir is not None:
         check_log_dir(log_dir, [model_dir])  # before minutes of evaluation, not after
     unknown_files = sorted(set(params.data_files) - set(tasks))

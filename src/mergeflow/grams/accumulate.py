@@ -6,6 +6,12 @@ the product is symmetric, so for wide inputs only the upper triangle is computed
 (each one GEMM), and mirrored when the sums are read: about half the FLOPs of `X^T X`.
 A pass may hook only some layers (`max_gram_memory`); the forward then stops after the last
 hooked module instead of running the rest of the model for nothing.
+Encoder-decoders have two token streams, each with its own padding mask: a module's stream is
+learnt by the probe from the number of tokens its input holds (the probe batch gives the encoder
+and the decoder different lengths), so cross-attention k/v, fed encoder outputs, take the
+encoder's mask and every other decoder module the decoder's.
+Experts of a mixture-of-experts block fused into 3-D parameters are hooked once per block
+(`moe.ExpertSlot`): each expert's gram covers the tokens routed to it.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from typing import Optional
 
 import torch
 from torch import nn
+
+from .moe import ExpertSlot, expert_inputs, slot_blocks
 
 PANEL = 128  # inputs narrower than 2 panels are multiplied whole
 
@@ -48,8 +56,9 @@ SUM_SUFFIX = ".input_sum"  # key of a distinct input's token sum, stored beside 
 class GramAccumulator:
     """Hooks on `linears` that add each batch's non-padding inputs' products into its sums.
 
-    `keys` maps every hooked module to the module whose input it shares (itself when first), as
-    `probe_inputs` learnt it; every batch must agree. The accumulator owns its sums: one `[in, in]`
+    `keys` maps every hooked module to the module whose input it shares (itself when first), and
+    `streams` to the token stream its input belongs to (a key of `forward_batch`'s masks; a single
+    stream needs none), as `probe` learnt them; every batch must agree. The accumulator owns its sums: one `[in, in]`
     upper triangle per distinct input (zeros on `device`, or on the model's device when None), plus
     the `[in]` sum of the inputs themselves for the keys in `with_input_sum` (Linears with a bias:
     `regmean_bias: solve` needs them). `state` and `restore` checkpoint them; `result` is what a
@@ -59,19 +68,28 @@ class GramAccumulator:
     def __init__(
         self, linears: dict[str, nn.Module], keys: dict[str, str], in_features: dict[str, int], *,
         dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", with_input_sum: tuple[str, ...] = (), stop_after: Optional[str] = None,
+        streams: Optional[dict[str, str]] = None,
     ):
         self.keys = dict(keys)
+        self.streams = dict(streams or {})
         self.dtype = dtype
         self.num_tokens = 0
         owners = sorted(set(self.keys.values()))
         self._sums = {k: torch.zeros(in_features[k], in_features[k], dtype=dtype, device=device) for k in owners}
         self._totals = {k: torch.zeros(in_features[k], dtype=dtype, device=device) for k in owners if k in with_input_sum}
-        self._mask: Optional[torch.Tensor] = None
-        self._unpadded = False
+        self._masks: dict[str, torch.Tensor] = {}
+        self._unpadded: dict[str, bool] = {}
         self._tracker = InputTracker()
-        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in linears.items()]
+        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in linears.items() if not isinstance(m, ExpertSlot)]
+        self._handles += [experts.register_forward_pre_hook(self._experts_hook(slots)) for experts, slots in slot_blocks(linears)]
         if stop_after is not None:
-            self._handles.append(linears[stop_after].register_forward_hook(_stop))
+            last = linears[stop_after]
+            self._handles.append((last.experts if isinstance(last, ExpertSlot) else last).register_forward_hook(_stop))
+
+    def _stream(self, name: str, x: torch.Tensor) -> str:
+        if name in self.streams:
+            return self.streams[name]
+        return next(iter(self._masks)) if len(self._masks) == 1 else stream_of(name, x, self._masks)
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
@@ -82,22 +100,44 @@ class GramAccumulator:
             if owner != name:
                 return
             rows = x.reshape(-1, x.shape[-1])
-            if not self._unpadded:  # boolean indexing copies: skip it when no token is padding
-                rows = rows[self._mask]
-            upper = self._sums[name]
-            rows = rows.to(device=upper.device, dtype=self.dtype)
-            add_gram(upper, rows)
-            if name in self._totals:
-                self._totals[name].add_(rows.sum(0))
+            stream = self._stream(name, x)
+            if not self._unpadded[stream]:  # boolean indexing copies: skip it when no token is padding
+                rows = rows[self._masks[stream]]
+            self._add(name, rows)
+
+        return hook
+
+    def _add(self, owner: str, rows: torch.Tensor) -> None:
+        upper = self._sums[owner]
+        rows = rows.to(device=upper.device, dtype=self.dtype)
+        add_gram(upper, rows)
+        if owner in self._totals:
+            self._totals[owner].add_(rows.sum(0))
+
+    def _experts_hook(self, slots: dict[str, ExpertSlot]):
+        """One fused experts module: each slot that owns its key (expert e's gate, whose key its up
+        shares; its down) gets the rows `expert_inputs` gives for it."""
+        def hook(module: nn.Module, args: tuple) -> None:
+            hidden, routed_to = args[0], args[1]
+            stream = self._stream(next(iter(slots)), hidden)
+            mask = None if self._unpadded[stream] else self._masks[stream]
+            wanted = {(slot.index, slot.kind): name for name, slot in slots.items() if self.keys[name] == name}
+            for key, rows in expert_inputs(module, hidden, routed_to, mask, set(wanted)):
+                self._add(wanted[key], rows)
 
         return hook
 
     def forward(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        """Run one batch and add its non-padding tokens' inputs."""
-        mask = attention_mask.reshape(-1).bool()
-        self._mask, self._unpadded = mask, bool(mask.all())
-        run_causal(model, input_ids, attention_mask, self._tracker)
-        self.num_tokens += int(mask.sum())
+        """Run one batch of a decoder-only model and add its non-padding tokens' inputs."""
+        self.forward_batch(model, causal_inputs(input_ids, attention_mask), {"tokens": attention_mask})
+
+    def forward_batch(self, model: nn.Module, inputs: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
+        """Run `model(**inputs)` and add the non-padding tokens' inputs, each module's masked by its
+        stream's mask in `masks`; the first stream's tokens are counted."""
+        self._masks = {stream: mask.reshape(-1).bool() for stream, mask in masks.items()}
+        self._unpadded = {stream: bool(mask.all()) for stream, mask in self._masks.items()}
+        run_model(model, inputs, self._tracker)
+        self.num_tokens += int(next(iter(self._masks.values())).sum())
 
     def state(self) -> dict[str, torch.Tensor]:
         """The partial sums as tensors by name (checkpoints, all-reduce); `restore` reads them back."""
@@ -143,32 +183,69 @@ class InputTracker:
         self._seen = {}
 
 
-def run_causal(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, tracker: InputTracker) -> None:
-    """One forward pass of a decoder, stopped early by `StopForward`; left padding keeps real positions."""
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+def causal_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A decoder's forward arguments; left padding keeps real positions."""
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": (attention_mask.cumsum(-1) - 1).clamp_min(0)}
+
+
+def run_model(model: nn.Module, inputs: dict[str, torch.Tensor], tracker: InputTracker) -> None:
+    """One forward pass, stopped early by `StopForward`."""
     tracker.reset()
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        model(**inputs, use_cache=False)
     except StopForward:
         pass
     finally:
         tracker.reset()
 
 
-def probe_inputs(model: nn.Module, linears: dict[str, nn.Module], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[dict[str, str], list[str]]:
+def run_causal(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, tracker: InputTracker) -> None:
+    """One forward pass of a decoder, stopped early by `StopForward`; left padding keeps real positions."""
+    run_model(model, causal_inputs(input_ids, attention_mask), tracker)
+
+
+def stream_of(name: str, x: torch.Tensor, masks: dict[str, torch.Tensor]) -> str:
+    """The stream whose token count `x` holds; it must be the only one (a probe makes sure)."""
+    tokens = x.numel() // x.shape[-1]
+    matches = [stream for stream, mask in masks.items() if mask.numel() == tokens]
+    if len(matches) != 1:
+        raise RuntimeError(f"{name}: its input of {tokens} tokens matches streams {matches} of {sorted(masks)}; "
+                           "probe with a batch whose streams differ in length")
+    return matches[0]
+
+
+def probe(model: nn.Module, linears: dict[str, nn.Module], inputs: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> tuple[dict[str, str], list[str], dict[str, str]]:
     """Run one small batch to learn which modules share an input (module -> the first module fed
-    it) and the order the modules run in; modules the forward never reaches are left out."""
-    tracker, keys = InputTracker(), {}
+    it), the order the modules run in, and each module's token stream (a key of `masks`); modules
+    the forward never reaches are left out. Expert slots of one fused block share keys as
+    `moe.slot_blocks` pairs them."""
+    tracker, keys, streams = InputTracker(), {}, {}
 
     def hook_for(name):
         def hook(module, args):
             keys.setdefault(name, tracker.owner(args[0], name))
+            streams.setdefault(name, stream_of(name, args[0], masks))
         return hook
 
-    handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in linears.items()]
+    def experts_hook(slots):
+        def hook(module, args):
+            owners: dict[tuple[int, str], str] = {}
+            for name, slot in slots.items():
+                keys.setdefault(name, owners.setdefault((slot.index, slot.kind), name))
+                streams.setdefault(name, stream_of(name, args[0], masks))
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in linears.items() if not isinstance(m, ExpertSlot)]
+    handles += [experts.register_forward_pre_hook(experts_hook(slots)) for experts, slots in slot_blocks(linears)]
     try:
-        run_causal(model, input_ids, attention_mask, tracker)
+        run_model(model, inputs, tracker)
     finally:
         for handle in handles:
             handle.remove()
-    return keys, list(keys)
+    return keys, list(keys), streams
+
+
+def probe_inputs(model: nn.Module, linears: dict[str, nn.Module], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[dict[str, str], list[str]]:
+    """`probe` of a decoder-only model on `input_ids`: (keys, order)."""
+    keys, order, _ = probe(model, linears, causal_inputs(input_ids, attention_mask), {"tokens": attention_mask})
+    return keys, order

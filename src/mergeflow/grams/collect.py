@@ -27,10 +27,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoint import parse_size
-from ..models import load_causal_lm
+from ..models import is_encoder_decoder, load_model
 from ..params import GramParams
-from .accumulate import SUM_SUFFIX, GramAccumulator, probe_inputs
+from .accumulate import SUM_SUFFIX, GramAccumulator, probe
+from .batches import CausalBatches, pad_batch  # noqa: F401  pad_batch: where callers found it before
 from .data import load_rows, parse_shard, slice_of, tokenize
+from .moe import expert_slots, fused_expert_warning
+from .seq2seq import Seq2SeqBatches, decoder_start_id, load_pairs, tokenize_pairs
 from .format import GramRef, check_gram_output, format_for, model_identity, sha256_of
 from .modules import ModuleMap, discover
 from .resume import Checkpoint, Progress, file_identity, fingerprint
@@ -43,17 +46,6 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
     """Indices grouped into batches of similar length, so little compute goes to padding."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def pad_batch(rows: Sequence[list[int]], pad: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, seq in enumerate(rows):
-        span = slice(0, len(seq)) if side == "right" else slice(width - len(seq), width)
-        ids[r, span] = torch.tensor(seq)
-        mask[r, span] = 1
-    return ids, mask
 
 
 def plan_groups(order: list[str], keys: dict[str, str], in_features: dict[str, int], files: dict[str, str], element: int, budget: Optional[int]) -> list[list[str]]:
@@ -123,28 +115,31 @@ class GramPass:
     modules: ModuleMap
     keys: dict[str, str]       # module -> the module whose input it shares (the stored key)
     order: list[str]           # execution order
+    streams: dict[str, str]    # module -> the token stream its input belongs to (encoder or decoder)
     groups: list[list[str]]    # distinct inputs (owners), one pass over the data per group
-    rows: list[list[int]]      # this process's token ids
+    rows: list                 # this process's token ids (encoder-decoders: (encoder ids, decoder ids))
     batches: list[list[int]]   # indices into `rows`, of similar length
-    pad: int
-    side: str
+    batcher: CausalBatches | Seq2SeqBatches
     device: str
     config: GramParams
+    seq2seq: bool = False
 
     @property
     def dtype(self) -> torch.dtype:
         return DTYPES[self.config.dtype]
 
-    def batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = pad_batch([self.rows[i] for i in self.batches[b]], self.pad, self.side)
-        return ids.to(self.device), mask.to(self.device)
+    def batch(self, b: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Batch `b`'s model inputs and its masks by stream."""
+        return self.batcher.batch([self.rows[i] for i in self.batches[b]], self.device)
 
     def tokens_before(self, b: int) -> int:
-        return sum(len(self.rows[i]) for batch in self.batches[:b] for i in batch)
+        return sum(self.batcher.length(self.rows[i]) for batch in self.batches[:b] for i in batch)
 
     def with_input_sum(self) -> set[str]:
-        """The stored keys whose input feeds a Linear with a bias: their token sums are kept too."""
-        return {self.keys[m] for m in self.keys if self.modules.solved[m].bias}
+        """The stored keys whose input feeds a Linear with a bias: their token sums are kept too.
+        Not an encoder-decoder's decoder stream: its token count is not `num_tokens` (the
+        encoder's), which the bias fit's augmented gram assumes, so `regmean_bias: solve` is refused there."""
+        return {self.keys[m] for m in self.keys if self.modules.solved[m].bias and self.streams.get(self.keys[m]) != "decoder"}
 
     def refs(self) -> dict[str, GramRef]:
         """Each module's record in grams.json: its file and key, transposed (Conv1D), input sum."""
@@ -161,6 +156,7 @@ class GramPass:
             members, {m: self.keys[m] for m in members}, in_features, dtype=self.dtype,
             device=self.device if self.config.accumulate_on == "device" else "cpu",
             with_input_sum=tuple(sorted(self.with_input_sum() & set(owners))), stop_after=[m for m in self.order if m in members][-1],
+            streams={m: self.streams[m] for m in members},
         )
 
 
@@ -178,7 +174,10 @@ def compute_grams(model_dir: str | Path, data: str | Path, out: str | Path, conf
     # a run killed after publishing `out`, before removing its checkpoint: the rerun finishes it
     published = Checkpoint(out, fingerprint="").holds_published_output()
     check_gram_output(out, force=overwrite or published, inputs=[model_dir, data])
-    selected = load_rows(data, config.text_field, num_samples=config.num_samples, seed=config.seed)
+    if is_encoder_decoder(model_dir):  # (input, target) pairs: the decoder is teacher-forced on the target
+        selected = load_pairs(data, config.text_field, config.target_field, num_samples=config.num_samples, seed=config.seed)
+    else:
+        selected = load_rows(data, config.text_field, num_samples=config.num_samples, seed=config.seed)
     rows = [selected[i] for i in slice_of(len(selected), shard_index, shard_count)]
     if not rows:
         raise ValueError(f"{data}: shard {shard_index}/{shard_count} of {len(selected)} rows is empty; use fewer shards")
@@ -194,6 +193,8 @@ def compute_grams(model_dir: str | Path, data: str | Path, out: str | Path, conf
     if ranks.main:
         calibration = {"sha256": sha256_of(data), "rows": len(selected), "text_field": config.text_field, "num_samples": config.num_samples,
                        "seed": config.seed, "max_length": config.max_length}
+        if run.seq2seq:  # num_tokens counts encoder tokens; decoder grams are divided by it too
+            calibration["target_field"] = config.target_field
         refs = run.refs()
         extra = {"output_layer": run.modules.output_layer} if run.modules.output_layer not in (None, "lm_head") else {}
         ckpt.publish(
@@ -212,20 +213,25 @@ def compute_grams(model_dir: str | Path, data: str | Path, out: str | Path, conf
 def prepare_pass(model_dir: Path, rows: list, config: GramParams, device: str, ranks: "Distributed") -> GramPass:
     """Load the model, tokenise this rank's rows, find the modules to solve, learn which share an
     input (a probe forward on one short row) and split them into layer groups."""
-    model, tokenizer = load_causal_lm(model_dir, device=device, dtype=DTYPES[config.model_dtype])
-    encoded = tokenize(rows, tokenizer, config.max_length)
+    model, tokenizer = load_model(model_dir, device=device, dtype=DTYPES[config.model_dtype])
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    if seq2seq:
+        start = decoder_start_id(model)
+        batcher, encoded = Seq2SeqBatches(tokenizer, start), tokenize_pairs(rows, tokenizer, config.max_length, start)
+    else:
+        batcher, encoded = CausalBatches(tokenizer), tokenize(rows, tokenizer, config.max_length)
     mine = [encoded[i] for i in slice_of(len(encoded), ranks.rank, ranks.world)]
     modules = discover(model, include_lm_head=config.include_lm_head, where=str(model_dir))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    side = getattr(tokenizer, "padding_side", "right") or "right"
-    probe = (t.to(device) for t in pad_batch([encoded[0][:8]], pad, side))
-    keys, order = probe_inputs(model, modules.linears(), *probe)
+    unsolved = expert_slots(model)[1]
+    if unsolved and ranks.main:
+        log.warning("%s: %s", model_dir, fused_expert_warning(unsolved))
+    keys, order, streams = probe(model, modules.linears(), *batcher.probe(encoded[0], device))
     in_features = {name: modules.solved[name].in_features for name in keys}
     files = {name: modules.file_of(name) for name in keys}
     budget = parse_size(config.max_gram_memory) if config.max_gram_memory is not None else None
     groups = plan_groups(order, keys, in_features, files, DTYPES[config.dtype].itemsize, budget)
-    batches = length_sorted_batches([len(ids) for ids in mine], config.batch_size)
-    return GramPass(model, modules, keys, order, groups, mine, batches, pad, side, device, config)
+    batches = length_sorted_batches([batcher.length(row) for row in mine], config.batch_size)
+    return GramPass(model, modules, keys, order, streams, groups, mine, batches, batcher, device, config, seq2seq)
 
 
 def run_fingerprint(run: GramPass, model_dir: Path, data: Path, shard: tuple[int, int], world: int) -> str:
@@ -236,6 +242,7 @@ def run_fingerprint(run: GramPass, model_dir: Path, data: Path, shard: tuple[int
         model=[file_identity(p) for p in weights], data=file_identity(data), max_length=c.max_length, batch_size=c.batch_size,
         num_samples=c.num_samples, seed=c.seed, text_field=c.text_field, model_dtype=c.model_dtype, dtype=c.dtype,
         include_lm_head=c.include_lm_head, shard=list(shard), world=world, groups=run.groups,
+        **({"target_field": c.target_field} if run.seq2seq else {}),
     )
 
 
@@ -243,7 +250,7 @@ def accumulate_groups(run: GramPass, ckpt: Checkpoint, ranks: "Distributed", lab
     """One pass over the data per layer group not finished yet (resuming a killed one from its last
     checkpoint); each finished group's grams go to the checkpoint's `done/`. Returns the token count."""
     progress, saved = ckpt.load(run.device if run.config.accumulate_on == "device" else "cpu")
-    tokens_per_pass = sum(map(len, run.rows))
+    tokens_per_pass = sum(map(run.batcher.length, run.rows))
     bar = tqdm(total=tokens_per_pass * len(run.groups), desc=f"grams {label}", unit="tok", unit_scale=True, disable=not ranks.main or None)
     bar.update(tokens_per_pass * progress.group + run.tokens_before(progress.batch))
     num_tokens = progress.num_tokens  # when every group was done before a kill between the last group and the output
@@ -262,9 +269,9 @@ def accumulate_group(run: GramPass, g: int, ckpt: Checkpoint, ranks: "Distribute
     every = run.config.checkpoint_every
     try:
         for b in range(start, len(run.batches)):
-            ids, mask = run.batch(b)
-            acc.forward(run.model, ids, mask)
-            bar.update(int(mask.sum()))
+            inputs, masks = run.batch(b)
+            acc.forward_batch(run.model, inputs, masks)
+            bar.update(sum(int(mask.sum()) for mask in masks.values()))
             if every and (b + 1) % every == 0 and b + 1 < len(run.batches):
                 ckpt.save(Progress(g, b + 1, acc.num_tokens), acc.state())
     finally:

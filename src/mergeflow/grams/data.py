@@ -18,6 +18,26 @@ BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "c
 
 def load_rows(path: str | Path, field: str = "text", *, num_samples: Optional[int] = None, seed: Optional[int] = None) -> list:
     """The `field` values of the selected rows of a JSONL, JSON, Parquet or CSV file."""
+    data = select_rows(read_table(path, field), num_samples=num_samples, seed=seed)
+    values = data[field]
+    missing = [i + 1 for i, v in enumerate(values) if v is None or v == "" or v == []]
+    if missing:
+        raise ValueError(f"{path}: rows {missing[:5]} (of the selection) have no {field!r} value")
+    return values
+
+
+def select_rows(data, *, num_samples: Optional[int] = None, seed: Optional[int] = None):
+    """The selection of a `datasets.Dataset`: a seeded shuffle when `seed` is set, then the first `num_samples` rows."""
+    if seed is not None:
+        data = data.shuffle(seed=seed)
+    if num_samples:
+        data = data.select(range(min(num_samples, len(data))))
+    return data
+
+
+def read_table(path: str | Path, field: str = "text"):
+    """A JSONL, JSON, Parquet or CSV file as a `datasets.Dataset`, checked: rows present, `field`
+    among the columns and every value of it text or chat messages."""
     import datasets
 
     path = Path(path)
@@ -43,15 +63,7 @@ def load_rows(path: str | Path, field: str = "text", *, num_samples: Optional[in
     if field not in data.column_names:
         raise ValueError(f"{path}: rows have no {field!r} field (fields: {sorted(data.column_names)}); set gram.text_field / --text-field")
     check_values(path, field, data[field])
-    if seed is not None:
-        data = data.shuffle(seed=seed)
-    if num_samples:
-        data = data.select(range(min(num_samples, len(data))))
-    values = data[field]
-    missing = [i + 1 for i, v in enumerate(values) if v is None or v == "" or v == []]
-    if missing:
-        raise ValueError(f"{path}: rows {missing[:5]} (of the selection) have no {field!r} value")
-    return values
+    return data
 
 
 def check_text_file(path: Path) -> None:

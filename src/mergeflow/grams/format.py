@@ -239,6 +239,9 @@ class GramDir:
         input sum, which grams of format 1 (or imported mean grams) do not hold: refused, saying so."""
         ref = self.modules[module]
         if ref.input_sum is None or self.reduction != "sum":
+            if (self.calibration or {}).get("target_field") is not None and self.reduction == "sum":  # encoder-decoder grams of this mergeflow
+                raise ValueError(f"{self.path / INDEX}: no input sum for {module}: an encoder-decoder's decoder Linears cannot have their bias solved yet "
+                                 "(their token count differs from the encoder's); set merge.regmean_bias: average")
             why = "imported mean grams" if self.reduction != "sum" else f"format {self.format!r}, written before input sums were kept"
             raise ValueError(f"{self.path / INDEX}: no input sum for {module} ({why}); solving biases needs grams from this mergeflow: `{recompute_command(self.path)}`")
         n = self.load(module).shape[0]

@@ -126,12 +126,17 @@ def describe(module: nn.Module) -> tuple[int, int, bool, bool]:
 
 def discover(model: nn.Module, *, include_lm_head: bool = False, where: str = "the model") -> ModuleMap:
     """The modules RegMean solves in `model`; a model without any is refused, naming what it holds."""
+    from .moe import expert_slots, register_routers
+
+    register_routers(model)  # MoE routers (not nn.Linear in transformers 5) are solved like Linears
     containers = block_containers(model)
     several = len(containers) > 1
     found: dict[str, tuple[nn.Module, str]] = {}
+    block_file: dict[int, str] = {}
     for container, blocks in containers:
         for index, block in enumerate(blocks):
             for sub, module in block.named_modules():
+                block_file[id(module)] = gram_file(container, index, several)
                 if solvable(module):
                     found[f"{container}.{index}.{sub}"] = (module, gram_file(container, index, several))
     if not found:
@@ -148,6 +153,8 @@ def discover(model: nn.Module, *, include_lm_head: bool = False, where: str = "t
     for name, (module, file) in found.items():
         n_in, n_out, transposed, bias = describe(module)
         solved[renamed[name]] = SolvedModule(renamed[name], n_in, n_out, transposed, bias, file, module)
+    for name, slot in expert_slots(model)[0].items():  # fused MoE experts: one solved tensor per expert, as saved
+        solved[name] = SolvedModule(name, slot.in_features, slot.out_features, False, False, block_file[id(slot.experts)], slot)
     return ModuleMap(tuple(c for c, _ in containers), solved, renamed[output] if output else None)
 
 

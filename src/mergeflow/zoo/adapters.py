@@ -29,7 +29,8 @@ def materialise_adapter(adapter: Path, base: Path, out: Path, *, trust_remote_co
     """Write base + adapter (merged) to `out`; return the adapter's rank and target modules."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+
+    from ..models import auto_model_class
 
     config = json.loads((adapter / ADAPTER_CONFIG).read_text())
     if config.get("peft_type", "LORA") not in ("LORA", "ADALORA", "IA3", "LOHA", "LOKR"):
@@ -38,7 +39,7 @@ def materialise_adapter(adapter: Path, base: Path, out: Path, *, trust_remote_co
     declared = config.get("base_model_name_or_path")
     if declared and Path(declared).name != base.name and declared not in str(base):
         log.warning("%s was trained on %s; applying it to %s", adapter, declared, base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto", trust_remote_code=trust_remote_code)
+    model = auto_model_class(base).from_pretrained(base, dtype="auto", trust_remote_code=trust_remote_code)
     with torch.no_grad():
         merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     with atomic_dir(out) as tmp:

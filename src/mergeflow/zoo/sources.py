@@ -31,7 +31,9 @@ from .adapters import is_adapter, materialise_adapter
 
 log = logging.getLogger(__name__)
 COMMIT = re.compile(r"[0-9a-f]{40}")
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt", "*.tiktoken"]
+# adapter_model.bin: LoRA adapters of 2023 (the kit's lorahub Flan-T5 experts) ship only that; PEFT
+# reads it with torch's weights-only loader. Full models' pickled *.bin files are never fetched.
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt", "*.tiktoken", "adapter_model.bin"]
 
 
 def link_or_copy_tree(src: Path, dst: Path) -> None:
