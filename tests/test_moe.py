@@ -20,7 +20,7 @@ from mergeflow.grams.collect import compute_grams
 from mergeflow.params import GramParams
 from mergeflow.grams.moe import expert_slots, fused_expert_warning
 from mergeflow.merge import merge_models
-from mergeflow.methods import MergeOptions, get_method
+from mergeflow.methods import get_method
 from mergeflow.models import load_model
 from seq2seq_helpers import byte_level_tokenizer
 from test_merge import closed_form
@@ -123,7 +123,7 @@ def test_moe_grams_equal_direct_computation_with_padding(moe, monkeypatch):
 def test_moe_regmean_solves_routers_averages_fused_experts_and_loads(moe, tmp_path):
     family, experts, grams, _ = moe
     alpha = 0.5
-    merge_models(experts, get_method("regmean")(MergeOptions(alpha=alpha, solver_dtype=torch.float64)), tmp_path / "rm", grams=grams)
+    merge_models(experts, get_method("regmean")({"alpha": alpha, "solver_dtype": "float64"}), tmp_path / "rm", grams=grams)
     merged, expert_states = state(tmp_path / "rm"), [state(e) for e in experts]
     gdirs = [GramDir.open(g) for g in grams]
     solved = 0

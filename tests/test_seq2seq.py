@@ -14,7 +14,7 @@ from mergeflow.grams import GramDir
 from mergeflow.grams.collect import compute_grams
 from mergeflow.params import GramParams
 from mergeflow.merge import merge_models
-from mergeflow.methods import MergeOptions, get_method
+from mergeflow.methods import get_method
 from mergeflow.models import load_model
 from seq2seq_helpers import make_tiny_bart, make_tiny_t5
 from test_merge import closed_form
@@ -120,7 +120,7 @@ def test_plain_text_rows_feed_the_encoder_and_the_decoder_its_start_token(t5_exp
 
 def test_regmean_on_t5_equals_the_closed_form_and_loads(t5_experts, t5_grams, tmp_path):
     alpha = 0.5
-    merge_models(t5_experts, get_method("regmean")(MergeOptions(alpha=alpha, solver_dtype=torch.float64)), tmp_path / "rm", grams=t5_grams)
+    merge_models(t5_experts, get_method("regmean")({"alpha": alpha, "solver_dtype": "float64"}), tmp_path / "rm", grams=t5_grams)
     merged, expert_states = state(tmp_path / "rm"), [state(e) for e in t5_experts]
     gdirs = [GramDir.open(g) for g in t5_grams]
     solved = 0
@@ -174,7 +174,8 @@ def test_submission_with_a_t5(t5_experts, tmp_path, caplog):
                   "answer_choices": ["['blue', 'green', 'red']", "['yes', 'no']"]}).to_csv(test, index=False)
     params = EvalParams.model_validate({"backend": "auto", "hf": {"dtype": "float32", "batch_size": 4, "device": "cpu"}})
     with caplog.at_level(logging.WARNING):
-        frame = write_submission(t5_experts[0], test, tmp_path / "submission.csv", params=params)
+        write_submission(t5_experts[0], test, tmp_path / "submission.csv", params=params)
+    frame = pd.read_csv(tmp_path / "submission.csv")
     assert frame["id"].tolist() == [7, 8] and frame["prediction"].astype(int).tolist()[0] in (0, 1, 2)
     assert "row id=8: input longer than the model's 64 tokens" in caplog.text and "the encoder keeps the last 64 tokens" in caplog.text
 
@@ -191,7 +192,7 @@ def test_bart_grams_and_regmean(pairs_file, tmp_path):
     assert g0.num_tokens == tokens and set(g0.modules) == set(expected) and len(expected) == 2 * 6 + 2 * 10
     for module, value in expected.items():
         torch.testing.assert_close(g0.load(module), value, rtol=1e-5, atol=1e-5, msg=lambda m: f"{module}: {m}")
-    merge_models(experts, get_method("regmean")(MergeOptions(alpha=0.5, solver_dtype=torch.float64)), tmp_path / "rm", grams=grams)
+    merge_models(experts, get_method("regmean")({"alpha": 0.5, "solver_dtype": "float64"}), tmp_path / "rm", grams=grams)
     merged, states, gdirs = state(tmp_path / "rm"), [state(e) for e in experts], [GramDir.open(g) for g in grams]
     for module in g0.modules:
         expected = closed_form([s[f"{module}.weight"].double() for s in states], [g.load(module) / g.num_tokens for g in gdirs], 0.5)
@@ -211,5 +212,5 @@ def test_bias_solve_on_decoder_linears_is_refused(pairs_file, tmp_path):
     assert refs["model.encoder.layers.0.fc1"].get("input_sum") and not refs["model.decoder.layers.0.fc1"].get("input_sum")
     with pytest.raises(ValueError, match=r"no input sum for model\.decoder\.layers\.\d\.[a-z_.0-9]+: an encoder-decoder's decoder Linears cannot have their bias "
                                          r"solved yet \(their token count differs from the encoder's\); set merge\.regmean_bias: average$"):
-        merge_models(experts, get_method("regmean")(MergeOptions(alpha=0.5, regmean_bias="solve")), tmp_path / "rm", grams=grams)
+        merge_models(experts, get_method("regmean")({"alpha": 0.5, "regmean_bias": "solve"}), tmp_path / "rm", grams=grams)
     assert not (tmp_path / "rm").exists()
