@@ -6,9 +6,16 @@ import re
 from typing import Optional
 
 BLOCK = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# Inside any repeated block, whatever its container is called (`layers.N.`, `h.N.`, `block.N.`).
+NUMBERED = re.compile(r"(^|\.)\d+\.")
 
 
 def layer_index(name: str) -> Optional[int]:
     """The block a tensor or module belongs to (`model.layers.3.mlp.up_proj` -> 3); None outside the blocks."""
     match = BLOCK.search(name if name.endswith(".") else f"{name}.")
     return int(match.group(1)) if match else None
+
+
+def in_repeated_block(name: str) -> bool:
+    """Whether a tensor lies inside a repeated block of any architecture: a numbered path component."""
+    return NUMBERED.search(name) is not None

@@ -16,7 +16,6 @@ read back with `safe_open` like any other.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import struct
 from dataclasses import dataclass
@@ -39,8 +38,6 @@ CODES = {dtype: code for code, dtype in DTYPES.items()}
 NAMED_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Largest block of rows a tensor is streamed in (reading, merging, writing): memory per tensor.
 BLOCK_BYTES = 256 * 2**20
-# A tensor or module inside a transformer block: `model.layers.3.mlp.up_proj`.
-IN_BLOCK = re.compile(r"(^|\.)layers\.\d+\.")
 CONFIG = "config.json"
 
 

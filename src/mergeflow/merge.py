@@ -30,7 +30,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointReader, ShardedWriter, TensorSpec, copy_model_files, model_config
+from .checkpoint import BLOCK_BYTES, CheckpointReader, ShardedWriter, TensorSpec, copy_model_files, model_config
 from .grams import GramDir
 from .faults import fault_point
 from .finite import check_finite  # noqa: F401  (also this module's name for it)
@@ -41,7 +41,6 @@ from .methods import MergeMethod
 
 log = logging.getLogger(__name__)
 MERGE_CONFIG = "mergeflow_merge.json"
-BLOCK_BYTES = 256 * 2**20
 # |weight| no trained LLM comes near (their weights are O(1), norms O(10)); an exponent bit flip
 # gives 1e19 or more. `check_magnitude=False` (--no-magnitude-check) turns the check off.
 MAX_ABS_WEIGHT = 1e4

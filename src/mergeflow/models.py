@@ -34,9 +34,9 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype
     import torch
     from transformers import AutoTokenizer
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: no config.json; expected a Hugging Face model directory")
+    from .checkpoint import require_model_dir
+
+    model_dir = require_model_dir(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     model = auto_model_class(model_dir).from_pretrained(model_dir, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
     return model.to(device).eval(), tokenizer
@@ -47,9 +47,9 @@ def load_causal_lm(model_dir: str | Path, *, device: str = "cpu", dtype: torch.d
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: no config.json; expected a Hugging Face model directory")
+    from .checkpoint import require_model_dir
+
+    model_dir = require_model_dir(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
     return model.to(device).eval(), tokenizer

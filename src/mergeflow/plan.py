@@ -23,13 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .checkpoint import BLOCK_BYTES, CONFIG, NAMED_DTYPES, is_tied, model_config, require_model_dir, torch_dtype
 from .grams.accumulate import panel_bounds
 from .params import HubModel, Params
 
 log = logging.getLogger(__name__)
-BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
-BLOCK_BYTES = 256 * 2**20
 RUNTIME_BYTES = 300 * 2**20  # Python, torch and the libraries
+
+
+def element_size(dtype: str) -> int:
+    """Bytes per weight of a config's `torch_dtype`; 4 for a dtype mergeflow does not name (int8...)."""
+    return torch_dtype(dtype).itemsize if dtype in NAMED_DTYPES else 4
 
 
 @dataclass(frozen=True)
@@ -68,21 +72,21 @@ class Shape:
         head_dim = getattr(text, "head_dim", None) or hidden // heads
         return cls(
             family=cfg.model_type, layers=layers, hidden=hidden, vocab=text.vocab_size,
-            tied=bool(config.get("tie_word_embeddings", getattr(text, "tie_word_embeddings", False))),
+            tied=is_tied(config),
             dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"), parameters=parameters,
             solved=tuple((m.in_features, m.out_features) for m in solved.values()),
             inputs=tuple(solved[k].in_features for k in dict.fromkeys(keys.values())), attention=layers * heads * head_dim,
         )
 
     def model_bytes(self, dtype: Optional[str] = None) -> int:
-        return self.parameters * BYTES.get(dtype or self.dtype, 4)
+        return self.parameters * element_size(dtype or self.dtype)
 
     def distinct_inputs(self, lm_head: bool) -> list[int]:
         """Widths of the distinct Linear inputs grams are kept for (q/k/v share one, gate/up one)."""
         return list(self.inputs) + ([self.hidden] if lm_head and not self.tied else [])
 
     def gram_bytes(self, lm_head: bool, dtype: str = "float32") -> int:
-        return sum(n * n for n in self.distinct_inputs(lm_head)) * BYTES[dtype]
+        return sum(n * n for n in self.distinct_inputs(lm_head)) * torch_dtype(dtype).itemsize
 
     def forward_flops_per_token(self, seq: int) -> float:
         linear = sum(n * o for n, o in self.solved) + self.vocab * self.hidden
@@ -93,7 +97,7 @@ class Shape:
         return sum(2 * (e - s) * (n - s) for n in self.distinct_inputs(lm_head) for s, e in panel_bounds(n))
 
     def merge_peak_bytes(self, experts: int, lm_head: bool, solver_dtype: str = "float32", *, solves: bool = True) -> int:
-        s = BYTES[solver_dtype]
+        s = torch_dtype(solver_dtype).itemsize
         largest = 4 * max([self.vocab * self.hidden] + [n * o for n, o in self.solved])
         streamed = (experts + 2) * min(largest, BLOCK_BYTES)
         if not solves:
@@ -153,11 +157,10 @@ def read_config(source: str, params: Params, name: str) -> tuple[dict, str]:
         if path is None:
             raise ValueError(f"params: models.local.{'base' if name == 'base' else 'experts.' + name} is not set")
         path = Path(path)
-        if not (path / "config.json").is_file() and (path / "adapter_config.json").is_file():
+        if not (path / CONFIG).is_file() and (path / "adapter_config.json").is_file():
             return read_config(source, params, "base")  # a LoRA adapter: materialised with the base's shapes
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path}: no config.json (params: models.local)")
-        return json.loads((path / "config.json").read_text()), str(path / "config.json")
+        require_model_dir(path, "expected a Hugging Face model directory (params: models.local)")
+        return model_config(path), str(path / CONFIG)
     model = m.hub.base if name == "base" else m.hub.experts.get(name)
     if model is None:
         raise ValueError(f"params: models.hub.{'base' if name == 'base' else 'experts.' + name} is not set")

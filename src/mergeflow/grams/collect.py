@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+from itertools import groupby
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..checkpoint import parse_size
+from ..checkpoint import CONFIG, parse_size, require_model_dir, torch_dtype
 from ..models import is_encoder_decoder, load_model
 from ..params import GramParams
 from .accumulate import SUM_SUFFIX, GramAccumulator, probe
@@ -34,12 +35,11 @@ from .batches import CausalBatches, pad_batch  # noqa: F401  pad_batch: where ca
 from .data import load_rows, parse_shard, slice_of, tokenize
 from .moe import expert_slots, fused_expert_warning
 from .seq2seq import Seq2SeqBatches, decoder_start_id, load_pairs, tokenize_pairs
-from .format import GramRef, check_gram_output, format_for, model_identity, sha256_of
+from .format import GramRef, by_file, check_gram_output, format_for, model_identity, sha256_of
 from .modules import ModuleMap, discover
 from .resume import Checkpoint, Progress, file_identity, fingerprint
 
 log = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -51,19 +51,13 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
 def plan_groups(order: list[str], keys: dict[str, str], in_features: dict[str, int], files: dict[str, str], element: int, budget: Optional[int]) -> list[list[str]]:
     """Split the distinct inputs into consecutive groups of whole blocks (gram files) within `budget` bytes."""
     owners = [m for m in order if keys[m] == m]
-    layers: list[tuple[str, list[str], int]] = []
-    for owner in owners:
-        file, size = files[owner], in_features[owner] ** 2 * element
-        if layers and layers[-1][0] == file:
-            layers[-1][1].append(owner)
-            layers[-1] = (file, layers[-1][1], layers[-1][2] + size)
-        else:
-            layers.append((file, [owner], size))
     if budget is None:
         return [owners]
     groups: list[list[str]] = []
     used = budget + 1
-    for file, members, size in layers:
+    for file, members in groupby(owners, key=files.__getitem__):  # runs of inputs stored in one gram file
+        members = list(members)
+        size = sum(in_features[m] ** 2 * element for m in members)
         if size > budget:
             raise ValueError(f"max_gram_memory {budget} bytes is below the {size} bytes of the grams of one layer ({file}); raise it")
         if used + size > budget:
@@ -126,7 +120,7 @@ class GramPass:
 
     @property
     def dtype(self) -> torch.dtype:
-        return DTYPES[self.config.dtype]
+        return torch_dtype(self.config.dtype)
 
     def batch(self, b: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Batch `b`'s model inputs and its masks by stream."""
@@ -167,9 +161,7 @@ def compute_grams(model_dir: str | Path, data: str | Path, out: str | Path, conf
     holds nothing mergeflow did not write (`format.check_gram_output`); without `overwrite` only
     when it is what this same command's checkpoint already published (a run killed before it
     removed the checkpoint), which the rerun publishes again from the checkpoint, then removes."""
-    model_dir, data, out = Path(model_dir), Path(data), Path(out)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: no config.json; --model must be a Hugging Face model directory")
+    model_dir, data, out = require_model_dir(model_dir), Path(data), Path(out)
     shard_index, shard_count = parse_shard(shard)
     # a run killed after publishing `out`, before removing its checkpoint: the rerun finishes it
     published = Checkpoint(out, fingerprint="").holds_published_output()
@@ -213,7 +205,7 @@ def compute_grams(model_dir: str | Path, data: str | Path, out: str | Path, conf
 def prepare_pass(model_dir: Path, rows: list, config: GramParams, device: str, ranks: "Distributed") -> GramPass:
     """Load the model, tokenise this rank's rows, find the modules to solve, learn which share an
     input (a probe forward on one short row) and split them into layer groups."""
-    model, tokenizer = load_model(model_dir, device=device, dtype=DTYPES[config.model_dtype])
+    model, tokenizer = load_model(model_dir, device=device, dtype=torch_dtype(config.model_dtype))
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     if seq2seq:
         start = decoder_start_id(model)
@@ -229,7 +221,7 @@ def prepare_pass(model_dir: Path, rows: list, config: GramParams, device: str, r
     in_features = {name: modules.solved[name].in_features for name in keys}
     files = {name: modules.file_of(name) for name in keys}
     budget = parse_size(config.max_gram_memory) if config.max_gram_memory is not None else None
-    groups = plan_groups(order, keys, in_features, files, DTYPES[config.dtype].itemsize, budget)
+    groups = plan_groups(order, keys, in_features, files, torch_dtype(config.dtype).itemsize, budget)
     batches = length_sorted_batches([batcher.length(row) for row in mine], config.batch_size)
     return GramPass(model, modules, keys, order, streams, groups, mine, batches, batcher, device, config, seq2seq)
 
@@ -237,7 +229,7 @@ def prepare_pass(model_dir: Path, rows: list, config: GramParams, device: str, r
 def run_fingerprint(run: GramPass, model_dir: Path, data: Path, shard: tuple[int, int], world: int) -> str:
     """What makes a checkpoint resumable by this command: inputs, parameters and the layer groups."""
     c = run.config
-    weights = sorted(p for p in model_dir.iterdir() if p.suffix == ".safetensors" or p.name == "config.json")
+    weights = sorted(p for p in model_dir.iterdir() if p.suffix == ".safetensors" or p.name == CONFIG)
     return fingerprint(
         model=[file_identity(p) for p in weights], data=file_identity(data), max_length=c.max_length, batch_size=c.batch_size,
         num_samples=c.num_samples, seed=c.seed, text_field=c.text_field, model_dtype=c.model_dtype, dtype=c.dtype,
@@ -292,8 +284,5 @@ def accumulate_group(run: GramPass, g: int, ckpt: Checkpoint, ranks: "Distribute
 
 def write_group(ckpt: Checkpoint, grams: dict[str, torch.Tensor], modules: ModuleMap, dtype: torch.dtype, version: str) -> None:
     """A finished layer group's grams (and input sums), as final per-layer files in the checkpoint's `done/`."""
-    files: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in grams.items():
-        files.setdefault(modules.file_of(key.removesuffix(SUM_SUFFIX)), {})[key] = tensor.to(dtype).contiguous()
-    for file, tensors in files.items():
-        ckpt.write_done(file, tensors, version)
+    for file, keys in by_file(grams, lambda key: modules.file_of(key.removesuffix(SUM_SUFFIX))).items():
+        ckpt.write_done(file, {key: grams[key].to(dtype).contiguous() for key in keys}, version)

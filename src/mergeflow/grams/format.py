@@ -37,19 +37,19 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shlex
 import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Literal, Mapping, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Literal, Mapping, Optional, Sequence
 
 import torch
 import yaml
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from ..blocks import in_repeated_block, layer_index
 from ..checkpoint import open_safetensors
 from ..io import atomic_dir, check_replaceable, full_disk_reported, umask, write_json
 
@@ -57,8 +57,6 @@ FORMAT = "mergeflow.grams/1"
 FORMAT_2 = "mergeflow.grams/2"  # adds Conv1D's `transposed` and the `input_sum` of inputs to biased Linears
 FORMATS = (FORMAT, FORMAT_2)
 INDEX = "grams.json"
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
-_IN_BLOCK = re.compile(r"(^|\.)\d+\.")  # a tensor inside a repeated block: a numbered path component
 IDENTITY_BYTES = 4096  # sampled from the start of every tensor by `model_identity`
 
 
@@ -255,10 +253,18 @@ class GramDir:
         return out
 
 
+def by_file(keys: Iterable[str], file_of: Callable[[str], str]) -> dict[str, list[str]]:
+    """`keys` grouped by the gram file each goes to (one file per block), in the order first seen."""
+    files: dict[str, list[str]] = {}
+    for key in keys:
+        files.setdefault(file_of(key), []).append(key)
+    return files
+
+
 def file_for(module: str) -> str:
     """One safetensors file per transformer layer; anything outside the layers goes to `other`."""
-    match = _LAYER.search(f".{module}.")
-    return f"layer_{int(match.group(1)):03d}.safetensors" if match else "other.safetensors"
+    index = layer_index(module)
+    return f"layer_{index:03d}.safetensors" if index is not None else "other.safetensors"
 
 
 class GramWriter:
@@ -367,7 +373,7 @@ def model_identity(model_dir: str | Path) -> Optional[str]:
             except (struct.error, ValueError) as err:
                 raise ValueError(f"{file}: not a readable safetensors file ({err}); it may be truncated or corrupt") from None
             for name, info in header.items():
-                if name == "__metadata__" or not _IN_BLOCK.search(name):
+                if name == "__metadata__" or not in_repeated_block(name):
                     continue
                 start, end = info["data_offsets"]
                 f.seek(8 + size + start)

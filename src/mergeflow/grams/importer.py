@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import is_tied, model_config
 from ..io import atomic_dir
-from .format import GramRef, GramWriter, check_gram_output, disk_errors, format_for, model_identity
+from .format import GramRef, GramWriter, by_file, check_gram_output, disk_errors, format_for, model_identity
 from .modules import SolvedModule, discover_dir
 
 log = logging.getLogger(__name__)
@@ -147,11 +147,8 @@ def import_grams(path: str | Path, model: str | Path, out: str | Path, *, overwr
         owners: dict[str, str] = {}
         keys = {m: owners.setdefault(s.digest, m) for m, s in grams.items()}  # identical inputs stored once
         writer = GramWriter(tmp)
-        by_file: dict[str, list[str]] = {}
-        for owner in dict.fromkeys(keys.values()):
-            by_file.setdefault(expected[owner].file, []).append(owner)
         refs = {m: GramRef(expected[k].file, k, expected[m].transposed) for m, k in keys.items()}
-        for file, members in sorted(by_file.items()):
+        for file, members in sorted(by_file(dict.fromkeys(keys.values()), lambda owner: expected[owner].file).items()):
             writer.write_file(file, {m: load_file(grams[m].path)["gram"] for m in members}, version=format_for(refs.values()))
         for spilled in spill_dir.iterdir():
             spilled.unlink()

@@ -175,15 +175,11 @@ def skeleton(config) -> nn.Module:
 def discover_dir(model_dir, *, include_lm_head: bool = False) -> tuple[ModuleMap, list[str]]:
     """The solved modules of the model directory `model_dir` from its config.json alone, and its
     tensor names (from the safetensors headers, or the module tree when it has no weights)."""
-    from pathlib import Path
-
     from transformers import AutoConfig
 
-    from ..checkpoint import CheckpointReader
+    from ..checkpoint import CheckpointReader, require_model_dir
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: no config.json; expected a Hugging Face model directory")
+    model_dir = require_model_dir(model_dir)
     model = skeleton(AutoConfig.from_pretrained(model_dir))
     modules = discover(model, include_lm_head=include_lm_head, where=str(model_dir))
     try:
