@@ -87,7 +87,8 @@ def write_synthetic_grams(out: Path, gib: float) -> tuple[float, int]:
     """Random grams with the shapes of a 2048/5632 Llama, as many layers as make about `gib` GiB."""
     import torch
 
-    from mergeflow.grams.format import write_grams
+    from mergeflow.grams.format import GramRef, GramWriter, by_file, file_for
+    from mergeflow.io import atomic_dir
 
     hidden, intermediate = 2048, 5632
     per_layer = 4 * (3 * hidden * hidden + intermediate * intermediate)
@@ -103,7 +104,11 @@ def write_synthetic_grams(out: Path, gib: float) -> tuple[float, int]:
         keys.update({f"{p}.self_attn.o_proj": f"{p}.self_attn.o_proj", f"{p}.mlp.down_proj": f"{p}.mlp.down_proj"})
     os.sync()
     start = time.perf_counter()
-    write_grams(out, sums, keys, 1000, "synthetic")
+    with atomic_dir(out) as tmp:  # the writer `mergeflow grams import` uses: file by file, then grams.json
+        writer = GramWriter(tmp)
+        for file, members in sorted(by_file(sums, file_for).items()):
+            writer.write_file(file, {key: sums[key] for key in members})
+        writer.finish({m: GramRef(file_for(k), k) for m, k in keys.items()}, num_tokens=1000, model="synthetic")
     os.sync()
     return time.perf_counter() - start, layers
 

@@ -216,11 +216,8 @@ class ShardedWriter:
             (self.out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
 
 
-def copy_model_files(src: str | Path, dst: str | Path) -> list[str]:
+def copy_model_files(src: str | Path, dst: str | Path) -> None:
     """Copy config, generation config and tokenizer files (everything but weights and the card)."""
-    copied = []
     for item in sorted(Path(src).iterdir()):
         if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES) and item.name not in ("README.md", "mergeflow_merge.json"):
             shutil.copy2(item, Path(dst) / item.name)
-            copied.append(item.name)
-    return copied

@@ -51,7 +51,7 @@ from safetensors.torch import save_file
 
 from ..blocks import in_repeated_block, layer_index
 from ..checkpoint import open_safetensors
-from ..io import atomic_dir, check_replaceable, full_disk_reported, umask, write_json
+from ..io import check_replaceable, full_disk_reported, umask, write_json
 
 FORMAT = "mergeflow.grams/1"
 FORMAT_2 = "mergeflow.grams/2"  # adds Conv1D's `transposed` and the `input_sum` of inputs to biased Linears
@@ -305,22 +305,6 @@ class GramWriter:
                     "files": dict(sorted(self.files.items())),
                 },
             )
-
-
-def write_grams(
-    out: str | Path, sums: Mapping[str, torch.Tensor], keys: Mapping[str, str], num_tokens: Optional[int], model: str,
-    *, reduction: str = "sum", dtype: torch.dtype = torch.float32, **extra,
-) -> None:
-    """Write `sums` (key -> gram) and the module -> key map `keys` atomically as a gram directory."""
-    files: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in sums.items():
-        files.setdefault(file_for(key), {})[key] = tensor
-    with atomic_dir(out) as tmp:
-        writer = GramWriter(tmp)
-        for file, tensors in sorted(files.items()):
-            writer.write_file(file, tensors, dtype)
-        refs = {m: GramRef(file_for(k), k) for m, k in keys.items()}
-        writer.finish(refs, num_tokens=num_tokens, model=model, reduction=reduction, dtype=str(dtype).removeprefix("torch."), **extra)
 
 
 def file_record(path: Path) -> dict:
