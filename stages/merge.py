@@ -7,12 +7,12 @@ from pathlib import Path
 
 from mergeflow.checkpoint import parse_size
 from mergeflow.merge import merge_models
-from mergeflow.methods import get_method
-from mergeflow.params import STAGE_PARAMS
+from mergeflow.methods import UnknownMethod, get_method
+from mergeflow.params import STAGE_READS
 from mergeflow.pipeline import check_plugin
 from mergeflow.stage import run_stage
 
-PARAMS = STAGE_PARAMS["merge"]  # the keys it reads (dvc.yaml lists the same): each must be in the params file
+PARAMS = STAGE_READS["merge"]  # every key it reads, each in the params file (dvc.yaml lists STAGE_PARAMS["merge"])
 
 
 def add_arguments(parser):
@@ -26,7 +26,11 @@ def add_arguments(parser):
 def main(args, params):
     check_plugin(params.method, args.dvc_yaml)
     m = params.merge
-    method = get_method(params.method).from_params({"alpha": params.alpha, **m.method_values()})  # each method takes its own knobs
+    try:
+        cls = get_method(params.method)
+    except UnknownMethod as err:
+        raise ValueError(f"{err} (params.yaml: method)") from None
+    method = cls.from_params({"alpha": params.alpha, **m.method_values()})  # each method takes its own knobs
     merge_models(
         [args.experts / name for name in params.experts], method, args.out,
         grams=[args.grams / name for name in params.experts] if method.uses_grams else [],

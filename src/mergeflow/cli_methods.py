@@ -116,9 +116,12 @@ def given_values(ctx: click.Context, values: Mapping[str, Any], pairs: Iterable[
 
 def build_method(name: str, given: Mapping[str, Any]):
     """`get_method(name)(given)`; a bad value is one line naming the option to fix."""
-    from .methods import ParamError, declared_params, get_method
+    from .methods import ParamError, UnknownMethod, declared_params, get_method
 
-    cls = get_method(name)
+    try:
+        cls = get_method(name)
+    except UnknownMethod as err:
+        raise ValueError(f"{err} (--method)") from None
     try:
         return cls(given)
     except ParamError as err:

@@ -64,9 +64,13 @@ def _from_file(spec: str) -> type[MergeMethod]:
     module_spec = importlib.util.spec_from_file_location(f"mergeflow_plugin_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    cls = getattr(module, class_name, None)
+    return checked(getattr(module, class_name, None), f"{path}: {class_name!r}", spec)
+
+
+def checked(cls, where: str, spec: str) -> type[MergeMethod]:
+    """`cls` when it is a MergeMethod subclass, else one line naming where it came from."""
     if not (isinstance(cls, type) and issubclass(cls, MergeMethod)):
-        raise ValueError(f"{path}: {class_name!r} is not a subclass of mergeflow.methods.base.MergeMethod (method: {spec})")
+        raise ValueError(f"{where} is not a subclass of mergeflow.methods.base.MergeMethod (method: {spec})")
     return cls
 
 
@@ -78,15 +82,18 @@ def get_method(name: str) -> type[MergeMethod]:
         return _from_file(name)
     found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
     if found:
-        return found[0].load()
+        return checked(found[0].load(), f"entry point {name} = {found[0].value} (group {ENTRY_POINT_GROUP})", name)
     close = difflib.get_close_matches(name, _REGISTRY, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(
-        f"unknown merge method {name!r}; available: {', '.join(available())}, or path/to/file.py:ClassName.{hint} (params.yaml: method, or --method)"
-    )
+    raise UnknownMethod(f"unknown merge method {name!r}; available: {', '.join(available())}, or path/to/file.py:ClassName.{hint}")
+
+
+class UnknownMethod(ValueError):
+    """A method name that is neither registered, a `file.py:Class` nor an entry point; the edge
+    (CLI, stage) adds the option or params key that named it."""
 
 
 from . import average, regmean, task_arithmetic, ties  # noqa: E402,F401  (registers the built-in methods)
 from . import breadcrumbs, dare, della, karcher, model_stock, nuslerp, sce, slerp  # noqa: E402,F401  (mergekit's data-free methods)
 
-__all__ = ["WEIGHTS", "GramHandle", "MergeMethod", "Param", "ParamError", "available", "declared_params", "get_method", "register"]
+__all__ = ["WEIGHTS", "GramHandle", "MergeMethod", "Param", "ParamError", "UnknownMethod", "available", "declared_params", "get_method", "register"]
