@@ -5,7 +5,7 @@ import mergeflow.pinned  # noqa: F401  first: pins the CPU kernels before torch 
 
 from pathlib import Path
 
-from mergeflow.evaluation.harness import evaluation_summary
+from mergeflow.evaluation.harness import evaluation_summary, expert_label
 from mergeflow.io import write_json
 from mergeflow.params import STAGE_READS
 from mergeflow.plots import SCORES_HEADER, SWEEP_HEADER, score_rows, sweep_rows, write_csv
@@ -23,7 +23,7 @@ def add_arguments(parser):
 
 def main(args, params):
     files = {"base": args.metrics / "base.json"}
-    files.update({f"expert-{name}": args.metrics / "experts" / f"{name}.json" for name in params.experts})
+    files.update({expert_label(name): args.metrics / "experts" / f"{name}.json" for name in params.experts})
     files["merged"] = args.metrics / "merged.json"
     summary = evaluation_summary(files)
     write_json(args.out, summary)

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.faults
 
 # float64 sums and a 11 KB cap: one pass per layer, so a kill can fall between two layer groups
 CONFIG = GramParams(max_length=16, batch_size=3, dtype="float64", max_gram_memory="11KB")
-CLI_ARGS = ["--max-length", "16", "--batch-size", "3", "--dtype", "float64", "--max-gram-memory", "11KB"]
+CLI_ARGS = ["--max-length", "16", "--batch-size", "3", "--gram-dtype", "float64", "--max-gram-memory", "11KB"]
 PHASES = [
     "grams:group-written",  # a finished layer file in the checkpoint, its record not yet
     "grams:group-recorded",  # file and record there, the checkpoint does not say so yet

@@ -102,7 +102,7 @@ def test_resume_after_an_interruption_gives_the_same_grams(experts, calib_file, 
     config = GramParams(max_length=16, batch_size=1, dtype="float64", checkpoint_every=2, max_gram_memory="11KB")  # float64: a pass per layer
     compute_grams(experts[0], calib_file, tmp_path / "whole", config)
     saves = []
-    original = resume.Checkpoint.save
+    original = resume.GramResume.save
 
     def save_then_die(self, progress, sums):
         original(self, progress, sums)
@@ -110,12 +110,12 @@ def test_resume_after_an_interruption_gives_the_same_grams(experts, calib_file, 
         if len(saves) == 5:  # in the second layer group, after a checkpoint
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(resume.Checkpoint, "save", save_then_die)
+    monkeypatch.setattr(resume.GramResume, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         compute_grams(experts[0], calib_file, tmp_path / "g", config)
     assert not (tmp_path / "g").exists() and (tmp_path / ".g.partial" / "done" / "layer_000.safetensors").is_file()
     assert saves[-1].group == 1 and saves[-1].batch == 2
-    monkeypatch.setattr(resume.Checkpoint, "save", original)
+    monkeypatch.setattr(resume.GramResume, "save", original)
     compute_grams(experts[0], calib_file, tmp_path / "g", config)
     assert_same_grams(tmp_path / "g", tmp_path / "whole", exact=True)  # float64: identical
     assert not (tmp_path / ".g.partial").exists()
@@ -139,7 +139,7 @@ def mergeflow_cmd(*args) -> list[str]:
 
 def test_killed_cli_run_resumes_to_the_same_grams(experts, tmp_path):
     data = write_jsonl(tmp_path / "calib.jsonl", [{"text": t * (1 + i % 3)} for i, t in enumerate(TEXTS * 15)])
-    args = ["grams", "--model", experts[0], "--data", data, "--max-length", 32, "--batch-size", 1, "--dtype", "float64", "--checkpoint-every", 3]
+    args = ["grams", "--model", experts[0], "--data", data, "--max-length", 32, "--batch-size", 1, "--gram-dtype", "float64", "--checkpoint-every", 3]
     compute_grams(experts[0], data, tmp_path / "whole", GramParams(max_length=32, batch_size=1, dtype="float64"))
     proc = subprocess.Popen(mergeflow_cmd(*args, "--out", tmp_path / "g"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state = tmp_path / ".g.partial" / "rank0.json"
@@ -157,7 +157,7 @@ def test_killed_cli_run_resumes_to_the_same_grams(experts, tmp_path):
 
 
 def test_torchrun_two_ranks_equal_one_process(experts, calib_file, tmp_path):
-    args = ["grams", "--model", experts[0], "--data", calib_file, "--max-length", 16, "--batch-size", 2, "--dtype", "float64"]
+    args = ["grams", "--model", experts[0], "--data", calib_file, "--max-length", 16, "--batch-size", 2, "--gram-dtype", "float64"]
     compute_grams(experts[0], calib_file, tmp_path / "one", GramParams(max_length=16, batch_size=2, dtype="float64"))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -265,7 +265,7 @@ def test_report_selects_experiments_and_their_own_references(repo, first_repro, 
     assert "warning:" not in out  # one zoo: base and experts agree across the experiments
     rows = pd.read_csv(tmp_path / "alpha_sweep.csv")
     summary = json.loads(run(["git", "show", "HEAD:metrics/summary.json"], dest, env))
-    math_expert = rows[rows["model"] == "math expert"].iloc[0]
+    math_expert = rows[rows["model"] == "expert-math"].iloc[0]
     assert math_expert["toy_math.exact_match"] == summary["expert-math"]["toy_math"]["exact_match"]
 
 

@@ -60,8 +60,8 @@ def test_collect_points_and_references(doc):
     assert [(a, n) for a, n, _ in sweep.points] == [(0.0, "exp-zero"), (0.1, "main"), (0.5, "exp-half"), (1.0, "exp-one")]
     assert sweep.points[-1][2] == {"toy_math.exact_match": 0.24, "toy_code.exact_match": 0.25}
     assert sweep.metrics == ["toy_code.exact_match", "toy_math.exact_match"]
-    assert list(sweep.references) == ["base", "code expert", "math expert", "average"]
-    assert sweep.references["math expert"] == {"toy_math.exact_match": 0.5, "toy_code.exact_match": 0.0}
+    assert list(sweep.references) == ["base", "expert-code", "expert-math", "average"]
+    assert sweep.references["expert-math"] == {"toy_math.exact_match": 0.5, "toy_code.exact_match": 0.0}
     assert sweep.references["average"] == {"toy_math.exact_match": 0.0, "toy_code.exact_match": 0.01}
 
 
@@ -76,7 +76,7 @@ def test_report_writes_csv_and_png(doc, tmp_path):
         rows = list(csv.DictReader(fh))
     assert [r["alpha"] for r in rows[:4]] == ["0.0", "0.1", "0.5", "1.0"]
     assert rows[3] == {"model": "regmean", "alpha": "1.0", "experiment": "exp-one", "toy_code.exact_match": "0.25", "toy_math.exact_match": "0.24"}
-    assert [r["model"] for r in rows[4:]] == ["base", "code expert", "math expert", "average"]
+    assert [r["model"] for r in rows[4:]] == ["base", "expert-code", "expert-math", "average"]
     png = (tmp_path / "plots/alpha_sweep.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 
@@ -103,7 +103,7 @@ def test_summary_metrics_give_points_and_references_of_the_same_experiments():
     baseline["experiments"] = [{"name": "exp-one", "revs": [summary_row("b" * 40, "exp-one", 1.0, (0.24, 0.25))]}]
     sweep = collect([baseline])
     assert [(a, n) for a, n, _ in sweep.points] == [(0.1, "main"), (1.0, "exp-one")]
-    assert sweep.references == {"base": {"toy_math.exact_match": 0.0, "toy_code.exact_match": 0.0}, "code expert": {"toy_math.exact_match": 0.0, "toy_code.exact_match": 1.0}, "math expert": {"toy_math.exact_match": 0.5, "toy_code.exact_match": 0.0}}
+    assert sweep.references == {"base": {"toy_math.exact_match": 0.0, "toy_code.exact_match": 0.0}, "expert-code": {"toy_math.exact_match": 0.0, "toy_code.exact_match": 1.0}, "expert-math": {"toy_math.exact_match": 0.5, "toy_code.exact_match": 0.0}}
     assert sweep.warnings == []
     assert sweep.selection() == "regmean: 2 alpha(s) from commit(s) main: 0.1 (main), 1 (exp-one)"
 
@@ -113,9 +113,9 @@ def test_references_that_differ_across_experiments_are_warned_about():
     old = summary_row("a" * 40, "old", 0.1, (0.1, 0.0))
     new = summary_row("b" * 40, "new", 0.5, (0.2, 0.1), math_expert=(0.64, 0.0))
     sweep = collect([new, old])
-    assert sweep.references["math expert"] == {"toy_math.exact_match": 0.64, "toy_code.exact_match": 0.0}
+    assert sweep.references["expert-math"] == {"toy_math.exact_match": 0.64, "toy_code.exact_match": 0.0}
     assert sweep.warnings == [
-        "the math expert differs across the selected experiments (new: toy_code.exact_match=0 toy_math.exact_match=0.64; "
+        "the expert-math differs across the selected experiments (new: toy_code.exact_match=0 toy_math.exact_match=0.64; "
         "old: toy_code.exact_match=0 toy_math.exact_match=0.5); drawing the first; select experiments of one zoo with --rev"
     ]
     assert sweep.baselines == ["new", "old"]
@@ -143,12 +143,12 @@ def test_no_sweep_is_a_clear_error(doc):
 
 def test_reference_numbers_are_printed_beside_ours(doc, tmp_path):
     ref = tmp_path / "ref.csv"
-    ref.write_text("model,metric,value\nmath expert,toy_math.exact_match,0.7\nregmean alpha=0.1,toy_code.exact_match,0.45\naverage,gsm8k.exact_match,0.65\n")
+    ref.write_text("model,metric,value\nexpert-math,toy_math.exact_match,0.7\nregmean alpha=0.1,toy_code.exact_match,0.45\naverage,gsm8k.exact_match,0.65\n")
     (tmp_path / "doc.json").write_text(json.dumps(doc))
     result = CliRunner().invoke(main, ["report", "--exp-show", str(tmp_path / "doc.json"), "--out-dir", str(tmp_path / "plots"), "--reference", str(ref)])
     assert result.exit_code == 0, result.output
     lines = [line.split() for line in result.output.splitlines()]
-    assert ["math", "expert", "toy_math.exact_match", "0.7000", "0.5000"] in lines
+    assert ["expert-math", "toy_math.exact_match", "0.7000", "0.5000"] in lines
     assert ["regmean", "alpha=0.1", "toy_code.exact_match", "0.4500", "0.0000"] in lines
     assert ["average", "gsm8k.exact_match", "0.6500", "-"] in lines  # not measured here
 
@@ -175,7 +175,7 @@ def test_reference_tables_name_the_models_and_metrics_report_produces(recipe):
 
     recipes = Path(__file__).resolve().parents[1] / "recipes"
     params = yaml.safe_load((recipes / f"{recipe}.yaml").read_text())
-    labels = {"base", "average", *(f"{e} expert" for e in params["experts"])}
+    labels = {"base", "average", *(f"expert-{e}" for e in params["experts"])}
     table = read_reference(recipes / f"{recipe}.reference.csv")
     for model, metrics in table.items():
         assert model in labels or re.fullmatch(r"regmean alpha=\d+(\.\d+)?", model), model

@@ -101,8 +101,8 @@ def list_modules(ctx: click.Context, param: click.Parameter, model: Optional[Pat
 @param_option("--num-samples", key="gram.num_samples", type=click.IntRange(min=1), help="Use only N rows [default: all]: the first N, or N drawn with --seed.")
 @param_option("--seed", key="gram.seed", type=int, help="Shuffle the rows with this seed before taking --num-samples [default: file order].")
 @param_option("--device", key="gram.device", help="Forward passes on cpu, cuda or auto. Under torchrun with cuda each rank takes GPU LOCAL_RANK of CUDA_VISIBLE_DEVICES.")
-@param_option("--model-dtype", key="gram.model_dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="dtype of the forward pass (bf16 is fine on a GPU: grams are accumulated in --dtype).")
-@param_option("--dtype", key="gram.dtype", type=click.Choice(["float32", "float64"]), help="dtype the grams are accumulated and stored in.")
+@param_option("--model-dtype", key="gram.model_dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="dtype of the forward pass (bf16 is fine on a GPU: grams are accumulated in --gram-dtype).")
+@param_option("--gram-dtype", key="gram.dtype", type=click.Choice(["float32", "float64"]), help="dtype the grams are accumulated and stored in.")
 @param_option("--lm-head", key="gram.include_lm_head", is_flag=True, help="Also the output layer's input (for RegMean on lm_head).")
 @param_option("--accumulate-on", key="gram.accumulate_on", type=click.Choice(["device", "cpu"]),
               help="Where the sums live. `device` is fastest; `cpu` frees GPU memory for the model at the cost of copying every batch's activations to the host.")
@@ -112,7 +112,7 @@ def list_modules(ctx: click.Context, param: click.Parameter, model: Optional[Pat
               "rerunning the same command after a kill continues from the last save.")
 @click.option("--shard", default=None, help="Compute only slice i/n of the rows (e.g. 0/4), for machines that each take one; add them with `mergeflow grams sum`.")
 @GRAM_FORCE
-def grams_compute(model, data, out, text_field, target_field, max_length, batch_size, num_samples, seed, device, model_dtype, dtype, lm_head, accumulate_on, max_gram_memory, checkpoint_every, shard, force) -> None:
+def grams_compute(model, data, out, text_field, target_field, max_length, batch_size, num_samples, seed, device, model_dtype, gram_dtype, lm_head, accumulate_on, max_gram_memory, checkpoint_every, shard, force) -> None:
     """Compute RegMean grams: the sum of x x^T of every block Linear's input over non-padding tokens.
 
     q/k/v (and gate/up), which see the same input, share one tensor. Under `torchrun
@@ -124,7 +124,7 @@ def grams_compute(model, data, out, text_field, target_field, max_length, batch_
 
     config = GramParams(
         text_field=text_field, target_field=target_field, max_length=max_length, batch_size=batch_size, num_samples=num_samples, seed=seed, device=device,
-        model_dtype=model_dtype, dtype=dtype, include_lm_head=lm_head, accumulate_on=accumulate_on, max_gram_memory=max_gram_memory, checkpoint_every=checkpoint_every,
+        model_dtype=model_dtype, dtype=gram_dtype, include_lm_head=lm_head, accumulate_on=accumulate_on, max_gram_memory=max_gram_memory, checkpoint_every=checkpoint_every,
     )
     compute_grams(model, data, out, config, shard=shard, overwrite=force)
 

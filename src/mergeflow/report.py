@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .evaluation.harness import is_stderr
+from .evaluation.harness import expert_label, is_stderr
 from .io import atomic_file
 from .plots import metric_rows
 
@@ -49,20 +49,19 @@ class Run:
     baseline: str = ""
 
     def models(self) -> dict[str, dict[str, float]]:
-        """Scores by model label: `merged`, `base`, `<name> expert`."""
+        """Scores by model label: `merged`, `base`, `expert-<name>` (as metrics/summary.json names them)."""
         found: dict[str, dict[str, float]] = {}
         summary = self.metrics.get(SUMMARY) or {}
         for model, table in summary.items():
             if isinstance(table, dict):
-                label = f"{model.removeprefix('expert-')} expert" if model.startswith("expert-") else model
-                found[label] = scores(table)
+                found[model] = scores(table)
         if MERGED in self.metrics:
             found.setdefault("merged", scores(self.metrics[MERGED]))
         if BASE in self.metrics:
             found.setdefault("base", scores(self.metrics[BASE]))
         for path, metrics in self.metrics.items():
             if path.startswith(EXPERTS) and path.endswith(".json"):
-                found.setdefault(f"{Path(path).stem} expert", scores(metrics))
+                found.setdefault(expert_label(Path(path).stem), scores(metrics))
         return {label: s for label, s in found.items() if s}
 
 
@@ -186,7 +185,7 @@ def collect(doc: list[dict], method: str = "regmean") -> Sweep:
     if len(by_alpha) == 1:
         warnings.append("one alpha only: experiments are listed under the commit they started from, so after a commit select the earlier ones with --rev <commit> or --all-commits")
     points = [(alpha, name, s) for alpha, (name, s) in sorted(by_alpha.items())]
-    order = ["base"] + sorted(k for k in references if k.endswith(" expert")) + (["average"] if "average" in references else [])
+    order = ["base"] + sorted(k for k in references if k.startswith(expert_label(""))) + (["average"] if "average" in references else [])
     return Sweep(method=method, points=points, references={k: references[k] for k in order if k in references}, baselines=baselines, warnings=warnings)
 
 
@@ -244,7 +243,7 @@ def plot(sweep: Sweep, path: str | Path) -> None:
 
 def read_reference(path: str | Path) -> dict[str, dict[str, float]]:
     """Published numbers kept beside a recipe: a CSV of `model,metric,value` rows, where model is
-    a label of ours (`math expert`, `average`, `regmean alpha=0.1`) and metric `task.metric`."""
+    a label of ours (`expert-math`, `average`, `regmean alpha=0.1`) and metric `task.metric`."""
     import csv
 
     path = Path(path)

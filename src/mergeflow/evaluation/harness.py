@@ -178,6 +178,11 @@ def evaluate_model(
     return metrics
 
 
+def expert_label(name: str) -> str:
+    """How an expert is named in summaries, score tables and reports: `expert-math`."""
+    return f"expert-{name}"
+
+
 def evaluation_summary(files: Mapping[str, str | Path]) -> dict[str, Any]:
     """`{model: {task: {metric: value}}}` from per-model metrics files, standard errors left out."""
     table: dict[str, Any] = {}

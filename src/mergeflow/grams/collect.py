@@ -37,7 +37,7 @@ from .moe import expert_slots, fused_expert_warning
 from .seq2seq import Seq2SeqBatches, decoder_start_id, load_pairs, tokenize_pairs
 from .format import GramRef, by_file, check_gram_output, format_for, model_identity, sha256_of
 from .modules import ModuleMap, discover
-from .resume import Checkpoint, Progress, file_identity, fingerprint
+from .resume import GramResume, Progress, file_identity, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def compute_grams(model_dir: str | Path, data: str | Path, out: str | Path, conf
     model_dir, data, out = require_model_dir(model_dir), Path(data), Path(out)
     shard_index, shard_count = parse_shard(shard)
     # a run killed after publishing `out`, before removing its checkpoint: the rerun finishes it
-    published = Checkpoint(out, fingerprint="").holds_published_output()
+    published = GramResume(out, fingerprint="").holds_published_output()
     check_gram_output(out, force=overwrite or published, inputs=[model_dir, data])
     if is_encoder_decoder(model_dir):  # (input, target) pairs: the decoder is teacher-forced on the target
         selected = load_pairs(data, config.text_field, config.target_field, num_samples=config.num_samples, seed=config.seed)
@@ -175,7 +175,7 @@ def compute_grams(model_dir: str | Path, data: str | Path, out: str | Path, conf
         raise ValueError(f"{data}: shard {shard_index}/{shard_count} of {len(selected)} rows is empty; use fewer shards")
     device, ranks = setup_device_and_ranks(config.device)
     run = prepare_pass(model_dir, rows, config, device, ranks)
-    ckpt = Checkpoint(out, run_fingerprint(run, model_dir, data, (shard_index, shard_count), ranks.world), ranks.rank)
+    ckpt = GramResume(out, run_fingerprint(run, model_dir, data, (shard_index, shard_count), ranks.world), ranks.rank)
     if published and not overwrite and not ckpt.of_this_command():  # another command's grams: refused as ever
         check_gram_output(out, force=False, inputs=[model_dir, data])
     if ranks.main:
@@ -229,16 +229,16 @@ def prepare_pass(model_dir: Path, rows: list, config: GramParams, device: str, r
 def run_fingerprint(run: GramPass, model_dir: Path, data: Path, shard: tuple[int, int], world: int) -> str:
     """What makes a checkpoint resumable by this command: inputs, parameters and the layer groups."""
     c = run.config
-    weights = sorted(p for p in model_dir.iterdir() if p.suffix == ".safetensors" or p.name == CONFIG)
+    model_files = sorted(p for p in model_dir.iterdir() if p.suffix == ".safetensors" or p.name == CONFIG)
     return fingerprint(
-        model=[file_identity(p) for p in weights], data=file_identity(data), max_length=c.max_length, batch_size=c.batch_size,
+        model=[file_identity(p) for p in model_files], data=file_identity(data), max_length=c.max_length, batch_size=c.batch_size,
         num_samples=c.num_samples, seed=c.seed, text_field=c.text_field, model_dtype=c.model_dtype, dtype=c.dtype,
         include_lm_head=c.include_lm_head, shard=list(shard), world=world, groups=run.groups,
         **({"target_field": c.target_field} if run.seq2seq else {}),
     )
 
 
-def accumulate_groups(run: GramPass, ckpt: Checkpoint, ranks: "Distributed", label: str) -> int:
+def accumulate_groups(run: GramPass, ckpt: GramResume, ranks: "Distributed", label: str) -> int:
     """One pass over the data per layer group not finished yet (resuming a killed one from its last
     checkpoint); each finished group's grams go to the checkpoint's `done/`. Returns the token count."""
     progress, saved = ckpt.load(run.device if run.config.accumulate_on == "device" else "cpu")
@@ -253,7 +253,7 @@ def accumulate_groups(run: GramPass, ckpt: Checkpoint, ranks: "Distributed", lab
     return num_tokens
 
 
-def accumulate_group(run: GramPass, g: int, ckpt: Checkpoint, ranks: "Distributed", bar, resume: tuple) -> int:
+def accumulate_group(run: GramPass, g: int, ckpt: GramResume, ranks: "Distributed", bar, resume: tuple) -> int:
     """One layer group's pass: its sums all-reduced across ranks, written, and recorded finished."""
     start, tokens, saved = resume
     acc = run.accumulator(run.groups[g])
@@ -282,7 +282,7 @@ def accumulate_group(run: GramPass, g: int, ckpt: Checkpoint, ranks: "Distribute
     return int(count)
 
 
-def write_group(ckpt: Checkpoint, grams: dict[str, torch.Tensor], modules: ModuleMap, dtype: torch.dtype, version: str) -> None:
+def write_group(ckpt: GramResume, grams: dict[str, torch.Tensor], modules: ModuleMap, dtype: torch.dtype, version: str) -> None:
     """A finished layer group's grams (and input sums), as final per-layer files in the checkpoint's `done/`."""
     for file, keys in by_file(grams, lambda key: modules.file_of(key.removesuffix(SUM_SUFFIX))).items():
         ckpt.write_done(file, {key: grams[key].to(dtype).contiguous() for key in keys}, version)

@@ -61,7 +61,11 @@ class Progress:
     num_tokens: int = 0
 
 
-class Checkpoint:
+class GramResume:
+    """The resumable state of one `compute_grams` run beside its output (`.<out>.partial/`):
+    finished layer files, each rank's partial sums and progress, keyed by the run's fingerprint.
+    (Not a model checkpoint: those are `checkpoint.py`'s.)"""
+
     def __init__(self, out: Path, fingerprint: str, rank: int = 0):
         self.out = out
         self.root = out.parent / f".{out.name}.partial"
