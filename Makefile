@@ -28,6 +28,7 @@ repro: setup
 # Two workers on two cores (pytest-xdist); the tests that share one pipeline run stay together.
 PYTEST_WORKERS ?= 2
 test: setup
+	$(BIN)/python .ci/check_size.py  # the guide's limits: functions <= 60 lines, <= 8 keyword arguments
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
 test-fast: setup
