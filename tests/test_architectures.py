@@ -19,7 +19,7 @@ from mergeflow.grams.data import load_rows
 from mergeflow.grams.modules import discover
 from mergeflow.merge import merge_models
 from mergeflow.methods import get_method
-from mergeflow.models import load_causal_lm
+from mergeflow.models import load_model
 from mergeflow.params import GramParams
 from mergeflow.zoo.tokenizer import build_tokenizer
 
@@ -85,7 +85,7 @@ def zoo(request, tmp_path_factory) -> Zoo:
 def inputs_of(expert: Path, data: Path) -> dict[str, torch.Tensor]:
     """Every solved module's input rows, one unpadded text at a time (so no padding to leave out),
     from the float32 forward the grams saw, as float64: only padding and batching could differ."""
-    model, tok = load_causal_lm(expert)
+    model, tok = load_model(expert)
     rows: dict[str, list] = {}
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: rows.setdefault(n, []).append(args[0].reshape(-1, args[0].shape[-1])))
              for n, m in discover(model).linears().items()]
@@ -98,7 +98,7 @@ def inputs_of(expert: Path, data: Path) -> dict[str, torch.Tensor]:
 
 
 def test_discovery_finds_every_block_linear(zoo):
-    model, _ = load_causal_lm(zoo.experts[0])
+    model, _ = load_model(zoo.experts[0])
     modules = discover(model)
     assert len(modules.solved) == L * SOLVED_PER_BLOCK[zoo.family]
     assert all(m.transposed == (zoo.family == "gpt2") for m in modules.solved.values())
@@ -106,7 +106,7 @@ def test_discovery_finds_every_block_linear(zoo):
 
 
 def test_float64_grams_equal_a_direct_computation_with_padding(zoo):
-    model, _ = load_causal_lm(zoo.experts[0])
+    model, _ = load_model(zoo.experts[0])
     modules = discover(model)
     g = GramDir.open(zoo.grams[0])
     assert set(g.modules) == set(zoo.rows[0]) == set(modules.solved)
@@ -194,7 +194,7 @@ def test_plan_prices_every_family_from_its_config(zoo):
 
     config = json.loads((zoo.experts[0] / "config.json").read_text())
     shape = Shape.from_config(config, "test")
-    model, _ = load_causal_lm(zoo.experts[0])
+    model, _ = load_model(zoo.experts[0])
     assert shape.parameters == sum(p.numel() for p in model.parameters())
     assert len(shape.solved) == L * SOLVED_PER_BLOCK[zoo.family]
     g = GramDir.open(zoo.grams[0])

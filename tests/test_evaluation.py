@@ -19,7 +19,7 @@ from mergeflow.evaluation.harness import (
     flatten_results,
 )
 from mergeflow.evaluation.tasks import shipped_tasks
-from mergeflow.models import load_causal_lm
+from mergeflow.models import load_model
 from mergeflow.params import EvalParams
 from mergeflow.submission import predict
 
@@ -43,7 +43,7 @@ def test_shipped_tasks():
 
 
 def greedy_exact_match(model_dir, rows):
-    model, tok = load_causal_lm(model_dir)
+    model, tok = load_model(model_dir)
     hits = 0
     for r in rows:
         ids = tok(r["prompt"], return_tensors="pt")
@@ -55,7 +55,7 @@ def greedy_exact_match(model_dir, rows):
 
 def test_lm_eval_on_toy_tasks_matches_greedy_generation(experts, tmp_path):
     (tmp_path / "data/eval").mkdir(parents=True)
-    model, tok = load_causal_lm(experts[0])
+    model, tok = load_model(experts[0])
     rows = {}
     for skill, prompts in {"math": ["1+2=", "30+4=", "7+7="], "code": ["rev(ab)=", "rev(xyz)=", "rev(q)="]}.items():
         rows[skill] = []

@@ -12,12 +12,12 @@ from mergeflow.grams.collect import compute_grams
 from mergeflow.grams.data import load_rows as read_texts
 from mergeflow.grams.modules import discover
 from mergeflow.params import GramParams
-from mergeflow.models import load_causal_lm
+from mergeflow.models import load_model
 
 
 def direct_grams(model_dir, texts, max_length):
     """One unpadded text at a time, float64: sum of x x^T of every block Linear's input."""
-    model, tok = load_causal_lm(model_dir)
+    model, tok = load_model(model_dir)
     model.double()
     sums: dict[str, torch.Tensor] = {}
     hooks = []

@@ -40,16 +40,3 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     model = auto_model_class(model_dir).from_pretrained(model_dir, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
     return model.to(device).eval(), tokenizer
-
-
-def load_causal_lm(model_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None, trust_remote_code: bool = False):
-    """Return `(model, tokenizer)` of a causal LM from a local HF directory, in eval mode on `device`."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .checkpoint import require_model_dir
-
-    model_dir = require_model_dir(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
-    return model.to(device).eval(), tokenizer
