@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointReader, ShardedWriter, TensorSpec, copy_model_files
+from .fisher.format import FisherDir, check_fisher_match
 from .grams import GramDir
 from .faults import fault_point
 from .grams.format import check_grams_match
@@ -253,6 +254,24 @@ class DiskGramLoader:
         return check_finite(gram, f"{self.grams.path / self.grams.modules[self.module].file} (gram of {self.module})")
 
 
+def open_fishers(method: MergeMethod, fisher: Sequence[str | Path], readers: Sequence[CheckpointReader], *, verify: bool) -> list[FisherDir]:
+    """The experts' Fisher directories, for methods that read them (`uses_fisher`), checked: one per
+    expert, of that expert, every tensor of a parameter's shape; [] for other methods."""
+    if not getattr(method, "uses_fisher", False):
+        return []
+    if len(fisher) != len(readers):
+        raise ValueError(f"method {method.name!r} needs one Fisher directory per expert: {len(readers)} experts, {len(fisher)} Fisher dirs (--fisher)")
+    dirs = [FisherDir.open(f) for f in fisher]
+    check_fisher_match(dirs, [r.path for r in readers])
+    for d in dirs:
+        if verify:
+            d.verify()
+        for name, file in d.tensors.items():
+            if name not in readers[0].specs:
+                raise ValueError(f"{d.path}: has a Fisher for {name!r}, which is not a tensor of {readers[0].path}; was it computed for another model?")
+    return dirs
+
+
 def merge_models(
     experts: Sequence[str | Path],
     method: MergeMethod,
@@ -266,13 +285,14 @@ def merge_models(
     overwrite: bool = True,
     verify_grams: bool = True,
     check_magnitudes: bool = True,
+    fisher: Sequence[str | Path] = (),
 ) -> dict:
     """Merge `experts` with `method` into the HF directory `out`; return the saved merge config.
 
     An existing `out` is replaced only with `overwrite` and only if it is a merged model written by
     mergeflow that holds nothing else (see `io.check_replaceable`)."""
     out = Path(out)
-    check_replaceable(out, force=overwrite, inputs=[*experts, *grams, *([base] if base is not None else [])], owned_files=merged_files, what="merged model")
+    check_replaceable(out, force=overwrite, inputs=[*experts, *grams, *fisher, *([base] if base is not None else [])], owned_files=merged_files, what="merged model")
     if len(experts) < 2:
         raise ValueError(f"need at least two experts to merge, got {len(experts)}")
     readers = [CheckpointReader(e) for e in experts]
@@ -298,6 +318,7 @@ def merge_models(
             for g in tqdm(gram_dirs, desc="verify grams (SHA-256)", unit="dir"):
                 g.verify()
         solved = set(solved_modules(gram_dirs, readers[0], lm_head=lm_head))
+    fisher_dirs = open_fishers(method, fisher, readers, verify=verify_grams)
     specs = [readers[0].specs[name] for name in readers[0].names()]
     if solved:  # Linears sharing one gram (q/k/v, gate/up) next to each other: RegMean factors it once
         shared = {f"{m}.weight": gram_dirs[0].modules[m].key for m in solved}
@@ -317,7 +338,8 @@ def merge_models(
             for rows in row_blocks(spec, method.row_separable, block_bytes):
                 tensors = [check_finite(r.get(spec.name, rows), f"{r.path}: {spec.name}") for r in readers]
                 base_tensor = check_finite(base_reader.get(spec.name, rows), f"{base_reader.path}: {spec.name}") if base_reader else None
-                merged = check_finite(method.merge(spec.name, tensors, grams=loaders, base=base_tensor), f"merged tensor {spec.name}")
+                extra = {"fisher": [f.get(spec.name, rows) for f in fisher_dirs]} if fisher_dirs else {}
+                merged = check_finite(method.merge(spec.name, tensors, grams=loaders, base=base_tensor, **extra), f"merged tensor {spec.name}")
                 if merged.shape != tensors[0].shape:
                     raise ValueError(f"method {method.name!r} returned shape {tuple(merged.shape)} for {spec.name}, expected {tuple(tensors[0].shape)}")
                 if check_magnitudes:
@@ -339,6 +361,7 @@ def merge_models(
             "solved_modules": len(solved),
             "lm_head_solved": LM_HEAD in solved,
             "least_squares_fallback": list(getattr(method, "fell_back", [])),
+            **({"fisher": [str(f.path) for f in fisher_dirs]} if fisher_dirs else {}),
         }
         (tmp / "README.md").write_text(model_card(config))
         config["files"] = sorted({p.name for p in tmp.iterdir()} | {MERGE_CONFIG})  # what --force may replace later
