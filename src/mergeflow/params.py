@@ -199,12 +199,19 @@ class Params(Strict):
         return self
 
 
+# The calibration settings that the fisher@<expert> stage and the merge stage (RegMean++ forwards
+# the calibration data through the merged layers) share with the grams: how rows are chosen and
+# tokenised, and the forward's batch size and dtype.
+CALIBRATION_KEYS = ("gram.text_field", "gram.max_length", "gram.num_samples", "gram.seed", "gram.batch_size", "gram.model_dtype")
+FISHER_GRAM_KEYS = ("gram.text_field", "gram.max_length", "gram.num_samples", "gram.seed", "gram.device", "gram.model_dtype", "gram.dtype")
+
 # The keys each DVC stage script reads, as its dvc.yaml entry's `params` lists them (a group: every
 # key in it). The stages require each in the params file; `mergeflow use` requires them all.
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "download": ("experts", "models", "data"),
     "gram": ("gram",),
-    "merge": ("alpha", "method", "experts", "merge"),
+    "fisher": ("method", *FISHER_GRAM_KEYS),
+    "merge": ("alpha", "method", "experts", "merge", *CALIBRATION_KEYS),
     "evaluate": ("eval",),
     "summary": ("experts", "alpha", "method"),
     "submit": ("submit", "eval.backend", "eval.hf", "eval.vllm", "eval.trust_remote_code"),

@@ -63,6 +63,6 @@ def get_method(name: str) -> type[MergeMethod]:
     )
 
 
-from . import average, fisher, regmean, task_arithmetic, ties  # noqa: E402,F401  (registers the built-in methods)
+from . import average, fisher, regmean, regmean_pp, task_arithmetic, ties  # noqa: E402,F401  (registers the built-in methods)
 
 __all__ = ["MergeMethod", "MergeOptions", "available", "get_method", "register"]
