@@ -1,4 +1,5 @@
-"""DVC stage `merge`: merge the experts (params: method, alpha, experts, merge). A plugin method
+"""DVC stage `merge`: merge the experts (params: method, alpha, experts, merge, and the calibration
+keys of `gram` that regmean_pp forwards the calibration data with). A plugin method
 (`method: methods/x.py:Class`) must live in methods/, a dependency of this stage."""
 
 import mergeflow.pinned  # noqa: F401  first: pins the CPU kernels before torch loads (README "Reproducibility")
@@ -12,6 +13,7 @@ from mergeflow.merge import merge_models
 from mergeflow.methods import MergeOptions, get_method
 from mergeflow.params import STAGE_PARAMS
 from mergeflow.pipeline import check_plugin
+from mergeflow.regmean_pp import Calibration, merge_regmean_pp
 from mergeflow.stage import run_stage
 
 PARAMS = STAGE_PARAMS["merge"]  # the keys it reads (dvc.yaml lists the same): each must be in the params file
@@ -20,6 +22,8 @@ PARAMS = STAGE_PARAMS["merge"]  # the keys it reads (dvc.yaml lists the same): e
 def add_arguments(parser):
     parser.add_argument("--experts", type=Path, required=True, help="folder holding one model directory per expert")
     parser.add_argument("--grams", type=Path, required=True, help="folder holding one gram directory per expert")
+    parser.add_argument("--fisher", type=Path, help="folder holding one Fisher directory per expert (method fisher)")
+    parser.add_argument("--calib", type=Path, help="folder holding one <expert>.jsonl calibration file per expert (method regmean_pp)")
     parser.add_argument("--base", type=Path, required=True, help="the base model (task_arithmetic, ties)")
     parser.add_argument("--out", type=Path, required=True, help="merged model directory to write")
     parser.add_argument("--dvc-yaml", type=Path, default=Path("dvc.yaml"), help="pipeline whose plugin folder a `file.py:Class` method must be in")
@@ -33,8 +37,19 @@ def main(args, params):
         solver_dtype=getattr(torch, m.solver_dtype), device=m.device,
     )
     method = get_method(params.method)(options)
+    experts = [args.experts / name for name in params.experts]
+    for option, needed in (("--fisher", getattr(method, "uses_fisher", False)), ("--calib", getattr(method, "needs_calibration", False))):
+        if needed and getattr(args, option[2:]) is None:
+            raise ValueError(f"method {params.method!r} needs {option} (dvc.yaml's merge stage passes it: update dvc.yaml from the shipped one)")
+    if getattr(method, "needs_calibration", False):  # regmean_pp: layer by layer, through the calibration data
+        g = params.gram
+        calibration = Calibration(tuple(args.calib / f"{name}.jsonl" for name in params.experts), text_field=g.text_field, max_length=g.max_length,
+                                  num_samples=g.num_samples, seed=g.seed, batch_size=g.batch_size, model_dtype=g.model_dtype)
+        merge_regmean_pp(experts, method, args.out, calibration=calibration, device=method.options.device,
+                         max_shard_size=parse_size(m.max_shard_size), check_magnitudes=m.check_magnitude)
+        return
     merge_models(
-        [args.experts / name for name in params.experts], method, args.out,
+        experts, method, args.out, fisher=[args.fisher / name for name in params.experts] if getattr(method, "uses_fisher", False) else (),
         grams=[args.grams / name for name in params.experts] if method.uses_grams else [],
         base=args.base, lm_head=m.regmean_lm_head, max_shard_size=parse_size(m.max_shard_size), check_magnitudes=m.check_magnitude,
     )
