@@ -21,15 +21,15 @@ from mergeflow.methods.base import MergeOptions
 
 
 def hand_fisher(expert, calib_file, max_length=16) -> dict[str, torch.Tensor]:
-    """mean over rows of (d log p(row) / d theta)^2, in float64, with HF's own loss (mean token
-    cross-entropy, times the number of predicted tokens) and torch.func.grad."""
+    """mean over rows of (d log p(row) / d theta)^2, in float64, one row at a time with
+    torch.func.grad (the library vmaps over rows of one length)."""
     model = AutoModelForCausalLM.from_pretrained(expert, dtype=torch.float64).eval()
     rows = tokenize(load_rows(calib_file), AutoTokenizer.from_pretrained(expert), max_length)
     params = {k: v.detach() for k, v in model.named_parameters()}
 
-    def log_p(p, ids):
-        out = functional_call(model, p, args=(), kwargs={"input_ids": ids, "labels": ids})
-        return -out.loss * (ids.shape[1] - 1)
+    def log_p(p, ids):  # (HF's own `labels=` loss computes in float32: log-softmax here, in float64)
+        logits = functional_call(model, p, args=(), kwargs={"input_ids": ids}).logits[0, :-1]
+        return torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None]).sum()
 
     rows = [ids for ids in rows if len(ids) > 1]  # a one-token row predicts nothing: left out
     total = {k: torch.zeros_like(v) for k, v in params.items()}
@@ -59,8 +59,10 @@ def test_fisher_is_the_mean_squared_per_example_gradient(hand, fisher_dirs):
     assert sorted(stored.tensors) == sorted(expected)  # untied: every parameter, lm_head included
     meta = json.loads((fisher_dirs[0] / "fisher.json").read_text())
     assert meta["num_examples"] == 6 and meta["estimator"] == "empirical" and meta["dtype"] == "float64"
+    # float64 models still run RMSNorm and the rotary embeddings in float32 (transformers), and the
+    # library's vmapped eager attention rounds differently: agreement to float32 rounding
     for name, value in expected.items():
-        torch.testing.assert_close(stored.get(name), value, rtol=1e-9, atol=1e-15)
+        torch.testing.assert_close(stored.get(name), value, rtol=2e-5, atol=1e-12)
     assert float(stored.get("model.layers.1.mlp.down_proj.weight").min()) >= 0
     assert float(stored.get("model.layers.1.mlp.down_proj.weight").max()) > 0
 
