@@ -25,7 +25,7 @@ import torch
 from mergeflow.fisher.compute import compute_fisher
 from mergeflow.grams.collect import compute_grams
 from mergeflow.merge import merge_models
-from mergeflow.methods import MergeOptions, get_method
+from mergeflow.methods import get_method
 from mergeflow.regmean_pp import Calibration, merge_regmean_pp
 
 
@@ -71,7 +71,7 @@ def main() -> None:
         tmp = Path(tmp)
         experts = llama100m(tmp) if args.case == "llama100m" else [args.experts / n for n in args.names]
         calib = [args.calib / f"{n}.jsonl" for n in args.names]
-        options = MergeOptions(alpha=0.1)
+        options = {"alpha": 0.1}
         t = {}
         t["grams"] = sum(timed(f"grams {e.name}", lambda e=e, c=c: compute_grams(e, c, tmp / f"g-{e.name}", max_length=args.max_length,
                                                                                      batch_size=args.batch_size, num_samples=args.rows)) for e, c in zip(experts, calib))
@@ -81,7 +81,7 @@ def main() -> None:
         if args.fisher:
             t["fisher"] = sum(timed(f"fisher {e.name}", lambda e=e, c=c: compute_fisher(e, c, tmp / f"f-{e.name}", max_length=args.max_length, num_samples=args.rows))
                               for e, c in zip(experts, calib))
-            t["fisher_merge"] = timed("fisher merge", lambda: merge_models(experts, get_method("fisher")(options), tmp / "m-fisher", fisher=[tmp / f"f-{e.name}" for e in experts]))
+            t["fisher_merge"] = timed("fisher merge", lambda: merge_models(experts, get_method("fisher")(), tmp / "m-fisher", fisher=[tmp / f"f-{e.name}" for e in experts]))
         from mergeflow.checkpoint import CheckpointReader
 
         reader = CheckpointReader(experts[0])

@@ -17,7 +17,6 @@ from mergeflow.fisher.format import FisherDir, write_marker
 from mergeflow.grams.data import load_rows, tokenize
 from mergeflow.merge import merge_models
 from mergeflow.methods import available, get_method
-from mergeflow.methods.base import MergeOptions
 
 
 def hand_fisher(expert, calib_file, max_length=16) -> dict[str, torch.Tensor]:
@@ -69,7 +68,7 @@ def test_fisher_is_the_mean_squared_per_example_gradient(hand, fisher_dirs):
 
 def test_fisher_merge_is_the_fisher_weighted_average(experts, hand, fisher_dirs, tmp_path):
     weights = (0.3, 0.7)
-    method = get_method("fisher")(MergeOptions(weights=weights), fisher_floor=1e-6)
+    method = get_method("fisher")({"weights": list(weights), "fisher_floor": 1e-6})
     config = merge_models(experts, method, tmp_path / "m", fisher=fisher_dirs)
     assert config["method"] == "fisher" and config["fisher_floor"] == 1e-6 and config["fisher"] == [str(p) for p in fisher_dirs]
     merged, thetas = state(tmp_path / "m"), [state(e) for e in experts]
@@ -87,7 +86,7 @@ def test_fisher_merge_is_the_fisher_weighted_average(experts, hand, fisher_dirs,
 
 
 def test_one_expert_weighted_fully_returns_it(experts, fisher_dirs, tmp_path):
-    merge_models(experts, get_method("fisher")(MergeOptions(weights=(1.0, 0.0))), tmp_path / "m", fisher=fisher_dirs)
+    merge_models(experts, get_method("fisher")({"weights": [1.0, 0.0]}), tmp_path / "m", fisher=fisher_dirs)
     for name, value in state(tmp_path / "m").items():  # (w F theta) / (w F): theta to one rounding
         torch.testing.assert_close(value, state(experts[0])[name], rtol=2.4e-7, atol=0, msg=name)
 

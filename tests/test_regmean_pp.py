@@ -13,7 +13,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mergeflow.grams.data import load_rows, tokenize
 from mergeflow.merge import merge_models
 from mergeflow.methods import get_method
-from mergeflow.methods.base import MergeOptions
 from mergeflow.regmean_pp import Calibration, merge_regmean_pp
 
 ALPHA, WEIGHTS = 0.7, (0.4, 0.6)
@@ -61,7 +60,7 @@ def calib_files(calib_file, tmp_path_factory):
 
 
 def pp(experts, calib_files, out, *, hidden=2**30, weights=WEIGHTS, **kw):
-    method = get_method("regmean_pp")(MergeOptions(alpha=ALPHA, weights=weights, solver_dtype=torch.float64))
+    method = get_method("regmean_pp")({"alpha": ALPHA, "solver_dtype": "float64", **({"weights": list(weights)} if weights else {})})
     cal = Calibration(tuple(calib_files), max_length=16, batch_size=3, model_dtype="float64")
     return merge_regmean_pp(experts, method, out, calibration=cal, max_hidden_memory=hidden, **kw)
 
@@ -86,7 +85,7 @@ def test_regmean_pp_equals_a_direct_float64_implementation(experts, calib_files,
     grams = [tmp_path / f"g{i}" for i in range(2)]
     for e, c, g in zip(experts, calib_files, grams):
         compute_grams(e, c, g, max_length=16, batch_size=3, dtype="float64")
-    merge_models(experts, get_method("regmean")(MergeOptions(alpha=ALPHA, weights=WEIGHTS, solver_dtype=torch.float64)), tmp_path / "r", grams=grams)
+    merge_models(experts, get_method("regmean")({"alpha": ALPHA, "weights": list(WEIGHTS), "solver_dtype": "float64"}), tmp_path / "r", grams=grams)
     plain = state(tmp_path / "r")
     name = "model.layers.1.mlp.down_proj.weight"
     assert (plain[name] - merged[name]).abs().max() > 1e-3

@@ -42,7 +42,8 @@ from .grams.accumulate import StopForward, add_gram, symmetric
 from .grams.collect import DTYPES, length_sorted_batches, pad_batch
 from .grams.data import load_rows, tokenize
 from .io import atomic_dir, check_replaceable, full_disk_reported, remove_path, temporary_name, write_json
-from .merge import (MERGE_CONFIG, check_disk_space, check_finite, check_magnitude, check_same_config, check_same_tensors, disk_full_message,
+from .finite import check_finite
+from .merge import (MERGE_CONFIG, check_disk_space, check_magnitude, check_same_config, check_same_tensors, disk_full_message,
                     merged_files, model_card)
 from .models import load_causal_lm
 
@@ -203,8 +204,7 @@ class Run:
         self.model, self.readers, self.batches, self.store, self.method, self.device = model, readers, batches, store, method, device
         self.prefix, self.layers = decoder_layers(model, readers[0].names())
         self.params = dict(model.named_parameters())
-        solver = method.options.solver_dtype
-        self.gram_dtype = torch.float64 if solver == torch.float64 else torch.float32
+        self.gram_dtype = torch.float64 if method.solver_dtype == torch.float64 else torch.float32
         self.num_tokens = [0] * len(readers)
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -250,7 +250,7 @@ class Run:
             module = name.removesuffix(".weight")
             loaders = None
             if grams and name.endswith(".weight") and module in keys:
-                loaders = [g.mean(module, self.method.options.solver_dtype, self.device) for g in grams]
+                loaders = [g.mean(module, self.method.solver_dtype, self.method.device) for g in grams]
             merged[name] = check_finite(self.method.solve(name, tensors, loaders), f"merged tensor {name}")
         return merged
 
@@ -289,6 +289,7 @@ def merge_regmean_pp(
         check_same_config(readers[0].path, other.path, "experts")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    method.prepare(readers[0].names(), num_experts=len(experts), device=device)
     model, tokenizer = load_causal_lm(experts[0], device=device, dtype=DTYPES[calibration.model_dtype])
     outside, layers = split_by_layer(readers[0].names())
     specs = [readers[0].specs[n] for n in [*outside, *(n for names in layers.values() for n in names)]]
@@ -316,7 +317,7 @@ def merge_regmean_pp(
             remove_path(hidden)
         copy_model_files(experts[0], tmp)
         config = {**method.config(), "experts": [str(e) for e in experts], "calibration": [str(f) for f in calibration.files],
-                  "num_tokens": run.num_tokens, "least_squares_fallback": list(method.fell_back)}
+                  "num_tokens": run.num_tokens, **method.report()}
         (tmp / "README.md").write_text(model_card(config))
         config["files"] = sorted({p.name for p in tmp.iterdir()} | {MERGE_CONFIG})
         write_json(tmp / MERGE_CONFIG, config)

@@ -21,37 +21,31 @@ from typing import Optional, Sequence
 import torch
 
 from . import register
-from .base import GramLoader, MergeMethod, MergeOptions, weighted_sum
+from .base import WEIGHTS, GramLoader, MergeMethod, Param, weighted_sum
 
-FLOOR = 1e-6  # the default floor on the Fisher (FusionBench's minimal_fisher_weight)
+FLOOR = Param("fisher_floor", float, 1e-6, "floor on each expert's Fisher (FusionBench's minimal_fisher_weight): parameters no "
+              "calibration row moves get the weighted average", low=0.0, low_open=True)
 
 
 @register
 class Fisher(MergeMethod):
     name = "fisher"
-    uses_fisher = True  # the engine passes `fisher=`: one tensor (or None) per expert
-    reads = ("weights",)
-
-    def __init__(self, options: MergeOptions = MergeOptions(), fisher_floor: float = FLOOR):
-        super().__init__(options)
-        if not fisher_floor > 0:
-            raise ValueError(f"fisher_floor must be > 0, got {fisher_floor} (params.yaml: merge.fisher_floor)")
-        self.fisher_floor = fisher_floor
+    paper = "https://arxiv.org/abs/2111.09832"
+    params = (WEIGHTS, FLOOR)
+    uses_fisher = True  # the engine passes `fisher=`: one tensor (or None) per expert, the same rows
 
     def merge(self, name: str, tensors: Sequence[torch.Tensor], *, grams: Optional[Sequence[GramLoader]] = None,
               base: Optional[torch.Tensor] = None, fisher: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
-        weights = self.expert_weights(len(tensors), normalise=True)
+        weights = self.expert_weights(name, len(tensors), normalise=True)
         if fisher is None or any(f is None for f in fisher):
             return weighted_sum(tensors, weights)
+        floor = self.value("fisher_floor", name)
         num = torch.zeros(tensors[0].shape, dtype=torch.float32)
         den = torch.zeros_like(num)
         for t, f, w in zip(tensors, fisher, weights):
             if f.shape != t.shape:
                 raise ValueError(f"{name}: Fisher of shape {tuple(f.shape)} for a tensor of shape {tuple(t.shape)}; recompute the Fisher for these experts")
-            wf = f.to(torch.float32).clamp_min(self.fisher_floor).mul_(w)
+            wf = f.to(torch.float32).clamp_min(floor).mul_(w)
             num.addcmul_(wf, t.to(torch.float32))
             den.add_(wf)
         return num.div_(den)
-
-    def config(self) -> dict:
-        return {**super().config(), "fisher_floor": self.fisher_floor}

@@ -22,12 +22,16 @@ from .regmean import RegMean
 @register
 class RegMeanPP(RegMean):
     name = "regmean_pp"
+    paper = "https://arxiv.org/abs/2508.03121"
     uses_grams = False  # it makes its own, layer by layer
     needs_calibration = True  # merged by `regmean_pp.merge_regmean_pp`, not tensor by tensor
 
     def solve(self, name: str, tensors: Sequence[torch.Tensor], grams: Optional[Sequence[GramLoader]]) -> torch.Tensor:
         """RegMean's merge of one tensor with the grams the engine collected (None: the weighted average)."""
         return RegMean.merge(self, name, tensors, grams=grams)
+
+    def report(self) -> dict:
+        return {"least_squares_fallback": list(self.fallbacks)}
 
     def merge(self, name, tensors, *, grams=None, base=None):
         raise ValueError("method 'regmean_pp' merges layer by layer and needs the experts' calibration data: "
