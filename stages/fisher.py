@@ -2,8 +2,9 @@
 Fisher merging (params: method, and the calibration keys of `gram`, which it shares with grams).
 
 When `method` reads no Fisher (every built-in method but `fisher`), it writes only a marker
-directory (`fisher.json` saying why) in well under a second, without loading torch: the toy
-pipeline and every recipe pay nothing for the stage unless they merge with Fisher."""
+directory (`fisher.json` saying why) without reading the model (about 2 s of CPU, mostly the
+import of torch that validating the method params needs): the toy pipeline and every recipe pay
+next to nothing for the stage unless they merge with Fisher."""
 
 import mergeflow.pinned  # noqa: F401  first: pins the CPU kernels before torch loads (README "Reproducibility")
 

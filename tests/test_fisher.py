@@ -104,3 +104,20 @@ def test_a_marker_is_refused_by_the_merge_in_one_line(experts, fisher_dirs, tmp_
 def test_needs_fisher_knows_every_registered_method_without_torch():
     assert sorted(n for n in available() if getattr(get_method(n), "uses_fisher", False)) == sorted(FISHER_METHODS)
     assert needs_fisher("fisher") and not needs_fisher("regmean") and not needs_fisher("regmean_pp")
+
+
+def test_the_stage_writes_a_marker_for_other_methods_without_loading_the_model(tmp_path):
+    """fisher@<expert> costs the pipeline next to nothing unless method is fisher: a marker, and
+    no model is read (the expert and data paths need not even exist)."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())  # method: regmean
+    driver = ("import runpy, sys; sys.argv = ['fisher.py', '--model', 'models/experts/math', '--data', 'data/calib/math.jsonl', "
+              f"'--out', 'models/fisher/math']; runpy.run_path({str(ROOT / 'stages' / 'fisher.py')!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", driver], cwd=tmp_path, capture_output=True, text=True, env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "models/fisher/math/fisher.json").read_text()) == {
+        "format": "mergeflow.fisher/1", "skipped": "method 'regmean' reads no Fisher", "tensors": {}, "files": {}}

@@ -1,9 +1,9 @@
 """Diagonal Fisher information of each expert, for Fisher merging (Matena & Raffel, 2022).
 
 `compute.compute_fisher` writes a Fisher directory (`format`); the `fisher` merge method weights
-every parameter by it. This package's top level stays free of torch, so that the `fisher@<expert>`
-stage decides in well under a second whether the pipeline's method needs a Fisher at all
-(`needs_fisher`) and, when it does not, writes only a marker.
+every parameter by it. This package's top level stays free of torch: the `fisher@<expert>` stage
+asks `needs_fisher` whether the pipeline's method reads a Fisher at all and, when it does not,
+writes only a marker without loading the model.
 """
 
 from __future__ import annotations
