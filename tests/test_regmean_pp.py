@@ -109,3 +109,18 @@ def test_the_tensor_engine_refuses_it_in_one_line(experts, gram_dirs, tmp_path):
     with pytest.raises(ValueError, match=r"^method 'regmean_pp' merges layer by layer and needs the experts' calibration data: `mergeflow merge --method regmean_pp --calib FILE`"):
         merge_models(experts, get_method("regmean_pp")(), tmp_path / "m", grams=gram_dirs)
     assert not (tmp_path / "m").exists()
+
+
+def test_the_command_line_merges_with_regmean_pp_and_refuses_missing_calibration(experts, calib_files, tmp_path):
+    from click.testing import CliRunner
+
+    from mergeflow.cli import main
+
+    args = ["merge", "--method", "regmean_pp", "--model", str(experts[0]), "--model", str(experts[1]), "--out", str(tmp_path / "m")]
+    missing = CliRunner().invoke(main, args)
+    assert str(missing.exception) == "regmean_pp needs one calibration file per expert: 2 experts, 0 files (--calib)"
+    assert not (tmp_path / "m").exists()
+    done = CliRunner().invoke(main, [*args, "--calib", str(calib_files[0]), "--calib", str(calib_files[1]), "--alpha", "0.5"])
+    assert done.exit_code == 0, done.output
+    config = json.loads((tmp_path / "m" / "mergeflow_merge.json").read_text())
+    assert config["method"] == "regmean_pp" and config["alpha"] == 0.5 and config["calibration"] == [str(c) for c in calib_files]
