@@ -106,6 +106,23 @@ def test_method_experiment_reruns_only_merge_and_after(repo, first_repro):
     assert config["method"] == "ties" and config["base"] == "models/base"
 
 
+def test_data_aware_methods_run_in_the_pipeline(repo, first_repro):
+    """`-S method=fisher` turns the fisher@<expert> markers into Fisher directories and merges with
+    them; `-S method=regmean_pp` merges from the calibration files, layer by layer."""
+    dest, env = repo
+    assert json.loads((dest / "models/fisher/math/fisher.json").read_text())["skipped"].endswith("reads no Fisher")
+    out = run(["dvc", "exp", "run", "-S", "method=fisher"], dest, env)
+    assert ran(out) - MAYBE == AFTER_MERGE | FISHER
+    fisher = json.loads((dest / "models/fisher/math/fisher.json").read_text())
+    assert fisher["estimator"] == "empirical" and fisher["num_examples"] > 0 and "model.embed_tokens.weight" in fisher["tensors"]
+    config = json.loads((dest / "models/merged/mergeflow_merge.json").read_text())
+    assert config["method"] == "fisher" and config["fisher"] == ["models/fisher/math", "models/fisher/code"] and config["fisher_floor"] == 1e-6
+    out = run(["dvc", "exp", "run", "-S", "method=regmean_pp"], dest, env)
+    assert ran(out) - MAYBE == AFTER_MERGE | FISHER  # the markers again (DVC's run cache restores them)
+    config = json.loads((dest / "models/merged/mergeflow_merge.json").read_text())
+    assert config["method"] == "regmean_pp" and config["calibration"] == ["data/calib/math.jsonl", "data/calib/code.jsonl"]
+
+
 def status_after_setting(repo, key: str, value) -> dict:
     """`dvc status --json` (the stages `dvc repro` would start from) with one parameter changed in
     params.yaml, which is restored afterwards."""
