@@ -118,7 +118,7 @@ def test_data_aware_methods_run_in_the_pipeline(repo, first_repro):
     config = json.loads((dest / "models/merged/mergeflow_merge.json").read_text())
     assert config["method"] == "fisher" and config["fisher"] == ["models/fisher/math", "models/fisher/code"] and config["fisher_floor"] == 1e-6
     out = run(["dvc", "exp", "run", "-S", "method=regmean_pp"], dest, env)
-    assert ran(out) - MAYBE == AFTER_MERGE | FISHER  # the markers again (DVC's run cache restores them)
+    assert ran(out) - MAYBE == AFTER_MERGE | FISHER  # markers again, saying regmean_pp
     config = json.loads((dest / "models/merged/mergeflow_merge.json").read_text())
     assert config["method"] == "regmean_pp" and config["calibration"] == ["data/calib/math.jsonl", "data/calib/code.jsonl"]
 
