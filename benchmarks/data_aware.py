@@ -1,7 +1,7 @@
 """Wall time of the data-aware merges: grams + RegMean against RegMean++ (which makes its grams
-layer by layer in the merge), and Fisher + Fisher merging, on the toy zoo or on a ~100M-parameter
+layer by layer in the merge), and Fisher + Fisher merging, on the toy zoo or on a ~76M-parameter
 Llama built here with random weights (`--case llama100m`: hidden 768, 12 layers, intermediate 2048,
-vocabulary 8192; its "experts" are two seeds, its calibration the toy zoo's text).
+the toy tokenizer's vocabulary; its "experts" are two seeds, its calibration the toy zoo's text).
 
     python benchmarks/data_aware.py --case toy --experts models/experts --calib data/calib
     python benchmarks/data_aware.py --case llama100m --calib data/calib --rows 64 --max-length 128
