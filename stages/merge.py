@@ -30,9 +30,7 @@ def add_arguments(parser):
 def main(args, params):
     check_plugin(params.method, args.dvc_yaml)
     m = params.merge
-    cls = get_method(params.method)
-    given = {"alpha": params.alpha, **m.method_values()}  # params.yaml holds the knobs of every method: each takes its own
-    method = cls({name: value for name, value in given.items() if name in {p.name for p in cls.params}})
+    method = get_method(params.method).from_params({"alpha": params.alpha, **m.method_values()})  # each method takes its own knobs
     experts = [args.experts / name for name in params.experts]
     for option, needed in (("--fisher", getattr(method, "uses_fisher", False)), ("--calib", getattr(method, "needs_calibration", False))):
         if needed and getattr(args, option[2:]) is None:

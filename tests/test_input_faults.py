@@ -184,7 +184,7 @@ def test_yaml_syntax_error_names_file_line_and_column(tmp_path, record_property)
 
 @pytest.mark.faults
 @pytest.mark.parametrize(("text", "message"), [
-    ("alpha: true\n", "alpha: Input should be a valid number, got True"),
+    ("alpha: true\n", "alpha must be a float, got True"),
     ("gram:\n  text_field: 5\n", "gram.text_field: Input should be a valid string, got 5"),
     ("gram:\n  max_length: 12.5\n", "gram.max_length: Input should be a valid integer, got 12.5"),
     ("gram:\n  include_lm_head: 'yes'\n", "gram.include_lm_head: Input should be a valid boolean, got 'yes'"),

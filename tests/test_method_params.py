@@ -167,6 +167,13 @@ def test_a_plugin_declares_its_own_knob(experts, tmp_path, capsys):
     code, err = run_cli(["merge", "--method", f"{plugin}:Power", "--param", "power=1", "--model", str(experts[0]), "--model", str(experts[1]), "--out", str(out)], capsys)
     assert code == 0, err
     assert json.loads((out / MERGE_CONFIG).read_text())["power"] == 1.0
+    from click.testing import CliRunner
+
+    from mergeflow.cli import main
+
+    described = CliRunner().invoke(main, ["methods", "--describe", f"{plugin}:Power"]).output.splitlines()
+    assert described[0] == "power: The mean of |w|^p, signed by the mean: a plugin with a knob of its own."
+    assert described[4:] == ["  power: float (or per layer: list / {pattern: value}), default 1.0, > 0", "      the exponent"]
     merged, a, b = state(out), state(experts[0]), state(experts[1])
     torch.testing.assert_close(merged["model.norm.weight"], ((a["model.norm.weight"] + b["model.norm.weight"]) / 2).sign() * (a["model.norm.weight"].abs() + b["model.norm.weight"].abs()) / 2)
     params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
@@ -194,3 +201,29 @@ def test_merge_option_errors_are_one_line_and_write_nothing(experts, tmp_path, c
     code, err = run_cli(["merge", *args, "--model", str(experts[0]), "--model", str(experts[1]), "--out", str(out)], capsys)
     assert code == 1 and err.strip().removeprefix("mergeflow: error: ") == message
     assert not out.exists()
+
+
+def test_the_stage_builds_the_method_from_the_params_file(tmp_path):
+    """params.yaml holds every method's knobs; a method takes the ones it declares, per-layer values as written."""
+    params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    params["alpha"], params["merge"]["density"] = [0.0, 0.5], {"mlp": 0.3}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    p = load_params(tmp_path / "params.yaml")
+    knobs = {"alpha": p.alpha, **p.merge.method_values()}
+    assert get_method("regmean").from_params(knobs).config() == {"method": "regmean", "alpha": [0.0, 0.5], "weights": None, "solver_dtype": "float32"}
+    assert get_method("ties").from_params(knobs).config() == {"method": "ties", "weights": None, "scaling": 1.0, "density": {"mlp": 0.3}}
+
+
+def test_a_param_name_means_one_kind_of_value_across_methods():
+    from mergeflow.methods import check_consistent
+    from mergeflow.methods.base import MergeMethod, Param
+
+    class IntDensity(MergeMethod):
+        name = "int_density"
+        params = (Param("density", int, 1, "a count, not a fraction"),)
+
+        def merge(self, name, tensors, *, grams=None, base=None):
+            return tensors[0]
+
+    with pytest.raises(ValueError, match=r"^merge method 'int_density': param 'density' differs in type or form from 'ties''s; rename it or declare it alike$"):
+        check_consistent(IntDensity, [get_method("ties")])

@@ -131,7 +131,7 @@ def describe(name: str) -> str:
     from .methods import get_method
 
     cls = get_method(name)
-    doc = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip()
+    doc = (getattr(sys.modules.get(cls.__module__), "__doc__", None) or cls.__doc__ or "").strip()  # a file plugin has no module entry
     needs = [what for what, flag in (("the base model (--base)", cls.uses_base), ("grams (--gram)", cls.uses_grams),
                                      ("each expert's Fisher (--fisher)", getattr(cls, "uses_fisher", False)),
                                      ("each expert's calibration data (--calib)", getattr(cls, "needs_calibration", False))) if flag]

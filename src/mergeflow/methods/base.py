@@ -21,19 +21,19 @@ A numeric value may be given per layer, as mergekit's gradients do:
   tensor's name wins, `"*"` matches every tensor, and with no match the declared default holds.
   A mapping's values may themselves be lists (a gradient for the matching tensors).
 
-bool and str entries of a list are picked (entry `int(t * (k - 1))` of k), not interpolated, as mergekit.
+int, bool and str entries of a list are picked (entry `int(t * (k - 1))` of k), not interpolated.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional, Sequence
 
 import torch
 
+from ..blocks import layer_index
 from ..finite import check_finite
 
 if TYPE_CHECKING:
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from ..grams import GramDir
 
 GramLoader = Callable[[], torch.Tensor]
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 class ParamError(ValueError):
@@ -51,12 +50,6 @@ class ParamError(ValueError):
     def __init__(self, message: str, param: str):
         super().__init__(message)
         self.param = param
-
-
-def layer_index(tensor: str) -> Optional[int]:
-    """The block a tensor belongs to (`model.layers.3.mlp...` -> 3), None outside the blocks."""
-    match = _LAYER.search(tensor)
-    return int(match.group(1)) if match else None
 
 
 def layer_position(tensor: str, num_layers: int) -> float:
@@ -179,8 +172,8 @@ class Param:
         if isinstance(value, list):
             if layer_index(tensor) is not None and num_layers <= 0:
                 raise RuntimeError(f"{self.name}: a per-layer value needs the layer count; call prepare(tensor_names) first")
-            result = interpolate(value, layer_position(tensor, num_layers))
-            return float(result) if self.type is float else result
+            t = layer_position(tensor, num_layers)
+            return float(interpolate(value, t)) if self.type is float else value[int(t * (len(value) - 1))]  # ints, bools, strs: picked
         return value
 
     def describe(self) -> dict:
@@ -261,6 +254,13 @@ class MergeMethod(ABC):
             if p.name == name:
                 return p
         raise KeyError(f"method {cls.name!r} declares no parameter {name!r}")
+
+    @classmethod
+    def from_params(cls, values: Mapping[str, Any]) -> "MergeMethod":
+        """Built from a params file's knobs (`alpha` and the `merge` group: every method's), taking
+        the ones this method declares."""
+        declared = {p.name for p in cls.params}
+        return cls({name: value for name, value in values.items() if name in declared})
 
     def prepare(self, tensor_names: Sequence[str], *, num_experts: Optional[int] = None, device: str = "cpu") -> None:
         """Called by the engine once before the first tensor: learns the layer count (gradients),
