@@ -54,7 +54,7 @@ def test_grams_then_merge(experts, calib_file, tmp_path):
 def test_errors_are_one_clear_line(experts, tmp_path):
     proc = mergeflow("merge", "--method", "frankenmerge", "--model", experts[0], "--model", experts[1], "--out", tmp_path / "m", check=False)
     assert proc.returncode == 1
-    known = "average, breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, della_linear, karcher, model_stock, nuslerp, regmean, sce, slerp, task_arithmetic, ties"
+    known = "average, breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, della_linear, fisher, karcher, model_stock, nuslerp, regmean, regmean_pp, sce, slerp, task_arithmetic, ties"
     assert proc.stderr.strip() == f"mergeflow: error: unknown merge method 'frankenmerge'; available: {known}, or path/to/file.py:ClassName. (--method)"
     proc = mergeflow("merge", "--method", "regmean", "--alpha", "2", "--model", experts[0], "--model", experts[1], "--out", tmp_path / "m", check=False)
     assert proc.returncode == 1 and "alpha must be in [0, 1], got 2.0" in proc.stderr

@@ -65,7 +65,7 @@ def test_every_option_named_like_a_params_key_mirrors_one():
     assert unmirrored == []
     assert len(MIRRORS) >= 29  # grams compute 12, merge 3 engine options, evaluate 3 + 9 backend, submit 3 + 9, report 1
     assert sorted(o.name for o in METHOD_OPTIONS) == [
-        "alpha", "convention", "density", "epsilon", "filter_wise", "gamma", "max_iter", "normalize", "nuslerp_flatten", "nuslerp_row_wise",
+        "alpha", "convention", "density", "epsilon", "filter_wise", "fisher_floor", "gamma", "max_iter", "normalize", "nuslerp_flatten", "nuslerp_row_wise",
         "regmean_bias", "rescale", "scaling", "seed", "select_topk", "solver_dtype", "t", "tol", "use_base", "weights",
     ]
 

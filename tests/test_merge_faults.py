@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from helpers import bytes_lost, dead_pid, killed_at, refused, report, run_cli, snapshot
 from mergeflow import io
-from mergeflow.merge import MERGE_CONFIG, merge_models
+from mergeflow.merge import MERGE_CONFIG, Checks, merge_models
 from mergeflow.methods import get_method
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -291,7 +291,7 @@ def test_flipped_exponent_bit_is_refused_naming_tensor_and_expert(experts, earli
     with pytest.raises(ValueError, match=rf"^merged tensor {name}: \|value\| \S+e\+3\d > 1e\+04, from {bad} \(\|value\| \S+e\+3\d\), probably a corrupted weight .*re-download or restore that expert; or pass --no-magnitude-check \(params\.yaml: merge\.check_magnitude: false\)$"):
         merge_models([experts[0], bad], average(), out)
     assert snapshot(out) == before
-    merge_models([experts[0], bad], average(), tmp_path / "unchecked", check_magnitudes=False)  # the way out, when meant
+    merge_models([experts[0], bad], average(), tmp_path / "unchecked", checks=Checks(magnitudes=False))  # the way out, when meant
     assert load_file(tmp_path / "unchecked" / "model.safetensors")[name].abs().max() > 1e30
     report(record_property, "exponent bit flip in an expert's weight", "refused, naming tensor and expert (--no-magnitude-check to accept)", bytes_lost(before, out))
 

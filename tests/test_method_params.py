@@ -123,7 +123,7 @@ def test_methods_command_lists_and_describes():
     listing = CliRunner().invoke(main, ["methods"])
     assert listing.exit_code == 0
     names = [line.split()[0] for line in listing.output.splitlines()]
-    assert names == sorted(names) and {"average", "regmean", "task_arithmetic", "ties", "slerp", "dare_ties"} <= set(names)
+    assert names == sorted(names) and {"average", "regmean", "task_arithmetic", "ties", "slerp", "dare_ties", "fisher", "regmean_pp"} <= set(names)
     assert listing.output.splitlines()[names.index("regmean")].endswith("[params: alpha, weights, solver_dtype, regmean_bias]")
     described = CliRunner().invoke(main, ["methods", "--describe", "ties"])
     assert described.exit_code == 0

@@ -21,7 +21,8 @@ from helpers import ROOT, ran, run, skipped
 pytestmark = pytest.mark.slow
 AFTER_MERGE = {"merge", "evaluate", "submit"}
 DOWNLOAD = {"download-base", "download@math", "download@code", "download-eval"}
-ALL_STAGES = {*DOWNLOAD, "gram@math", "gram@code", "merge", "evaluate-base", "evaluate-expert@math", "evaluate-expert@code", "evaluate", "summary", "submit"}
+FISHER = {"fisher@math", "fisher@code"}  # they read `method` (a marker for every method but fisher)
+ALL_STAGES = {*DOWNLOAD, "gram@math", "gram@code", *FISHER, "merge", "evaluate-base", "evaluate-expert@math", "evaluate-expert@code", "evaluate", "summary", "submit"}
 MAYBE = {"summary"}  # reruns only when a metrics file it reads changed (tiny models often score 0 either way)
 
 
@@ -77,8 +78,8 @@ def test_recipe_switch_and_the_readme_undo(repo, first_repro):
     the README's undo, `git checkout params.yaml dvc.yaml`, leaves nothing to rerun."""
     dest, env = repo
     out = run(["mergeflow", "use", "recipes/smollm2-cpu.yaml"], dest, env)
-    assert "params.yaml: models: source, " in out and "dvc.yaml: stage merge: deps +models/experts/list +models/grams/list -models/experts/code -models/grams/code" in out
-    assert {"download-base", "download@list", "gram@list", "merge"} <= set(json.loads(run(["dvc", "status", "--json"], dest, env)))
+    assert "params.yaml: models: source, " in out and "dvc.yaml: stage merge: deps +models/experts/list +models/grams/list +models/fisher/list +data/calib/list.jsonl -models/experts/code -models/grams/code -models/fisher/code -data/calib/code.jsonl" in out
+    assert {"download-base", "download@list", "gram@list", "fisher@list", "merge"} <= set(json.loads(run(["dvc", "status", "--json"], dest, env)))
     run(["git", "checkout", "params.yaml", "dvc.yaml"], dest, env)
     assert "Data and pipelines are up to date." in run(["dvc", "status"], dest, env)
     assert ran(run(["dvc", "repro"], dest, env)) == set()
@@ -100,9 +101,26 @@ def test_method_experiment_reruns_only_merge_and_after(repo, first_repro):
     # ties needs the base (average, which does not, runs in test_competition_recipe.py)
     dest, env = repo
     out = run(["dvc", "exp", "run", "-S", "method=ties"], dest, env)
-    assert ran(out) - MAYBE == AFTER_MERGE
+    assert ran(out) - MAYBE == AFTER_MERGE | FISHER  # fisher@<expert> rewrites its marker, in well under a second
     config = json.loads((dest / "models/merged/mergeflow_merge.json").read_text())
     assert config["method"] == "ties" and config["base"] == "models/base"
+
+
+def test_data_aware_methods_run_in_the_pipeline(repo, first_repro):
+    """`-S method=fisher` turns the fisher@<expert> markers into Fisher directories and merges with
+    them; `-S method=regmean_pp` merges from the calibration files, layer by layer."""
+    dest, env = repo
+    assert json.loads((dest / "models/fisher/math/fisher.json").read_text())["skipped"].endswith("reads no Fisher")
+    out = run(["dvc", "exp", "run", "-S", "method=fisher"], dest, env)
+    assert ran(out) - MAYBE == AFTER_MERGE | FISHER
+    fisher = json.loads((dest / "models/fisher/math/fisher.json").read_text())
+    assert fisher["estimator"] == "empirical" and fisher["num_examples"] > 0 and "model.embed_tokens.weight" in fisher["tensors"]
+    config = json.loads((dest / "models/merged/mergeflow_merge.json").read_text())
+    assert config["method"] == "fisher" and config["fisher"] == ["models/fisher/math", "models/fisher/code"] and config["fisher_floor"] == 1e-6
+    out = run(["dvc", "exp", "run", "-S", "method=regmean_pp"], dest, env)
+    assert ran(out) - MAYBE == AFTER_MERGE | FISHER  # markers again, saying regmean_pp
+    config = json.loads((dest / "models/merged/mergeflow_merge.json").read_text())
+    assert config["method"] == "regmean_pp" and config["calibration"] == ["data/calib/math.jsonl", "data/calib/code.jsonl"]
 
 
 def status_after_setting(repo, key: str, value) -> dict:
@@ -146,7 +164,9 @@ def test_toy_expert_parameter_invalidates_the_experts_not_the_base(repo, first_r
 
 def test_gram_parameter_invalidates_grams_not_download(repo, first_repro):
     status = status_after_setting(repo, "gram.max_length", 8)
-    assert set(status) == {"gram@math", "gram@code"}  # and what follows them; download and the reference evaluations stay
+    # and what follows them; download and the reference evaluations stay (merge and fisher@<expert>
+    # read the calibration keys of `gram` themselves)
+    assert set(status) == {"gram@math", "gram@code", *FISHER, "merge"}
     assert status["gram@math"] == [{"changed deps": {"params.yaml": {"gram.max_length": "modified"}}}]
 
 

@@ -63,7 +63,7 @@ def test_use_switches_params_and_refuses_a_bad_recipe(tmp_path):
     run(ROOT / "recipes" / "llm-merging-competition.yaml")
     merge = yaml.safe_load(dvc_yaml.read_text())["stages"]["merge"]
     assert [d for d in merge["deps"] if d.startswith("models/grams/")] == ["models/grams/gsm8k", "models/grams/fingpt"]
-    assert "# One model and one gram directory per expert" in dvc_yaml.read_text()  # comments kept
+    assert "# One model, gram directory, Fisher directory and calibration file per expert" in dvc_yaml.read_text()  # comments kept
     assert [d for d in merge["deps"] if d.startswith("models/experts")] == ["models/experts/gsm8k", "models/experts/fingpt"]
     run(ROOT / "recipes" / "llama3-code-math.yaml")
     bad = tmp_path / "bad.yaml"
@@ -128,7 +128,7 @@ def test_recipes_switch_both_ways(tmp_path):
     assert (ROOT / "recipes" / "toy.yaml").read_bytes() == params.read_bytes()
     _, changes = use_recipe(ROOT / "recipes" / "smollm2-cpu.yaml", params, dvc_yaml)
     assert f"{params}: experts: ['math', 'code'] -> ['math', 'list']" in changes
-    assert f"{dvc_yaml}: stage merge: deps +models/experts/list +models/grams/list -models/experts/code -models/grams/code" in changes
+    assert f"{dvc_yaml}: stage merge: deps +models/experts/list +models/grams/list +models/fisher/list +data/calib/list.jsonl -models/experts/code -models/grams/code -models/fisher/code -data/calib/code.jsonl" in changes
     _, changes = use_recipe(ROOT / "recipes" / "llm-merging-competition.yaml", params, dvc_yaml)
     assert f"{dvc_yaml}: stage download-eval: deps +data-src/test.csv -models/base, params +2 -3" in changes
     stages = yaml.safe_load(dvc_yaml.read_text())["stages"]

@@ -17,7 +17,7 @@ from helpers import make_tiny_llama, state
 from mergeflow.checkpoint import CheckpointReader, ShardedWriter, TensorSpec
 from mergeflow.grams.collect import compute_grams
 from mergeflow.params import GramParams
-from mergeflow.merge import merge_models
+from mergeflow.merge import Checks, merge_models
 from mergeflow.methods import get_method
 
 METHODS = {
@@ -130,7 +130,7 @@ def test_non_finite_gram_is_refused_naming_file(experts, gram_dirs, tmp_path):
     tensors[key][1, 1] = float("inf")
     save_file(tensors, str(bad / "layer_000.safetensors"), metadata={"format": "mergeflow.grams/1"})  # same size as recorded
     with pytest.raises(ValueError, match=r"layer_000\.safetensors \(gram of model\.layers\.0\.mlp\.down_proj\): holds NaN or infinite"):
-        merge_models(experts, get_method("regmean")(), tmp_path / "out", grams=[gram_dirs[0], bad], verify_grams=False)
+        merge_models(experts, get_method("regmean")(), tmp_path / "out", grams=[gram_dirs[0], bad], checks=Checks(verify_inputs=False))
     assert not (tmp_path / "out").exists()
 
 

@@ -4,6 +4,8 @@
     mergeflow grams sum PART... --out DIR | grams import gram.pkl --model DIR --out DIR | grams verify DIR
     mergeflow merge    --method regmean --alpha 0.1 --model A --model B --gram GA --gram GB --out DIR
     mergeflow merge    --method ties --base BASE --model A --model B --density 0.2 --out DIR
+    mergeflow fisher   --model DIR --data FILE.jsonl --out DIR     (then merge --method fisher --fisher F ...)
+    mergeflow merge    --method regmean_pp --model A --model B --calib A.jsonl --calib B.jsonl --out DIR
     mergeflow evaluate --model DIR --task toy_math --out metrics.json
     mergeflow submit   --model DIR --test data/test.csv --out submission.csv
     mergeflow report   [--rev COMMIT | --all-commits | --exp-show exp.json] [--out-dir plots]
@@ -169,6 +171,9 @@ def grams_verify(dirs) -> None:
 @click.option("--model", "models", required=True, multiple=True, type=EXISTING_DIR, help="An expert directory; repeat for each expert.")
 @click.option("--out", required=True, type=PATH, help="Output model directory (written atomically).")
 @click.option("--gram", "grams_", multiple=True, type=EXISTING_DIR, help="Gram directory of each expert, in --model order (regmean).")
+@click.option("--fisher", "fishers", multiple=True, type=EXISTING_DIR, help="Fisher directory of each expert, in --model order (fisher; `mergeflow fisher`).")
+@click.option("--calib", "calibs", multiple=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Calibration file of each expert, in --model order (regmean_pp; rows chosen as `mergeflow grams` does, with its defaults).")
 @click.option("--base", type=EXISTING_DIR, help="The experts' base model (task_arithmetic, ties).")
 @click.option("--param", "param_pairs", multiple=True, metavar="NAME=VALUE", help="A param of the method that has no option of its own (a plugin's); the value is YAML: 0.3, [0.1, 0.5], {mlp: 0.7}. Repeatable.")
 @param_option("--lm-head", key="merge.regmean_lm_head", is_flag=True, help="regmean: solve lm_head too (needs its grams; skipped when tied to the embeddings).")
@@ -178,7 +183,7 @@ def grams_verify(dirs) -> None:
 @click.option("--no-verify", is_flag=True, help="Skip checking the grams' SHA-256 against grams.json (about 3 s per GB).")
 @click.option("--no-magnitude-check", is_flag=True, help="Accept merged weights with |value| > 1e4 (refused by default: a flipped exponent bit in an expert).")
 @click.pass_context
-def merge(ctx, method, models, out, grams_, base, param_pairs, lm_head, device, max_shard_size, force, no_verify, no_magnitude_check, **method_values) -> None:
+def merge(ctx, method, models, out, grams_, fishers, calibs, base, param_pairs, lm_head, device, max_shard_size, force, no_verify, no_magnitude_check, **method_values) -> None:
     """Merge experts tensor by tensor into one Hugging Face model directory.
 
     The method options below come from the params each method declares (`mergeflow methods
@@ -187,11 +192,17 @@ def merge(ctx, method, models, out, grams_, base, param_pairs, lm_head, device, 
     """
     from .checkpoint import parse_size
     from .cli_methods import build_method, given_values
-    from .merge import merge_models
+    from .merge import Checks, merge_models
 
     merger = build_method(method, given_values(ctx, method_values, param_pairs))
-    merge_models(models, merger, out, grams=grams_, base=base, lm_head=lm_head, device=device, max_shard_size=parse_size(max_shard_size), overwrite=force,
-                 verify_grams=not no_verify, check_magnitudes=not no_magnitude_check)
+    if getattr(merger, "needs_calibration", False):  # regmean_pp: layer by layer, through the calibration data
+        from .regmean_pp import Calibration, merge_regmean_pp
+
+        merge_regmean_pp(models, merger, out, calibration=Calibration(tuple(calibs)), device=device, max_shard_size=parse_size(max_shard_size),
+                         overwrite=force, check_magnitudes=not no_magnitude_check)
+        return
+    merge_models(models, merger, out, grams=grams_, fisher=fishers, base=base, lm_head=lm_head, device=device, max_shard_size=parse_size(max_shard_size),
+                 overwrite=force, checks=Checks(verify_inputs=not no_verify, magnitudes=not no_magnitude_check))
 
 
 BACKEND_OPTIONS = [
@@ -311,6 +322,25 @@ def report(exp_show_file: Path | None, repo: Path, revs: tuple[str, ...], all_co
         click.echo(f"\n{'model':<22}{'metric':<44}{'reference':>10}{'ours':>10}")
         for model, metric, theirs, ours in compare(sweep, read_reference(reference)):
             click.echo(f"{model:<22}{metric:<44}{theirs:>10.4f}{'-' if ours is None else format(ours, '.4f'):>10}")
+
+
+@main.command()
+@click.option("--model", required=True, type=EXISTING_DIR, help="Expert: a Hugging Face model directory.")
+@click.option("--data", required=True, type=PATH, help="Calibration data: JSONL, JSON, Parquet or CSV with a text (or chat messages) field.")
+@click.option("--out", required=True, type=PATH, help="Fisher directory to write (fisher.json + one safetensors file per layer); an earlier one is replaced.")
+@param_option("--text-field", key="gram.text_field", help="Field with the text, or with chat messages rendered by the model's chat template.")
+@param_option("--max-length", key="gram.max_length", type=click.IntRange(min=1), help="Truncate each text to this many tokens.")
+@param_option("--num-samples", key="gram.num_samples", type=click.IntRange(min=1), help="Use only N rows [default: all]: the first N, or N drawn with --seed.")
+@param_option("--seed", key="gram.seed", type=int, help="Shuffle the rows with this seed before taking --num-samples [default: file order].")
+@param_option("--device", key="gram.device", help="Forward and backward passes on cpu, cuda or auto.")
+@param_option("--model-dtype", key="gram.model_dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="dtype of the forward and backward pass.")
+@param_option("--dtype", key="gram.dtype", type=click.Choice(["float32", "float64"]), help="dtype the Fisher is accumulated and stored in.")
+def fisher(model, data, out, text_field, max_length, num_samples, seed, device, model_dtype, dtype) -> None:
+    """Compute an expert's diagonal Fisher (for `merge --method fisher`): the mean over calibration
+    rows of each parameter's squared gradient of the row's log-likelihood, one row at a time."""
+    from .fisher.compute import compute_fisher
+
+    compute_fisher(model, data, out, text_field=text_field, max_length=max_length, num_samples=num_samples, seed=seed, device=device, model_dtype=model_dtype, dtype=dtype)
 
 
 @main.command()

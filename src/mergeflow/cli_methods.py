@@ -135,7 +135,9 @@ def describe(name: str) -> str:
 
     cls = get_method(name)
     doc = (getattr(sys.modules.get(cls.__module__), "__doc__", None) or cls.__doc__ or "").strip()  # a file plugin has no module entry
-    needs = [what for what, flag in (("the base model (--base)", cls.uses_base), ("grams (--gram)", cls.uses_grams)) if flag]
+    needs = [what for what, flag in (("the base model (--base)", cls.uses_base), ("grams (--gram)", cls.uses_grams),
+                                     ("each expert's Fisher (--fisher)", getattr(cls, "uses_fisher", False)),
+                                     ("each expert's calibration data (--calib)", getattr(cls, "needs_calibration", False))) if flag]
     lines = [f"{cls.name}: {doc.splitlines()[0] if doc else ''}", f"paper: {cls.paper or '-'}", f"needs: {', '.join(needs) or 'the experts only'}"]
     lines.append("params:" if cls.params else "params: none")
     for p in cls.params:

@@ -23,7 +23,7 @@ import fnmatch
 import json
 import logging
 import shutil
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import BLOCK_BYTES, CheckpointReader, ShardedWriter, TensorSpec, copy_model_files, model_config
+from .fisher.format import FisherDir, check_fisher_match
 from .grams import GramDir
 from .faults import fault_point
 from .finite import check_finite  # noqa: F401  (also this module's name for it)
@@ -201,9 +202,28 @@ def open_grams(grams: Sequence[str | Path], experts: Sequence[str | Path], metho
     return gram_dirs
 
 
+def open_fishers(method: MergeMethod, fisher: Sequence[str | Path], readers: Sequence[CheckpointReader], *, verify: bool) -> list[FisherDir]:
+    """The experts' Fisher directories, for methods that read them (`uses_fisher`), checked: one per
+    expert, of that expert, naming only tensors of the model; [] for other methods."""
+    if not getattr(method, "uses_fisher", False):
+        return []
+    if len(fisher) != len(readers):
+        raise ValueError(f"method {method.name!r} needs one Fisher directory per expert: {len(readers)} experts, {len(fisher)} Fisher dirs (--fisher)")
+    dirs = [FisherDir.open(f) for f in fisher]
+    check_fisher_match(dirs, [r.path for r in readers])
+    for d in dirs:
+        if verify:
+            d.verify()
+        unknown = sorted(set(d.tensors) - set(readers[0].specs))
+        if unknown:
+            raise ValueError(f"{d.path}: has a Fisher for {unknown[0]!r}, which is not a tensor of {readers[0].path}; was it computed for another model?")
+    return dirs
+
+
 def merge_tensor(spec: TensorSpec, method: MergeMethod, readers: Sequence[CheckpointReader], base: Optional[CheckpointReader], *, check_magnitudes: bool,
-                 joint: Optional[JointSolve] = None) -> Iterator[torch.Tensor]:
-    """The merged tensor `spec`, block of rows by block of rows (one block unless huge and row-separable)."""
+                 joint: Optional[JointSolve] = None, fishers: Sequence[FisherDir] = ()) -> Iterator[torch.Tensor]:
+    """The merged tensor `spec`, block of rows by block of rows (one block unless huge and row-separable);
+    methods that read a Fisher get each expert's Fisher of the same rows (`fishers`)."""
     if joint and joint.module_of(spec.name):
         yield from merge_joint(spec, joint, method, readers, base, check_magnitudes=check_magnitudes)
         return
@@ -211,7 +231,8 @@ def merge_tensor(spec: TensorSpec, method: MergeMethod, readers: Sequence[Checkp
     for rows in row_blocks(spec, method.row_separable, BLOCK_BYTES):
         tensors = [check_finite(r.get(spec.name, rows), f"{r.path}: {spec.name}") for r in readers]
         base_tensor = check_finite(base.get(spec.name, rows), f"{base.path}: {spec.name}") if base else None
-        merged = check_finite(method.merge(spec.name, tensors, grams=handles, base=base_tensor), f"merged tensor {spec.name}")
+        extra = {"fisher": [f.get(spec.name, rows) for f in fishers]} if fishers else {}
+        merged = check_finite(method.merge(spec.name, tensors, grams=handles, base=base_tensor, **extra), f"merged tensor {spec.name}")
         if merged.shape != tensors[0].shape:
             raise ValueError(f"method {method.name!r} returned shape {tuple(merged.shape)} for {spec.name}, expected {tuple(tensors[0].shape)}")
         if check_magnitudes:
@@ -250,6 +271,16 @@ def merge_joint(spec: TensorSpec, joint: JointSolve, method: MergeMethod, reader
     yield check_finite(merged, f"merged tensor {spec.name}").to(spec.dtype)
 
 
+@dataclass(frozen=True)
+class Checks:
+    """The engine's guards a user may turn off: the SHA-256 of gram and Fisher files (DVC does not
+    rehash what it pulls or caches: a flipped bit would merge silently), and the |value| bound on
+    merged weights (MAX_ABS_WEIGHT: a flipped exponent bit in an expert)."""
+
+    verify_inputs: bool = True
+    magnitudes: bool = True
+
+
 def merge_models(
     experts: Sequence[str | Path],
     method: MergeMethod,
@@ -261,8 +292,8 @@ def merge_models(
     device: str = "cpu",
     max_shard_size: int = 5 * 2**30,
     overwrite: bool = True,
-    verify_grams: bool = True,
-    check_magnitudes: bool = True,
+    checks: Checks = Checks(),
+    fisher: Sequence[str | Path] = (),
 ) -> dict:
     """Merge `experts` with `method` into the HF directory `out`; return the saved merge config.
 
@@ -272,9 +303,10 @@ def merge_models(
     Tensors are merged in the order of the method's `group` (work shared inside a group is done once).
     """
     out = Path(out)
-    check_replaceable(out, force=overwrite, inputs=[*experts, *grams, *([base] if base is not None else [])], owned_files=merged_files, what="merged model")
+    check_replaceable(out, force=overwrite, inputs=[*experts, *grams, *fisher, *([base] if base is not None else [])], owned_files=merged_files, what="merged model")
     readers, base_reader = open_experts(experts, method, base)
-    gram_dirs = open_grams(grams, experts, method, verify=verify_grams)
+    gram_dirs = open_grams(grams, experts, method, verify=checks.verify_inputs)
+    fisher_dirs = open_fishers(method, fisher, readers, verify=checks.verify_inputs)
     method.prepare(readers[0].names(), num_experts=len(experts), device=device)
     if gram_dirs:
         method.use_grams(gram_dirs, readers[0], lm_head=lm_head)
@@ -287,7 +319,7 @@ def merge_models(
     with full_disk_reported(lambda: disk_full_message(out, needed)), atomic_dir(out) as tmp:
         writer = ShardedWriter(tmp, specs, max_shard_size)
         for spec in tqdm(specs, desc=f"merge ({method.name})", unit="tensor"):
-            for merged in merge_tensor(spec, method, readers, base_reader, check_magnitudes=check_magnitudes, joint=joint):
+            for merged in merge_tensor(spec, method, readers, base_reader, check_magnitudes=checks.magnitudes, joint=joint, fishers=fisher_dirs):
                 writer.write(spec.name, merged)
                 fault_point("merge:tensor-written")
                 del merged
@@ -301,6 +333,7 @@ def merge_models(
             "grams": [str(g.path) for g in gram_dirs],
             "num_tokens": [g.num_tokens for g in gram_dirs],
             "gram_reductions": [g.reduction for g in gram_dirs],
+            **({"fisher": [str(f.path) for f in fisher_dirs]} if fisher_dirs else {}),
             **method.report(),
         }
         (tmp / "README.md").write_text(model_card(config))

@@ -11,7 +11,7 @@ therefore writes them into `dvc.yaml` as real dependencies, stage by stage:
   adapters merge into it), on its own local directory and calibration file, and on its own
   params only, so changing one expert never rebuilds another;
 - `download-eval`: the evaluation data and the test file (local files as dependencies);
-- `merge`: one `models/experts/<e>` and one `models/grams/<e>` per expert (`dvc repro --pull`
+- `merge`: one `models/experts/<e>`, `models/grams/<e>`, `models/fisher/<e>` and `data/calib/<e>.jsonl` per expert (`dvc repro --pull`
   fetches only dependencies that are some stage's output, never a folder holding several);
 - `evaluate-base`, `evaluate-expert`, `evaluate`: after their `data/eval` dependency, the local
   data files of the tasks of `eval.tasks` (`eval.data_files`, or a shipped task's default).
@@ -38,7 +38,9 @@ CODE = ["stages/download.py", "src/mergeflow/zoo", "src/mergeflow/determinism.py
 DOWNLOAD_STAGES = ("download-base", "download", "download-eval")
 EVALUATE_STAGES = ("evaluate-base", "evaluate-expert", "evaluate")
 EVAL_DATA = "data/eval"  # an evaluate stage's deps after this one are its `eval.data_files`
-PLUGIN_DIR = "methods"  # merge method plugins (`method: methods/x.py:Class`) live here: a dependency of merge
+PLUGIN_DIR = "methods"
+# the merge stage's per-expert inputs (folder, suffix), in the order dvc.yaml lists them
+MERGE_INPUTS = (("models/experts", ""), ("models/grams", ""), ("models/fisher", ""), ("data/calib", ".jsonl"))  # merge method plugins (`method: methods/x.py:Class`) live here: a dependency of merge
 
 # The fields of each zoo's params that each step reads: the params of its stage.
 _TOY_ARCH = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")
@@ -117,8 +119,9 @@ def download_stages(params: Params) -> dict[str, dict]:
 
 
 def merge_model_deps(experts: list[str]) -> list[str]:
-    """The merge stage's per-expert dependencies: each expert's model and gram directory."""
-    return [f"models/experts/{e}" for e in experts] + [f"models/grams/{e}" for e in experts]
+    """The merge stage's per-expert dependencies: each expert's model, gram and Fisher directory,
+    and calibration file (RegMean++ forwards it through the merged layers)."""
+    return [f"{folder}/{e}{suffix}" for folder, suffix in MERGE_INPUTS for e in experts]
 
 
 def eval_data_deps(params: Params) -> list[str]:
@@ -144,7 +147,7 @@ def _eval_data_tail(deps: list) -> tuple[int, list]:
 
 
 def _is_model_dep(dep: Any) -> bool:
-    return isinstance(dep, str) and dep.startswith(("models/experts", "models/grams"))
+    return isinstance(dep, str) and dep.startswith(tuple(folder + "/" for folder, _ in MERGE_INPUTS))
 
 
 def _plain(data: Any) -> Any:
@@ -261,7 +264,7 @@ def out_of_sync(dvc_yaml: Path, params: Params) -> list[str]:
     wrong = [f"stage {name}" for name, body in download_stages(params).items() if stages.get(name) != body]
     merge_deps = [d for d in (stages.get("merge") or {}).get("deps") or [] if _is_model_dep(d)]
     if merge_deps != merge_model_deps(params.experts):
-        wrong.append("the merge stage's models/experts and models/grams deps")
+        wrong.append("the merge stage's per-expert deps (models/experts, models/grams, models/fisher, data/calib)")
     files = eval_data_deps(params)
     wrong += [f"stage {name}'s eval.data_files deps" for name in EVALUATE_STAGES
               if name in stages and _eval_data_tail((stages[name] or {}).get("deps") or [])[1] != files]

@@ -95,5 +95,6 @@ class UnknownMethod(ValueError):
 
 from . import average, regmean, task_arithmetic, ties  # noqa: E402,F401  (registers the built-in methods)
 from . import breadcrumbs, dare, della, karcher, model_stock, nuslerp, sce, slerp  # noqa: E402,F401  (mergekit's data-free methods)
+from . import fisher, regmean_pp  # noqa: E402,F401  (data-aware: Fisher merging, RegMean++)
 
 __all__ = ["WEIGHTS", "GramHandle", "MergeMethod", "Param", "ParamError", "UnknownMethod", "available", "declared_params", "get_method", "register"]
