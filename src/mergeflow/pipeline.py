@@ -34,7 +34,7 @@ from .params import Params
 
 log = logging.getLogger(__name__)
 
-CODE = ["stages/download.py", "src/mergeflow/zoo", "src/mergeflow/determinism.py"]
+CODE = ["stages/download.py", "src/mergeflow/zoo", "src/mergeflow/determinism.py", "src/mergeflow/models.py"]
 DOWNLOAD_STAGES = ("download-base", "download", "download-eval")
 EVALUATE_STAGES = ("evaluate-base", "evaluate-expert", "evaluate")
 EVAL_DATA = "data/eval"  # an evaluate stage's deps after this one are its `eval.data_files`

@@ -37,15 +37,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointReader, ShardedWriter, copy_model_files
+from .checkpoint import CheckpointReader, ShardedWriter, copy_model_files, torch_dtype
 from .grams.accumulate import StopForward, add_gram, symmetric
-from .grams.collect import DTYPES, length_sorted_batches, pad_batch
+from .grams.batches import pad_batch
+from .grams.collect import length_sorted_batches
 from .grams.data import load_rows, tokenize
 from .io import atomic_dir, check_replaceable, full_disk_reported, remove_path, temporary_name, write_json
 from .finite import check_finite
 from .merge import (MERGE_CONFIG, check_disk_space, check_magnitude, check_same_config, check_same_tensors, disk_full_message,
                     merged_files, model_card)
-from .models import load_causal_lm
+from .models import load_model
 
 log = logging.getLogger(__name__)
 HIDDEN_MEMORY = 2 * 2**30  # hidden states kept in memory before they go to disk
@@ -290,7 +291,7 @@ def merge_regmean_pp(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     method.prepare(readers[0].names(), num_experts=len(experts), device=device)
-    model, tokenizer = load_causal_lm(experts[0], device=device, dtype=DTYPES[calibration.model_dtype])
+    model, tokenizer = load_model(experts[0], device=device, dtype=torch_dtype(calibration.model_dtype))
     outside, layers = split_by_layer(readers[0].names())
     specs = [readers[0].specs[n] for n in [*outside, *(n for names in layers.values() for n in names)]]
     needed = sum(s.nbytes for s in specs)

@@ -26,10 +26,10 @@ import torch
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
-from ..grams.collect import DTYPES
+from ..checkpoint import torch_dtype
 from ..grams.data import load_rows, tokenize
 from ..grams.format import model_identity, sha256_of
-from ..models import load_causal_lm
+from ..models import load_model
 from .format import check_fisher_output, write_fisher
 
 log = logging.getLogger(__name__)
@@ -98,16 +98,16 @@ def compute_fisher(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     selected = load_rows(data, text_field, num_samples=num_samples, seed=seed)
-    model, tokenizer = load_causal_lm(model_dir, device=device, dtype=DTYPES[model_dtype])
+    model, tokenizer = load_model(model_dir, device=device, dtype=torch_dtype(model_dtype))
     rows = tokenize(selected, tokenizer, max_length)
     if hasattr(model, "set_attn_implementation"):  # SDPA has no vmap batching rule on CPU: eager attention batches
         model.set_attn_implementation("eager")
     with torch.enable_grad():
-        fisher, used = fisher_of_rows(model, rows, device=device, dtype=DTYPES[dtype], desc=f"fisher {model_dir.name}")
+        fisher, used = fisher_of_rows(model, rows, device=device, dtype=torch_dtype(dtype), desc=f"fisher {model_dir.name}")
     stored = set(_stored_names(model_dir))
     fisher = {name: f for name, f in fisher.items() if name in stored}  # a tied lm_head is stored as the embeddings
     calibration = {"sha256": sha256_of(data), "rows": len(selected), "text_field": text_field, "num_samples": num_samples, "seed": seed, "max_length": max_length}
-    write_fisher(out, fisher, DTYPES[dtype], estimator="empirical", num_examples=used, model=str(model_dir), model_id=model_identity(model_dir), calibration=calibration)
+    write_fisher(out, fisher, torch_dtype(dtype), estimator="empirical", num_examples=used, model=str(model_dir), model_id=model_identity(model_dir), calibration=calibration)
     log.info("Fisher of %s: %d tensors, %d rows -> %s", model_dir, len(fisher), used, out)
     return used
 
