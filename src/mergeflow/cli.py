@@ -143,9 +143,11 @@ def grams_verify(dirs) -> None:
 
 
 @main.command()
-@click.option("--method", required=True, help="Merge method: a name from `mergeflow methods`, or path/to/file.py:ClassName.")
-@click.option("--model", "models", required=True, multiple=True, type=EXISTING_DIR, help="An expert directory; repeat for each expert.")
-@click.option("--out", required=True, type=PATH, help="Output model directory (written atomically).")
+@click.argument("out_dir", required=False, type=PATH, metavar="[OUT]")
+@click.option("--config", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="A mergekit merge config (YAML) instead of --method, --model, --base and the method's options; OUT (or --out) is the output.")
+@click.option("--method", help="Merge method: a name from `mergeflow methods`, or path/to/file.py:ClassName.")
+@click.option("--model", "models", multiple=True, type=EXISTING_DIR, help="An expert directory; repeat for each expert.")
+@click.option("--out", type=PATH, help="Output model directory (written atomically).")
 @click.option("--gram", "grams_", multiple=True, type=EXISTING_DIR, help="Gram directory of each expert, in --model order (regmean).")
 @click.option("--base", type=EXISTING_DIR, help="The experts' base model (task_arithmetic, ties).")
 @param_option("--alpha", key="alpha", type=float, help="regmean: scale of the grams' off-diagonals, in [0, 1].")
@@ -159,10 +161,11 @@ def grams_verify(dirs) -> None:
 @click.option("--force", is_flag=True, help="Replace --out if it holds a merged model mergeflow wrote and nothing else (never an input, a file or foreign files).")
 @click.option("--no-verify", is_flag=True, help="Skip checking the grams' SHA-256 against grams.json (about 3 s per GB).")
 @click.option("--no-magnitude-check", is_flag=True, help="Accept merged weights with |value| > 1e4 (refused by default: a flipped exponent bit in an expert).")
-def merge(method, models, out, grams_, base, alpha, weights, scaling, density, lm_head, solver_dtype, device, max_shard_size, force, no_verify, no_magnitude_check) -> None:
+def merge(out_dir, config, method, models, out, grams_, base, alpha, weights, scaling, density, lm_head, solver_dtype, device, max_shard_size, force, no_verify, no_magnitude_check) -> None:
     """Merge experts tensor by tensor into one Hugging Face model directory.
 
     Memory stays bounded by a few tensors (huge ones in blocks of rows) plus one Linear's grams.
+    `mergeflow merge --config mergekit.yml OUT` runs a mergekit config (README "mergekit configs").
     """
     import torch
 
@@ -170,8 +173,29 @@ def merge(method, models, out, grams_, base, alpha, weights, scaling, density, l
     from .merge import merge_models
     from .methods import MergeOptions, get_method
 
+    out = check_merge_usage(out_dir, out, config, method, models)
+    if config is not None:
+        from .mergekit_config import merge_from_config
+
+        merge_from_config(config, out, max_shard_size=parse_size(max_shard_size), overwrite=force, check_magnitudes=not no_magnitude_check)
+        return
+
     options = MergeOptions(alpha=alpha, weights=tuple(weights) or None, scaling=scaling, density=density, solver_dtype=getattr(torch, solver_dtype), device=device)
     merge_models(models, get_method(method)(options), out, grams=grams_, base=base, lm_head=lm_head, max_shard_size=parse_size(max_shard_size), overwrite=force, verify_grams=not no_verify, check_magnitudes=not no_magnitude_check)
+
+
+def check_merge_usage(out_dir, out, config, method, models):
+    """The output directory; --config stands for --method and --model (and vice versa)."""
+    if out_dir is not None and out is not None:
+        raise click.UsageError("give the output once: OUT or --out")
+    out = out_dir or out
+    if out is None:
+        raise click.UsageError("missing the output directory (OUT or --out)")
+    if config is not None and (method or models):
+        raise click.UsageError("--config names the method and models itself: drop --method and --model")
+    if config is None and not (method and models):
+        raise click.UsageError("give --method and --model (once per expert), or a mergekit --config")
+    return out
 
 
 BACKEND_OPTIONS = [
