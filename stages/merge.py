@@ -9,6 +9,7 @@ import torch
 
 from mergeflow.checkpoint import parse_size
 from mergeflow.merge import merge_models
+from mergeflow.mergekit_config import plan_block
 from mergeflow.methods import MergeOptions, get_method
 from mergeflow.params import STAGE_PARAMS
 from mergeflow.pipeline import check_plugin
@@ -26,8 +27,12 @@ def add_arguments(parser):
 
 
 def main(args, params):
-    check_plugin(params.method, args.dvc_yaml)
     m = params.merge
+    if params.method == "mergekit":  # a mergekit config in params.yaml (merge.mergekit)
+        method, experts, base = plan_block(m.mergekit, params.experts, args.experts, args.base)
+        merge_models(experts, method, args.out, base=base, max_shard_size=parse_size(m.max_shard_size), check_magnitudes=m.check_magnitude)
+        return
+    check_plugin(params.method, args.dvc_yaml)
     options = MergeOptions(
         alpha=params.alpha, weights=tuple(m.weights) if m.weights else None, scaling=m.scaling, density=m.density,
         solver_dtype=getattr(torch, m.solver_dtype), device=m.device,

@@ -172,3 +172,43 @@ def test_table_matches_mergekit_itself():
         assert theirs == MERGEKIT_METHODS[spec.name].params, spec.name
         base = {"REQUIRED": "required", "OPTIONAL": "optional", "IGNORED": "ignored"}[spec.contract.base.name]
         assert base == MERGEKIT_METHODS[spec.name].base, spec.name
+
+
+def test_a_recipe_block_merges_in_the_stage(zoo, tmp_path, capsys):
+    """`method: mergekit` with a `merge.mergekit` block naming the experts and `base`: the merge
+    stage gives the same tensors as the flags."""
+    import argparse
+    import importlib.util
+
+    from mergeflow.params import Params
+
+    experts = tmp_path / "experts"
+    experts.mkdir()
+    for name, src in (("math", zoo["a"]), ("list", zoo["b"])):
+        (experts / name).symlink_to(src)
+    block = {"models": [{"model": "list", "parameters": {"weight": 0.4}}, {"model": "math", "parameters": {"weight": 0.7}}],
+             "merge_method": "task_arithmetic", "base_model": "base", "parameters": {"lambda": 0.5}, "dtype": "float32"}
+    params = Params.model_validate({"method": "mergekit", "experts": ["math", "list"], "merge": {"mergekit": block}})
+    spec = importlib.util.spec_from_file_location("merge_stage", Path(__file__).parents[1] / "stages" / "merge.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    out = tmp_path / "merged"
+    stage.main(argparse.Namespace(experts=experts, grams=tmp_path / "grams", base=zoo["base"], out=out, dvc_yaml=tmp_path / "dvc.yaml"), params)
+    code, err = run_cli(["merge", "--method", "task_arithmetic", "--base", str(zoo["base"]), "--model", str(zoo["b"]), "--model", str(zoo["a"]),
+                         "--weight", "0.4", "--weight", "0.7", "--scaling", "0.5", "--out", str(tmp_path / "flags")], capsys)
+    assert code == 0, err
+    same_tensors(out, tmp_path / "flags")
+
+
+def test_a_recipe_block_must_name_the_experts():
+    from pydantic import ValidationError
+
+    from mergeflow.params import Params
+
+    block = {"models": [{"model": "math", "parameters": {"weight": 1}}, {"model": "code", "parameters": {"weight": 1}}], "merge_method": "linear"}
+    with pytest.raises(ValidationError, match=r"merge\.mergekit: merges \['math', 'code'\] \(base_model None\) but `experts` lists \['math', 'list'\]"):
+        Params.model_validate({"method": "mergekit", "experts": ["math", "list"], "merge": {"mergekit": block}})
+    with pytest.raises(ValidationError, match=r"merge\.mergekit\.parameters\.lamda: not a parameter of mergekit's linear"):
+        Params.model_validate({"method": "mergekit", "experts": ["math", "code"], "merge": {"mergekit": {**block, "parameters": {"lamda": 1}}}})
+    with pytest.raises(ValidationError, match=r"method: mergekit needs a mergekit config under merge\.mergekit"):
+        Params.model_validate({"method": "mergekit", "experts": ["math", "code"]})

@@ -409,3 +409,31 @@ def merge_from_config(config: str | Path, out: str | Path, **merge_kwargs) -> di
     except ValueError as err:  # a value the method's declaration refuses
         raise ConfigError(f"{config}: {err}") from None
     return merge_models(experts, method, out, base=base, **merge_kwargs)
+
+
+BASE = "base"  # in a recipe's block, the pipeline's base model (models/base)
+
+
+def check_block(block: Optional[Mapping[str, Any]], experts: list[str]) -> Translation:
+    """A recipe's `merge.mergekit` block (for `method: mergekit`): it must translate, and name as
+    models exactly the pipeline's `experts` (and `base`), the models the merge stage depends on."""
+    if not block:
+        raise ConfigError("method: mergekit needs a mergekit config under merge.mergekit (models: expert names and `base`)")
+    try:
+        translation = translate(block)
+    except ConfigError as err:
+        raise ConfigError(f"merge.mergekit.{err}") from None
+    named = [m for m in translation.experts if m != BASE]
+    if sorted(named) != sorted(experts) or (translation.base_model not in (None, BASE)):
+        raise ConfigError(f"merge.mergekit: merges {named} (base_model {translation.base_model!r}) but `experts` lists {experts}; "
+                          f"name the pipeline's experts and `{BASE}` as its models")
+    return translation
+
+
+def plan_block(block: Mapping[str, Any], experts: list[str], experts_dir: Path, base_dir: Path) -> tuple[Any, list[Path], Optional[Path]]:
+    """The merge stage's method, expert directories and base for a recipe's `merge.mergekit`."""
+    check_block(block, experts)
+    try:
+        return plan_config(block, lambda ref, key: base_dir if ref == BASE else experts_dir / ref)
+    except ValueError as err:  # ConfigError, or a value the method's declaration refuses
+        raise ConfigError(f"merge.mergekit.{err}" if isinstance(err, ConfigError) else f"merge.mergekit: {err}") from None
