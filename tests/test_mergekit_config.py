@@ -212,3 +212,18 @@ def test_a_recipe_block_must_name_the_experts():
         Params.model_validate({"method": "mergekit", "experts": ["math", "code"], "merge": {"mergekit": {**block, "parameters": {"lamda": 1}}}})
     with pytest.raises(ValidationError, match=r"method: mergekit needs a mergekit config under merge\.mergekit"):
         Params.model_validate({"method": "mergekit", "experts": ["math", "code"]})
+
+
+def test_gradients_and_filters_equal_per_layer_flags(zoo, tmp_path, capsys):
+    """mergekit's ties.yml style: a weight gradient per model and a filtered lambda (with a
+    gradient inside), against the same per-layer values given as flags."""
+    config = {"models": [{"model": str(zoo["a"]), "parameters": {"weight": [0.0, 0.3, 1.0]}},
+                         {"model": str(zoo["b"]), "parameters": {"weight": [{"filter": "mlp", "value": 0.5}, {"value": 0.2}]}}],
+              "merge_method": "task_arithmetic", "base_model": str(zoo["base"]),
+              "parameters": {"lambda": [{"filter": "self_attn", "value": [1.0, 0.5]}, {"value": 0.8}]}}
+    flags = merged_by_flags(zoo, tmp_path, capsys, ["--method", "task_arithmetic", "--base", str(zoo["base"]), "--weight", "[0.0, 0.3, 1.0]",
+                                                    "--weight", "{mlp: 0.5, '*': 0.2}", "--scaling", "{self_attn: [1.0, 0.5], '*': 0.8}"])
+    by_config = merged_by_config(zoo, tmp_path, capsys, config)
+    same_tensors(by_config, flags)
+    sa, sb = state(by_config), state(merged_by_flags(zoo, tmp_path / "plain", capsys, ["--method", "task_arithmetic", "--base", str(zoo["base"])]))
+    assert not torch.equal(sa["model.layers.1.mlp.up_proj.weight"], sb["model.layers.1.mlp.up_proj.weight"])  # the values did apply

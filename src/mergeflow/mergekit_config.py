@@ -117,10 +117,7 @@ def _declared(method: str) -> dict[str, bool]:
     """Our method's parameter names -> whether each is per expert."""
     from .methods import get_method
 
-    cls = get_method(method)
-    if hasattr(cls, "params"):  # the declaration API (METHOD_API.md)
-        return {p.name: p.per_expert for p in cls.params}
-    return {name: name == "weights" for name in getattr(cls, "reads", ())}
+    return {p.name: p.per_expert for p in get_method(method).params}
 
 
 def _setting(value: Any, key: str, default: Any) -> Any:
@@ -346,14 +343,13 @@ def build_method(translation: Translation):
     """Our method, built from the translated values (validated by the method's declaration)."""
     from .methods import get_method
 
-    cls = get_method(translation.method)
-    if hasattr(cls, "params"):
-        return cls(translation.values)
-    from .methods import MergeOptions  # before the declaration API: the shared options
+    from .methods import ParamError
 
-    values = dict(translation.values)
-    weights = values.pop("weights", None)
-    return cls(MergeOptions(weights=tuple(weights) if weights else None, **values))
+    try:
+        return get_method(translation.method)(translation.values)
+    except ParamError as err:  # named as the config names it: `weight`, `lambda`
+        theirs = {v: k for k, v in RENAMES.items()}.get(err.param, err.param)
+        raise ConfigError(f"parameters.{theirs}: {err}") from None
 
 
 def check_models(translation: Translation, experts: list[Path], base_model: Optional[Path]) -> None:
