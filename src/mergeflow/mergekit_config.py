@@ -45,12 +45,14 @@ class MergekitMethod:
     params: dict[str, tuple[Any, str]]
     base: str = "required"
     base_first: bool = False  # SLERP: the base is the first of the two models (t = 0 gives it)
+    # values of our method's own params that make it compute what mergekit does (where declared)
+    fixed: dict[str, Any] = field(default_factory=dict)
 
 
 MERGEKIT_METHODS: dict[str, MergekitMethod] = {
     "linear": MergekitMethod("average", {"weight": (REQUIRED, "model"), "normalize": (True, "shared")}, base="ignored"),
     "task_arithmetic": MergekitMethod("task_arithmetic", _gta(False, False)),
-    "ties": MergekitMethod("ties", _gta(True, False)),
+    "ties": MergekitMethod("ties", _gta(True, False), fixed={"convention": "mergekit"}),
     "dare_linear": MergekitMethod("dare_linear", _gta(False, True)),
     "dare_ties": MergekitMethod("dare_ties", _gta(False, True)),
     "breadcrumbs": MergekitMethod("breadcrumbs", _gta(False, False, gamma=0.01)),
@@ -292,7 +294,7 @@ def _implied(spec: MergekitMethod, name: str, values: dict, implied: dict) -> li
         else:
             how = f"; it always behaves as {key}: {behaviour!r}" if behaviour is not REQUIRED else ""
             raise ConfigError(f"parameters.{key}: {value!r} is not supported by mergeflow's {spec.ours} (mergekit's {name}){how}; remove the key or change the value")
-    if spec.ours == "ties" and "normalize" in dropped and "weights" in values and "normalize" not in _declared("ties"):
+    if spec.ours == "ties" and "normalize" in dropped and "weights" in values and "convention" not in values:
         # mergekit divides by the agreeing entries' summed weights, ours by their count: equal for equal weights
         weights = _scalar_weights(values, "ties")
         if len(set(weights)) != 1:
@@ -322,6 +324,10 @@ def translate(raw: Mapping[str, Any]) -> Translation:
     models, layer_range = _models(dict(raw))
     inputs, base = _inputs(spec, name, models, base_model)
     values, dropped, implied = _values(spec, name, raw.get("parameters"), inputs)
+    declared = _declared(spec.ours)
+    values.update({k: v for k, v in spec.fixed.items() if k in declared})
+    if spec.ours == "nuslerp" and "use_base" in declared:  # mergekit's nuslerp interpolates task vectors when given a base
+        values["use_base"] = base is not None
     dropped += _implied(spec, name, values, implied)
     dtype = raw.get("dtype")
     if dtype is not None and dtype not in DTYPES:
