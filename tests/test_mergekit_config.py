@@ -263,3 +263,12 @@ def test_config_gives_mergekits_tensors(zoo, tmp_path, capsys, case):
     assert theirs.keys() == ours.keys()
     for name in theirs:
         torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_config_excludes_method_flags(zoo, tmp_path, capsys):
+    config = write(tmp_path, MERGEKIT_CASES["linear"]({k: str(v) for k, v in zoo.items()}))
+    for extra, message in ((["--scaling", "0.3"], "--config sets the method's params itself: drop --scaling"),
+                           (["--method", "average"], "--config names the method and models itself: drop --method and --model")):
+        code, err = run_cli(["merge", "--config", str(config), str(tmp_path / "out"), *extra], capsys)
+        assert code == 2 and message in err, err
+    assert not (tmp_path / "out").exists()
