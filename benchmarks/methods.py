@@ -88,19 +88,20 @@ def score_text(metrics: dict | None, task: str, metric: str) -> str:
 
 def table(result: dict) -> str:
     """Markdown: base, experts, then every method (time, memory, each task's score ± stderr)."""
-    columns = [(task, metric) for task, values in result["base"].items() for metric in values if not metric.endswith("_stderr")] if result["base"] else []
-    head = "| model | merge s (CPU s) | peak anon MiB | peak RSS MiB | " + " | ".join(f"{t} {m}" for t, m in columns) + " |"
-    lines = [head, "|" + "---|" * (4 + len(columns))]
-    refs = [("base", result["base"])] + [(f"expert {e}", m) for e, m in result["experts"].items()]
-    for name, metrics in refs:
-        lines.append(f"| {name} | | | | " + " | ".join(score_text(metrics, t, m) for t, m in columns) + " |")
+    base = result["base"] or {}
+    columns = [(task, metric) for task, values in base.items() for metric in values if not metric.endswith("_stderr")]
+    rows = [["model", "merge s (CPU s)", "peak anon MiB", "peak RSS MiB", *(f"{t} {m}" for t, m in columns)], ["---"] * (4 + len(columns))]
+    if columns:
+        for name, metrics in [("base", base)] + [(f"expert {e}", m) for e, m in result["experts"].items()]:
+            rows.append([name, "", "", "", *(score_text(metrics, t, m) for t, m in columns)])
     for row in result["methods"]:
         if row["returncode"]:
-            lines.append(f"| {row['method']} | failed (exit {row['returncode']}) | | | " + " | ".join("-" for _ in columns) + " |")
+            rows.append([row["method"], f"failed (exit {row['returncode']})", "", "", *("-" for _ in columns)])
             continue
-        lines.append(f"| {row['method']} | {row['seconds']:.1f} ({row['cpu_seconds']:.1f}) | {row['peak_anon_mib']:.0f} | {row['peak_rss_mib']:.0f} | "
-                     + " | ".join(score_text(row.get("metrics"), t, m) for t, m in columns) + " |")
-    return "\n".join(lines)
+        cpu = f" ({row['cpu_seconds']:.1f})" if "cpu_seconds" in row else ""
+        rows.append([row["method"], f"{row['seconds']:.1f}{cpu}", f"{row['peak_anon_mib']:.0f}", f"{row['peak_rss_mib']:.0f}",
+                     *(score_text(row.get("metrics"), t, m) for t, m in columns)])
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in rows)
 
 
 def synthetic_root(case: str) -> Path:
