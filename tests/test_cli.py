@@ -36,9 +36,10 @@ def test_grams_then_merge(experts, calib_file, tmp_path):
 
 
 def test_errors_are_one_clear_line(experts, tmp_path):
-    proc = mergeflow("merge", "--method", "slerp", "--model", experts[0], "--model", experts[1], "--out", tmp_path / "m", check=False)
+    proc = mergeflow("merge", "--method", "frankenmerge", "--model", experts[0], "--model", experts[1], "--out", tmp_path / "m", check=False)
     assert proc.returncode == 1
-    assert proc.stderr.strip() == "mergeflow: error: unknown merge method 'slerp'; available: average, regmean, task_arithmetic, ties, or path/to/file.py:ClassName. (params.yaml: method, or --method)"
+    known = "average, breadcrumbs, breadcrumbs_ties, dare_linear, dare_ties, della, della_linear, karcher, model_stock, nuslerp, regmean, sce, slerp, task_arithmetic, ties"
+    assert proc.stderr.strip() == f"mergeflow: error: unknown merge method 'frankenmerge'; available: {known}, or path/to/file.py:ClassName. (params.yaml: method, or --method)"
     proc = mergeflow("merge", "--method", "regmean", "--alpha", "2", "--model", experts[0], "--model", experts[1], "--out", tmp_path / "m", check=False)
     assert proc.returncode == 1 and "alpha must be in [0, 1], got 2.0" in proc.stderr
     proc = mergeflow("grams", "--model", experts[0], "--data", tmp_path / "none.jsonl", "--out", tmp_path / "g", check=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 
 import pytest
@@ -99,7 +100,7 @@ def test_regmean_falls_back_to_least_squares_on_singular_grams():
 
 
 def test_unknown_method_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown merge method 'regmaen'.*average, regmean, task_arithmetic, ties.*Did you mean 'regmean'"):
+    with pytest.raises(ValueError, match=r"unknown merge method 'regmaen'.*average, breadcrumbs, .*, regmean, sce, slerp, task_arithmetic, ties.*Did you mean 'regmean'"):
         get_method("regmaen")
 
 
@@ -168,3 +169,51 @@ def test_merged_model_loads_and_generates(experts, gram_dirs, tmp_path):
     assert model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] == ids["input_ids"].shape[1] + 3
     for name, tensor in state(out).items():
         assert torch.isfinite(tensor).all(), name
+
+
+def count_factorisations(monkeypatch) -> list:
+    """Record every Cholesky factorisation (RegMean's one per gram sum)."""
+    calls, real = [], torch.linalg.cholesky_ex
+
+    def counting(matrix, *args, **kwargs):
+        calls.append(tuple(matrix.shape))
+        return real(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", counting)
+    return calls
+
+
+def shuffle_tensor_order(monkeypatch, seed: int) -> None:
+    """Experts that list their tensors in a random order."""
+    from mergeflow.checkpoint import CheckpointReader
+
+    real = CheckpointReader.names
+    monkeypatch.setattr(CheckpointReader, "names", lambda self: random.Random(seed).sample(real(self), len(real(self))))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_regmean_factors_each_shared_input_once_whatever_the_tensor_order(experts, gram_dirs, tmp_path, monkeypatch, seed):
+    """RegMean groups the Linears that share an input (q/k/v, gate/up share a stored gram) and the
+    engine merges a group's tensors one after another, so each gram sum is factored once: 2 blocks
+    x 4 distinct inputs (attention, o_proj, mlp, down_proj) = 8, not one per Linear (14)."""
+    shuffle_tensor_order(monkeypatch, seed)
+    calls = count_factorisations(monkeypatch)
+    config = merge_models(experts, regmean(0.5), tmp_path / "rm", grams=gram_dirs)
+    assert config["solved_modules"] == 14 and len(calls) == 8
+
+
+def test_without_the_grouping_a_shuffled_order_factors_again(experts, gram_dirs, tmp_path, monkeypatch):
+    """The contract the test above relies on: ignore `group` (here: a shuffled order) and the
+    one-entry factor cache refactors every time the shared input changes between tensors."""
+    order = random.Random(3).sample(sorted(state(experts[0])), len(state(experts[0])))
+
+    class Ungrouped(RegMean):
+        def group(self, tensor: str) -> str:
+            return f"{order.index(tensor):04d}"
+
+    calls = count_factorisations(monkeypatch)
+    method = Ungrouped({"alpha": 0.5})
+    merge_models(experts, method, tmp_path / "rm", grams=gram_dirs)
+    keys = [method.solved[name][0].key for name in order if name in method.solved]
+    runs = 1 + sum(a != b for a, b in zip(keys, keys[1:]))  # a factorisation per run of one shared input
+    assert len(calls) == runs and runs > 8

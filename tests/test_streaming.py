@@ -103,7 +103,7 @@ def test_tied_embeddings_stay_tied_and_equal(tied, tmp_path, method):
 
     models, grams = tied
     config = merge_models(models[:2], get_method(method)(METHODS[method]), tmp_path / "out", grams=grams, base=models[2], lm_head=True)
-    assert not config["lm_head_solved"]
+    assert not config.get("lm_head_solved")  # RegMean reports it; other methods solve nothing
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert merged.config.tie_word_embeddings
     assert torch.equal(merged.get_input_embeddings().weight, merged.get_output_embeddings().weight)

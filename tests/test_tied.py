@@ -56,7 +56,7 @@ def expected_embeddings(case: str, a: torch.Tensor, b: torch.Tensor, base: torch
     if method in ("average", "regmean"):  # embeddings are no Linear with grams: averaged
         return (a + b) / 2
     if method == "task_arithmetic":
-        return base + options.scaling * ((a - base) + (b - base))
+        return base + options["scaling"] * ((a - base) + (b - base))
     return get_method("ties")(options).merge(EMBED, [a, b], base=base)
 
 
@@ -69,7 +69,7 @@ def test_tied_embeddings_stay_tied_equal_and_merged(tied, tmp_path, case, stored
     a, b, base = models[stored]
     method, options, lm_head = CASES[case]
     config = merge_models([a, b], get_method(method)(options), tmp_path / "out", grams=grams, base=base, lm_head=lm_head)
-    assert config["lm_head_solved"] is False
+    assert config.get("lm_head_solved", False) is False  # RegMean reports it; other methods solve nothing
     if method == "regmean":
         assert config["solved_modules"] == 14  # 7 Linears in each of 2 blocks, lm_head not among them
     out = state(tmp_path / "out")

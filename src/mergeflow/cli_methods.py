@@ -34,7 +34,7 @@ def parse_value(text: str, kind: type = str) -> Any:
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
-        raise click.BadParameter(f"{text!r} is not a value, list or mapping (YAML)") from None
+        raise ValueError(f"{text!r} is not a value, list or mapping (YAML)") from None
     return _as_type(text if value is None else value, kind)
 
 
@@ -47,7 +47,10 @@ class ParamValue(click.ParamType):
         self.kind = kind
 
     def convert(self, value, param, ctx):
-        return parse_value(value, self.kind) if isinstance(value, str) else value
+        try:
+            return parse_value(value, self.kind) if isinstance(value, str) else value
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
 
 
 class MethodOption(click.Option):
@@ -96,8 +99,11 @@ def parse_pairs(pairs: Iterable[str]) -> dict[str, Any]:
     for pair in pairs:
         name, sep, text = pair.partition("=")
         if not sep or not name:
-            raise click.BadParameter(f"{pair!r}: expected NAME=VALUE", param_hint="--param")
-        out[name.strip().replace("-", "_")] = parse_value(text)
+            raise ValueError(f"--param {pair!r}: expected NAME=VALUE")
+        try:
+            out[name.strip().replace("-", "_")] = parse_value(text)
+        except ValueError as err:
+            raise ValueError(f"--param {pair!r}: {err}") from None
     return out
 
 

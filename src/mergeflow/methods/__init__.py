@@ -87,5 +87,6 @@ def get_method(name: str) -> type[MergeMethod]:
 
 
 from . import average, regmean, task_arithmetic, ties  # noqa: E402,F401  (registers the built-in methods)
+from . import breadcrumbs, dare, della, karcher, model_stock, nuslerp, sce, slerp  # noqa: E402,F401  (mergekit's data-free methods)
 
 __all__ = ["WEIGHTS", "GramHandle", "MergeMethod", "Param", "ParamError", "available", "declared_params", "get_method", "register"]
