@@ -127,7 +127,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("."), help="a checkout whose pipeline has run (read only)")
     parser.add_argument("--synthetic", default=None, help="a case of synthetic.py instead of --root (no evaluation)")
-    parser.add_argument("--name", default="toy", help="results go to benchmarks/results/methods-NAME.json")
+    parser.add_argument("--name", default=None, help="results go to benchmarks/results/methods-NAME.json [default: the --synthetic case, else toy]")
     parser.add_argument("--methods", default=None, help="comma-separated subset [default: every registered method]")
     parser.add_argument("--evaluate", action="store_true", help="score each merged model on params.yaml's eval tasks")
     parser.add_argument("--work", type=Path, default=None, help="where the merged models go [default: a temporary folder, removed]")
@@ -138,7 +138,6 @@ def main() -> None:
 
     if args.synthetic:
         root, experts, args.evaluate = synthetic_root(args.synthetic), ["expert0", "expert1"], False
-        args.name = args.synthetic
     else:
         root = args.root.resolve()
         experts = load_params(root / "params.yaml").experts
@@ -152,7 +151,7 @@ def main() -> None:
         "base": read_json(root / "metrics" / "base.json"), "methods": rows,
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"methods-{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"methods-{args.name or args.synthetic or 'toy'}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
 
 

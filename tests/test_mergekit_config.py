@@ -97,11 +97,22 @@ def test_mergekit_defaults_replace_ours():
     assert (t.method, t.experts, t.base, t.values["density"], t.values["scaling"]) == ("ties", ["a", "b"], "base", 1.0, 1.0)
 
 
-def test_gradients_and_filters_become_per_layer_values():
-    from mergeflow.methods import available
+@pytest.mark.parametrize("method,expected", [
+    ("dare_ties", {"normalize": False, "rescale": True, "density": 1.0, "scaling": 1.0}),
+    ("della", {"normalize": True, "rescale": True, "density": 1.0, "epsilon": 0.15}),
+    ("breadcrumbs_ties", {"normalize": False, "rescale": False, "density": 1.0, "gamma": 0.01}),
+    ("ties", {"convention": "mergekit", "density": 1.0}),
+])
+def test_mergekit_method_defaults_are_set_explicitly(method, expected):
+    """mergekit's own defaults of each method, not ours; `seed` (ours only) passes through."""
+    t = translate({"models": [{"model": "a", "parameters": {"weight": 1}}, {"model": "b", "parameters": {"weight": 0.5}}],
+                   "merge_method": method, "base_model": "base", **({"parameters": {"seed": 3}} if method.startswith("d") else {})})
+    assert {k: t.values[k] for k in expected} == expected
+    assert t.values["weights"] == [1, 0.5]
+    assert t.values.get("seed") == (3 if method.startswith("d") else None)
 
-    if "slerp" not in available():
-        pytest.skip("no slerp method yet")
+
+def test_gradients_and_filters_become_per_layer_values():
     t = translate({"models": [{"model": "m0"}, {"model": "m1"}], "merge_method": "slerp", "base_model": "m0",
                    "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"filter": "mlp", "value": [1, 0.5, 0]}, {"value": 0.5},
                                         {"filter": "lm_head", "value": 0.9}]}})
@@ -140,12 +151,11 @@ def test_bad_configs_are_refused_naming_the_key(change, message):
 
 
 def test_refusals_name_the_file_and_write_nothing(zoo, tmp_path, capsys):
-    config = write(tmp_path, {"models": [{"model": str(zoo["a"]), "parameters": {"weight": 1.0}}, {"model": str(zoo["b"]), "parameters": {"weight": 0.5}}],
-                              "merge_method": "ties", "base_model": str(zoo["base"])})
+    config = write(tmp_path, {"models": [{"model": str(zoo["a"])}, {"model": str(zoo["b"])}, {"model": str(zoo["base"])}],
+                              "merge_method": "slerp", "base_model": str(zoo["a"]), "parameters": {"t": 0.5}})
     code, err = run_cli(["merge", "--config", str(config), str(tmp_path / "out")], capsys)
     assert code == 1
-    assert err.strip() == (f"mergeflow: error: {config}: models: ties with different weights [1.0, 0.5]: mergekit divides by the agreeing models' "
-                           "summed weights, mergeflow's ties by their count; give every model the same weight")
+    assert err.strip() == f"mergeflow: error: {config}: models: slerp merges exactly two models, the base_model and one other; got 2 besides the base"
     assert not (tmp_path / "out").exists()
 
 
@@ -251,6 +261,25 @@ MERGEKIT_CASES = {
     "task_arithmetic normalize": lambda z: {
         "models": [{"model": z["a"], "parameters": {"weight": 3.0}}, {"model": z["b"], "parameters": {"weight": 1.0}}],
         "merge_method": "task_arithmetic", "base_model": z["base"], "parameters": {"normalize": True, "lambda": 0.7}},
+    "ties unequal weights": lambda z: {
+        "models": [{"model": z["a"], "parameters": {"weight": 1.0, "density": 0.5}}, {"model": z["b"], "parameters": {"weight": 0.5, "density": 0.5}}],
+        "merge_method": "ties", "base_model": z["base"], "parameters": {"int8_mask": True}},
+    "slerp (examples/gradient-slerp.yml)": lambda z: {
+        "slices": [{"sources": [{"model": z["a"], "layer_range": [0, 2]}, {"model": z["b"], "layer_range": [0, 2]}]}],
+        "merge_method": "slerp", "base_model": z["a"],
+        "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]}},
+    "nuslerp with a base": lambda z: {
+        "models": [{"model": z["a"], "parameters": {"weight": 0.7}}, {"model": z["b"], "parameters": {"weight": 0.3}}],
+        "merge_method": "nuslerp", "base_model": z["base"]},
+    "breadcrumbs": lambda z: {
+        "models": [{"model": z["a"], "parameters": {"weight": 1.0}}, {"model": z["b"], "parameters": {"weight": 0.5}}],
+        "merge_method": "breadcrumbs", "base_model": z["base"], "parameters": {"density": 0.9, "gamma": 0.05}},
+    "dare_linear, no drop": lambda z: {
+        "models": [{"model": z["a"], "parameters": {"weight": 1.0}}, {"model": z["b"], "parameters": {"weight": 0.5}}],
+        "merge_method": "dare_linear", "base_model": z["base"], "parameters": {"lambda": 0.8}},
+    "model_stock": lambda z: {"models": [{"model": z["a"]}, {"model": z["b"]}], "merge_method": "model_stock", "base_model": z["base"]},
+    "sce": lambda z: {"models": [{"model": z["a"]}, {"model": z["b"]}], "merge_method": "sce", "base_model": z["base"], "parameters": {"select_topk": 0.5}},
+    "karcher": lambda z: {"models": [{"model": z["a"]}, {"model": z["b"]}], "merge_method": "karcher"},
 }
 
 
@@ -258,7 +287,11 @@ MERGEKIT_CASES = {
 def test_config_gives_mergekits_tensors(zoo, tmp_path, capsys, case):
     """The same config through mergekit 0.1.5 and through `mergeflow merge --config`: equal to
     float rounding (mergekit computes some sums in another order)."""
+    from mergeflow.methods import available
+
     config = MERGEKIT_CASES[case]({k: str(v) for k, v in zoo.items()})
+    if MERGEKIT_METHODS[config["merge_method"]].ours not in available():
+        pytest.skip(f"no {config['merge_method']} method in this version")
     theirs, ours = state(run_mergekit(config, tmp_path / "mergekit")), state(merged_by_config(zoo, tmp_path, capsys, config))
     assert theirs.keys() == ours.keys()
     for name in theirs:
