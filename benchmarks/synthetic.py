@@ -21,6 +21,8 @@ from mergeflow.plan import Shape
 CASES = {
     # ~1.5 GB per expert in float32, ~1.4 GB of grams per expert
     "small": Shape(hidden=2048, intermediate=5632, layers=8, heads=16, kv_heads=4, head_dim=128, vocab=8000, tied=False, dtype="float32"),
+    # SmolLM2-135M's shapes (30 layers; lm_head untied here): ~0.65 GB per model, ~0.36 GB of grams per expert
+    "smollm2-shapes": Shape(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, head_dim=64, vocab=49152, tied=False, dtype="float32"),
     # Llama-3-8B's real layer shapes, 2 layers: what one layer of a full merge needs
     "llama3-shapes": Shape(hidden=4096, intermediate=14336, layers=2, heads=32, kv_heads=8, head_dim=128, vocab=128256, tied=False, dtype="float32"),
 }

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mergeflow.checkpoint import parse_size
 from mergeflow.merge import Checks, merge_models
+from mergeflow.mergekit_config import plan_block
 from mergeflow.methods import UnknownMethod, get_method
 from mergeflow.params import STAGE_READS
 from mergeflow.pipeline import check_plugin
@@ -28,8 +29,12 @@ def add_arguments(parser):
 
 
 def main(args, params):
-    check_plugin(params.method, args.dvc_yaml)
     m = params.merge
+    if params.method == "mergekit":  # a mergekit config in params.yaml (merge.mergekit)
+        method, experts, base = plan_block(m.mergekit, params.experts, args.experts, args.base)
+        merge_models(experts, method, args.out, base=base, device=m.device, max_shard_size=parse_size(m.max_shard_size), checks=Checks(magnitudes=m.check_magnitude))
+        return
+    check_plugin(params.method, args.dvc_yaml)
     try:
         cls = get_method(params.method)
     except UnknownMethod as err:

@@ -29,7 +29,7 @@ def test_repository_params_are_valid():
         ("alpha: 1.5\n", r"\n  alpha must be in \[0, 1\], got 1\.5$"),
         ("alpha: [0.1, 1.5]\n", r"\n  alpha\[1\] must be in \[0, 1\], got 1\.5$"),
         ("merge:\n  densty: 0.3\n", r"\n  merge\.densty: unknown key; the merge methods read alpha \(top level\), (\w+, )*density, (\w+, )*scaling, (\w+, )*solver_dtype, (\w+, )*weights; "
-                                     r"the engine reads merge\.regmean_lm_head, merge\.device, merge\.max_shard_size, merge\.check_magnitude$"),
+                                     r"the engine reads merge\.regmean_lm_head, merge\.device, merge\.max_shard_size, merge\.check_magnitude, merge\.mergekit$"),
         ("merge:\n  density: 0\n", r"\n  merge\.density must be in \(0, 1\], got 0\.0$"),
         ("merge:\n  weights: [1, 2, 3]\n", r"\n  merge\.weights has 3 values for 2 experts; give one per expert, in the order of `experts`$"),
         ("merge:\n  alpha: 0.3\n", r"\n  merge\.alpha: alpha is a top-level key \(dvc exp run -S alpha=\.\.\.\); move it out of merge$"),

@@ -167,9 +167,11 @@ def grams_verify(dirs) -> None:
 
 
 @main.command(cls=MergeCommand)
-@click.option("--method", required=True, help="Merge method: a name from `mergeflow methods`, or path/to/file.py:ClassName.")
-@click.option("--model", "models", required=True, multiple=True, type=EXISTING_DIR, help="An expert directory; repeat for each expert.")
-@click.option("--out", required=True, type=PATH, help="Output model directory (written atomically).")
+@click.argument("out_dir", required=False, type=PATH, metavar="[OUT]")
+@click.option("--config", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="A mergekit merge config (YAML) instead of --method, --model, --base and the method's options; OUT (or --out) is the output.")
+@click.option("--method", help="Merge method: a name from `mergeflow methods`, or path/to/file.py:ClassName.")
+@click.option("--model", "models", multiple=True, type=EXISTING_DIR, help="An expert directory; repeat for each expert.")
+@click.option("--out", type=PATH, help="Output model directory (written atomically).")
 @click.option("--gram", "grams_", multiple=True, type=EXISTING_DIR, help="Gram directory of each expert, in --model order (regmean).")
 @click.option("--fisher", "fishers", multiple=True, type=EXISTING_DIR, help="Fisher directory of each expert, in --model order (fisher; `mergeflow fisher`).")
 @click.option("--calib", "calibs", multiple=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
@@ -183,18 +185,27 @@ def grams_verify(dirs) -> None:
 @click.option("--no-verify", is_flag=True, help="Skip checking the grams' SHA-256 against grams.json (about 3 s per GB).")
 @click.option("--no-magnitude-check", is_flag=True, help="Accept merged weights with |value| > 1e4 (refused by default: a flipped exponent bit in an expert).")
 @click.pass_context
-def merge(ctx, method, models, out, grams_, fishers, calibs, base, param_pairs, lm_head, device, max_shard_size, force, no_verify, no_magnitude_check, **method_values) -> None:
+def merge(ctx, out_dir, config, method, models, out, grams_, fishers, calibs, base, param_pairs, lm_head, device, max_shard_size, force, no_verify, no_magnitude_check,
+          **method_values) -> None:
     """Merge experts tensor by tensor into one Hugging Face model directory.
 
     The method options below come from the params each method declares (`mergeflow methods
     --describe NAME`); a method takes only the ones given, the others keep its defaults.
     Memory stays bounded by a few tensors (huge ones in blocks of rows) plus one Linear's grams.
+    `mergeflow merge --config mergekit.yml OUT` runs a mergekit config (README "mergekit configs").
     """
     from .checkpoint import parse_size
     from .cli_methods import build_method, given_values
     from .merge import Checks, merge_models
 
-    merger = build_method(method, given_values(ctx, method_values, param_pairs))
+    given = given_values(ctx, method_values, param_pairs)
+    out = check_merge_usage(out_dir, out, config, method, models, given)
+    if config is not None:
+        from .mergekit_config import merge_from_config
+
+        merge_from_config(config, out, device=device, max_shard_size=parse_size(max_shard_size), overwrite=force, checks=Checks(magnitudes=not no_magnitude_check))
+        return
+    merger = build_method(method, given)
     if getattr(merger, "needs_calibration", False):  # regmean_pp: layer by layer, through the calibration data
         from .regmean_pp import Calibration, merge_regmean_pp
 
@@ -203,6 +214,22 @@ def merge(ctx, method, models, out, grams_, fishers, calibs, base, param_pairs, 
         return
     merge_models(models, merger, out, grams=grams_, fisher=fishers, base=base, lm_head=lm_head, device=device, max_shard_size=parse_size(max_shard_size),
                  overwrite=force, checks=Checks(verify_inputs=not no_verify, magnitudes=not no_magnitude_check))
+
+
+def check_merge_usage(out_dir, out, config, method, models, given):
+    """The output directory; --config stands for --method, --model and the method's options."""
+    if out_dir is not None and out is not None:
+        raise click.UsageError("give the output once: OUT or --out")
+    out = out_dir or out
+    if out is None:
+        raise click.UsageError("missing the output directory (OUT or --out)")
+    if config is not None and (method or models):
+        raise click.UsageError("--config names the method and models itself: drop --method and --model")
+    if config is not None and given:
+        raise click.UsageError(f"--config sets the method's params itself: drop --{', --'.join(n.replace('_', '-') for n in given)} (or edit the config)")
+    if config is None and not (method and models):
+        raise click.UsageError("give --method and --model (once per expert), or a mergekit --config")
+    return out
 
 
 BACKEND_OPTIONS = [

@@ -126,6 +126,8 @@ class MergeParams(Strict):
     device: str = "cpu"
     max_shard_size: str = "5GB"
     check_magnitude: bool = True  # refuse merged weights with |value| > 1e4 (a flipped exponent bit)
+    # `method: mergekit` merges as this mergekit config says (models: expert names and `base`)
+    mergekit: Optional[dict[str, Any]] = None
 
     def method_values(self) -> dict[str, Any]:
         """The methods' knobs given in this group (not the engine's keys)."""
@@ -207,6 +209,13 @@ class Params(Strict):
             no_calib = [e for e in self.experts if e not in self.data.calib]
             if no_calib:
                 raise ValueError(f"data.calib must give a calibration file for every expert (grams need it); missing: {no_calib}")
+        if self.method == "mergekit":
+            from .mergekit_config import ConfigError, check_block  # here, not at the top: it imports the methods, which import this module
+
+            try:
+                check_block(self.merge.mergekit, self.experts)
+            except ConfigError as err:
+                raise PydanticCustomError("mergekit", str(err)) from None
         if self.merge.regmean_lm_head and not self.gram.include_lm_head:
             raise ValueError("merge.regmean_lm_head needs grams of lm_head: set gram.include_lm_head: true as well")
         return self

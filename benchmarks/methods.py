@@ -1,0 +1,159 @@
+"""Every registered merge method at its declared defaults: wall time, peak memory and scores.
+
+    python benchmarks/methods.py --root ../smol --name smollm2 --evaluate   # a SmolLM2 checkout after `dvc repro`
+    python benchmarks/methods.py --root . --name toy --evaluate             # the toy zoo
+    python benchmarks/methods.py --synthetic smollm2-shapes                 # random weights and grams, memory and time only
+
+`--root` is a mergeflow checkout whose pipeline has run: models/base, models/experts/<expert>,
+models/grams/<expert>, data/, params.yaml and metrics/ (the base's and the experts' scores);
+nothing in it is written. `--synthetic CASE` instead builds (once, under benchmarks/.synthetic/)
+random experts, a base and grams of one of synthetic.py's shapes. Each merge is `mergeflow merge --method M` (no method options: the
+declared defaults; grams for methods that read them, the base for those that need it) in a
+subprocess whose tree `memory.py` polls for peak anonymous memory. With `--evaluate` each merged
+model is scored on the recipe's lm-eval tasks (params.yaml `eval`, no sample logs), and the table
+shows base, experts and every method with lm-eval's standard errors. Results go to
+benchmarks/results/methods-<name>.json and a Markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from memory import measure  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+MIB = 2**20
+EVALUATE = """
+import mergeflow.pinned  # noqa: F401  the kernels the stages use
+import sys
+from mergeflow.evaluation.harness import evaluate_model
+from mergeflow.params import load_params
+root, model, out = sys.argv[1:]
+e = load_params(f"{root}/params.yaml").eval
+evaluate_model(model, e.tasks, out, params=e, data_root=root)
+"""
+
+
+def merge_command(method: str, root: Path, experts: list[str], out: Path) -> list[str]:
+    from mergeflow.methods import get_method
+
+    cls = get_method(method)
+    cmd = [sys.executable, "-m", "mergeflow", "merge", "--method", method, "--out", str(out), "--force"]
+    for e in experts:
+        cmd += ["--model", str(root / "models" / "experts" / e)]
+    if cls.uses_grams:
+        for e in experts:
+            cmd += ["--gram", str(root / "models" / "grams" / e)]
+    if cls.uses_base:
+        cmd += ["--base", str(root / "models" / "base")]
+    return cmd
+
+
+def evaluate(root: Path, model: Path, out: Path) -> tuple[dict, float]:
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", EVALUATE, str(root), str(model), str(out)], capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"evaluating {model} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(out.read_text()), time.perf_counter() - start
+
+
+def run_method(method: str, root: Path, experts: list[str], work: Path, evaluate_it: bool) -> dict:
+    out = work / method
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    m = measure(merge_command(method, root, experts, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime  # user + sys of the merge: less sensitive to other load than wall time
+    row = {"method": method, "seconds": round(m.seconds, 2), "cpu_seconds": round(cpu, 2), "peak_anon_mib": round(m.peak_anon_bytes / MIB, 1),
+           "peak_rss_mib": round(m.peak_rss_bytes / MIB, 1), "returncode": m.returncode}
+    if m.returncode == 0 and evaluate_it:
+        row["metrics"], row["eval_seconds"] = evaluate(root, out, work / f"{method}.json")
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    return row
+
+
+def score_text(metrics: dict | None, task: str, metric: str) -> str:
+    if not metrics or task not in metrics or metric not in metrics[task]:
+        return "-"
+    value, err = metrics[task][metric], metrics[task].get(f"{metric}_stderr")
+    return f"{value:.3f} ± {err:.3f}" if err is not None else f"{value:.3f}"
+
+
+def table(result: dict) -> str:
+    """Markdown: base, experts, then every method (time, memory, each task's score ± stderr)."""
+    base = result["base"] or {}
+    columns = [(task, metric) for task, values in base.items() for metric in values if not metric.endswith("_stderr")]
+    rows = [["model", "merge s (CPU s)", "peak anon MiB", "peak RSS MiB", *(f"{t} {m}" for t, m in columns)], ["---"] * (4 + len(columns))]
+    if columns:
+        for name, metrics in [("base", base)] + [(f"expert {e}", m) for e, m in result["experts"].items()]:
+            rows.append([name, "", "", "", *(score_text(metrics, t, m) for t, m in columns)])
+    for row in result["methods"]:
+        if row["returncode"]:
+            rows.append([row["method"], f"failed (exit {row['returncode']})", "", "", *("-" for _ in columns)])
+            continue
+        cpu = f" ({row['cpu_seconds']:.1f})" if "cpu_seconds" in row else ""
+        rows.append([row["method"], f"{row['seconds']:.1f}{cpu}", f"{row['peak_anon_mib']:.0f}", f"{row['peak_rss_mib']:.0f}",
+                     *(score_text(row.get("metrics"), t, m) for t, m in columns)])
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in rows)
+
+
+def synthetic_root(case: str) -> Path:
+    """A root with models/base, models/experts/expert{0,1} and models/grams/expert{0,1} of `case`."""
+    from synthetic import CASES, make_expert, make_grams
+
+    root = Path(__file__).parent / ".synthetic" / case
+    models = root / "models"
+    for name, seed in (("base", 7), ("experts/expert0", 0), ("experts/expert1", 1)):
+        if not (models / name / "config.json").is_file():
+            make_expert(models / name, CASES[case], seed=seed)
+    for i in range(2):
+        if not (models / "grams" / f"expert{i}" / "grams.json").is_file():
+            make_grams(models / "grams" / f"expert{i}", CASES[case], seed=100 + i, lm_head=False)
+    return root
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=Path("."), help="a checkout whose pipeline has run (read only)")
+    parser.add_argument("--synthetic", default=None, help="a case of synthetic.py instead of --root (no evaluation)")
+    parser.add_argument("--name", default=None, help="results go to benchmarks/results/methods-NAME.json [default: the --synthetic case, else toy]")
+    parser.add_argument("--methods", default=None, help="comma-separated subset [default: every registered method]")
+    parser.add_argument("--evaluate", action="store_true", help="score each merged model on params.yaml's eval tasks")
+    parser.add_argument("--work", type=Path, default=None, help="where the merged models go [default: a temporary folder, removed]")
+    args = parser.parse_args()
+
+    from mergeflow.methods import available
+    from mergeflow.params import load_params
+
+    if args.synthetic:
+        root, experts, args.evaluate = synthetic_root(args.synthetic), ["expert0", "expert1"], False
+    else:
+        root = args.root.resolve()
+        experts = load_params(root / "params.yaml").experts
+    methods = args.methods.split(",") if args.methods else available()
+    with tempfile.TemporaryDirectory(prefix="mergeflow-methods-") as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        rows = [run_method(m, root, experts, work, args.evaluate) for m in methods]
+    result = {
+        "root": root.name, "experts": {e: read_json(root / "metrics" / "experts" / f"{e}.json") for e in experts},
+        "base": read_json(root / "metrics" / "base.json"), "methods": rows,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"methods-{args.name or args.synthetic or 'toy'}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
