@@ -100,7 +100,7 @@ def test_regmean_falls_back_to_least_squares_on_singular_grams():
 
 
 def test_unknown_method_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown merge method 'regmaen'.*average, breadcrumbs, .*, regmean, sce, slerp, task_arithmetic, ties.*Did you mean 'regmean'"):
+    with pytest.raises(ValueError, match=r"unknown merge method 'regmaen'.*average, breadcrumbs, .*, fisher, .*, regmean, regmean_pp, sce, slerp, task_arithmetic, ties.*Did you mean 'regmean'"):
         get_method("regmaen")
 
 

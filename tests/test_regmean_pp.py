@@ -81,10 +81,11 @@ def test_regmean_pp_equals_a_direct_float64_implementation(experts, calib_files,
         torch.testing.assert_close(value.double(), expected[name], rtol=1e-6, atol=1e-7, msg=name)
     # and it is not RegMean: layer 1's inputs come from the merged layer 0
     from mergeflow.grams.collect import compute_grams
+    from mergeflow.params import GramParams
 
     grams = [tmp_path / f"g{i}" for i in range(2)]
     for e, c, g in zip(experts, calib_files, grams):
-        compute_grams(e, c, g, max_length=16, batch_size=3, dtype="float64")
+        compute_grams(e, c, g, GramParams(max_length=16, batch_size=3, dtype="float64"))
     merge_models(experts, get_method("regmean")({"alpha": ALPHA, "weights": list(WEIGHTS), "solver_dtype": "float64"}), tmp_path / "r", grams=grams)
     plain = state(tmp_path / "r")
     name = "model.layers.1.mlp.down_proj.weight"
