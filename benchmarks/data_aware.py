@@ -82,7 +82,7 @@ def main() -> None:
             t["fisher"] = sum(timed(f"fisher {e.name}", lambda e=e, c=c: compute_fisher(e, c, tmp / f"f-{e.name}", max_length=args.max_length, num_samples=args.rows))
                               for e, c in zip(experts, calib))
             t["fisher_merge"] = timed("fisher merge", lambda: merge_models(experts, get_method("fisher")(), tmp / "m-fisher", fisher=[tmp / f"f-{e.name}" for e in experts]))
-        from mergeflow.checkpoint import CheckpointReader
+        from mergeflow.model_files import CheckpointReader
 
         reader = CheckpointReader(experts[0])
         t["parameters"] = sum(s.numel for s in reader.specs.values())

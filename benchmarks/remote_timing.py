@@ -88,7 +88,7 @@ def write_synthetic_grams(out: Path, gib: float) -> tuple[float, int]:
     import torch
 
     from mergeflow.grams.format import GramRef, GramWriter, by_file, file_for
-    from mergeflow.io import atomic_dir
+    from mergeflow.atomic import atomic_dir
 
     hidden, intermediate = 2048, 5632
     per_layer = 4 * (3 * hidden * hidden + intermediate * intermediate)

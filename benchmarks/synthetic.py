@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from mergeflow.checkpoint import ShardedWriter, TensorSpec
+from mergeflow.model_files import ShardedWriter, TensorSpec
 from mergeflow.grams.format import FORMAT, file_for
 from mergeflow.plan import Shape
 

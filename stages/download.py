@@ -6,7 +6,7 @@ import mergeflow.pinned  # noqa: F401  first: pins the CPU kernels before torch 
 from pathlib import Path
 
 from mergeflow.params import STAGE_READS
-from mergeflow.io import atomic_file
+from mergeflow.atomic import atomic_file
 from mergeflow.pipeline import check_in_sync
 from mergeflow.stage import run_stage
 from mergeflow.zoo.sources import materialise_base, materialise_eval, materialise_expert

@@ -6,7 +6,7 @@ import mergeflow.pinned  # noqa: F401  first: pins the CPU kernels before torch 
 
 from pathlib import Path
 
-from mergeflow.checkpoint import parse_size
+from mergeflow.model_files import parse_size
 from mergeflow.merge import Checks, merge_models
 from mergeflow.mergekit_config import plan_block
 from mergeflow.methods import UnknownMethod, get_method

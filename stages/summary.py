@@ -6,7 +6,7 @@ import mergeflow.pinned  # noqa: F401  first: pins the CPU kernels before torch 
 from pathlib import Path
 
 from mergeflow.evaluation.harness import evaluation_summary, expert_label
-from mergeflow.io import write_json
+from mergeflow.atomic import write_json
 from mergeflow.params import STAGE_READS
 from mergeflow.plots import SCORES_HEADER, SWEEP_HEADER, score_rows, sweep_rows, write_csv
 from mergeflow.stage import run_stage

@@ -206,7 +206,7 @@ def test_plan_prices_every_family_from_its_config(zoo):
 def test_list_modules_prints_what_is_solved_and_what_is_averaged(zoo):
     from click.testing import CliRunner
 
-    from mergeflow.checkpoint import CheckpointReader
+    from mergeflow.model_files import CheckpointReader
     from mergeflow.cli import main
 
     result = CliRunner().invoke(main, ["grams", "--list-modules", str(zoo.experts[0])])

@@ -118,12 +118,12 @@ def test_a_checkpoint_of_a_live_or_unknown_run_is_not_touched(owner, experts, ca
     partial.mkdir()
     (partial / "fingerprint").write_text("another run\n")
     parent = psutil.Process(os.getppid())  # alive for as long as this test runs
-    why = f"{partial / io.OWNER_FILE} is missing or unreadable, so its owner cannot be proved dead"
+    why = f"{partial / atomic.OWNER_FILE} is missing or unreadable, so its owner cannot be proved dead"
     if owner == "live":
-        io.record_owner(partial)
-        record = json.loads((partial / io.OWNER_FILE).read_text())
-        (partial / io.OWNER_FILE).write_text(json.dumps({**record, "pid": parent.pid, "start": round(parent.create_time() * 100)}))
-        why = io.owner_status(partial)[1]
+        atomic.record_owner(partial)
+        record = json.loads((partial / atomic.OWNER_FILE).read_text())
+        (partial / atomic.OWNER_FILE).write_text(json.dumps({**record, "pid": parent.pid, "start": round(parent.create_time() * 100)}))
+        why = atomic.owner_status(partial)[1]
         assert why.startswith(f"PID {parent.pid} still runs")
     before = snapshot(partial)
     with pytest.raises(BlockingIOError) as err:

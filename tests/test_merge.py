@@ -198,7 +198,7 @@ def count_factorisations(monkeypatch) -> list:
 
 def shuffle_tensor_order(monkeypatch, seed: int) -> None:
     """Experts that list their tensors in a random order."""
-    from mergeflow.checkpoint import CheckpointReader
+    from mergeflow.model_files import CheckpointReader
 
     real = CheckpointReader.names
     monkeypatch.setattr(CheckpointReader, "names", lambda self: random.Random(seed).sample(real(self), len(real(self))))

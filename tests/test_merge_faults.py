@@ -88,7 +88,7 @@ def test_merge_interrupted_at_every_phase_then_rerun(experts, reference, repo, m
     if how == "sigint":
         assert debris == []  # Ctrl-C cleans up after itself
 
-    caplog.set_level(logging.INFO, logger="mergeflow.io")
+    caplog.set_level(logging.INFO, logger="mergeflow.atomic")
     merge_models(experts, average(), out, overwrite=True)
     assert snapshot(out) == reference
     assert sorted(p.name for p in (repo / "models").iterdir()) == [".gitignore", "merged"]
@@ -152,17 +152,17 @@ def test_without_force_an_existing_merged_model_is_kept(experts, tmp_path, capsy
 
 def test_stale_temporaries_are_removed_only_when_their_owner_is_provably_dead(tmp_path, caplog, record_property):
     out = tmp_path / "merged"
-    me = io.owner_stamp()
-    dead = tmp_path / f".merged.tmp-{dead_pid()}-{io.start_time(os.getpid())}-{io.boot_id()}-0000"
-    rebooted = tmp_path / f".merged.tmp-{os.getpid()}-{io.start_time(os.getpid())}-{'0' * 8 if io.boot_id() != '0' * 8 else '1' * 8}-0001"
-    reused = tmp_path / f".merged.tmp-{os.getpid()}-{io.start_time(os.getpid()) - 500}-{io.boot_id()}-0002"
+    me = atomic.owner_stamp()
+    dead = tmp_path / f".merged.tmp-{dead_pid()}-{atomic.start_time(os.getpid())}-{atomic.boot_id()}-0000"
+    rebooted = tmp_path / f".merged.tmp-{os.getpid()}-{atomic.start_time(os.getpid())}-{'0' * 8 if atomic.boot_id() != '0' * 8 else '1' * 8}-0001"
+    reused = tmp_path / f".merged.tmp-{os.getpid()}-{atomic.start_time(os.getpid()) - 500}-{atomic.boot_id()}-0002"
     alive = tmp_path / f".merged.tmp-{me}-0003"
     legacy = tmp_path / ".merged.tmp-k2j4h5"
-    other = tmp_path / f".mergedx.tmp-{dead_pid()}-1-{io.boot_id()}-0004"  # another output's
+    other = tmp_path / f".mergedx.tmp-{dead_pid()}-1-{atomic.boot_id()}-0004"  # another output's
     for d in (dead, rebooted, reused, alive, legacy, other):
         d.mkdir()
-    caplog.set_level(logging.INFO, logger="mergeflow.io")
-    assert io.remove_stale(out) == sorted([dead, rebooted, reused])
+    caplog.set_level(logging.INFO, logger="mergeflow.atomic")
+    assert atomic.remove_stale(out) == sorted([dead, rebooted, reused])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, legacy.name, other.name])
     assert "its owner is dead (no process has PID" in caplog.text
     assert "this machine has booted since" in caplog.text
@@ -174,13 +174,13 @@ def test_stale_temporaries_are_removed_only_when_their_owner_is_provably_dead(tm
 def test_partial_dirs_record_their_owner(tmp_path, record_property):
     partial = tmp_path / ".math.partial"
     partial.mkdir()
-    assert io.owner_status(partial)[0] is True  # no record: nothing proves it dead
-    io.record_owner(partial)
-    alive, why = io.owner_status(partial)
+    assert atomic.owner_status(partial)[0] is True  # no record: nothing proves it dead
+    atomic.record_owner(partial)
+    alive, why = atomic.owner_status(partial)
     assert alive and why.startswith(f"PID {os.getpid()} still runs")
-    record = json.loads((partial / io.OWNER_FILE).read_text())
-    (partial / io.OWNER_FILE).write_text(json.dumps({**record, "pid": dead_pid()}))
-    alive, why = io.owner_status(partial)
+    record = json.loads((partial / atomic.OWNER_FILE).read_text())
+    (partial / atomic.OWNER_FILE).write_text(json.dumps({**record, "pid": dead_pid()}))
+    alive, why = atomic.owner_status(partial)
     assert not alive and why.startswith("no process has PID")
     report(record_property, "a .partial checkpoint whose owner died", "recovered: owner.json proves it dead; a live or unrecorded owner is left alone")
 
@@ -215,7 +215,7 @@ def earlier(experts, tmp_path) -> tuple[Path, dict[str, bytes]]:
 
 
 def test_full_disk_during_merge_names_the_output_and_keeps_the_earlier_model(experts, earlier, monkeypatch, record_property):
-    from mergeflow.checkpoint import ShardedWriter
+    from mergeflow.model_files import ShardedWriter
 
     out, before = earlier
     real_write, calls = ShardedWriter.write, []
@@ -324,15 +324,15 @@ def test_evaluate_logs_folder_is_replaced_only_when_it_holds_sample_logs(experts
 
 def test_claim_dir_refuses_a_live_owner_and_takes_over_from_a_dead_one(tmp_path, record_property):
     partial = tmp_path / ".math.partial"
-    assert io.claim_dir(partial) is None and io.claim_dir(partial) is None  # new, then already ours
-    record = json.loads((partial / io.OWNER_FILE).read_text())
+    assert atomic.claim_dir(partial) is None and atomic.claim_dir(partial) is None  # new, then already ours
+    record = json.loads((partial / atomic.OWNER_FILE).read_text())
     parent = psutil_parent()
-    (partial / io.OWNER_FILE).write_text(json.dumps({**record, "pid": parent.pid, "start": round(parent.create_time() * 100)}))
+    (partial / atomic.OWNER_FILE).write_text(json.dumps({**record, "pid": parent.pid, "start": round(parent.create_time() * 100)}))
     with pytest.raises(BlockingIOError, match=rf"^{partial}: a run's working directory that may still be in use \(PID {parent.pid} still runs"):
-        io.claim_dir(partial)
-    (partial / io.OWNER_FILE).write_text(json.dumps({**record, "pid": dead_pid()}))
-    assert io.claim_dir(partial).startswith("no process has PID")
-    assert json.loads((partial / io.OWNER_FILE).read_text())["pid"] == os.getpid()
+        atomic.claim_dir(partial)
+    (partial / atomic.OWNER_FILE).write_text(json.dumps({**record, "pid": dead_pid()}))
+    assert atomic.claim_dir(partial).startswith("no process has PID")
+    assert json.loads((partial / atomic.OWNER_FILE).read_text())["pid"] == os.getpid()
     report(record_property, "two runs writing one .partial checkpoint", "refused while the other runs; taken over once it is provably dead")
 
 
@@ -345,10 +345,10 @@ def psutil_parent():
 def test_publish_without_an_atomic_exchange_still_replaces_whole(tmp_path, monkeypatch, record_property):
     """Where renameat2 is missing (not Linux, old kernels): two renames, the old model removed after."""
     out = tmp_path / "out"
-    with io.atomic_dir(out) as tmp:
+    with atomic.atomic_dir(out) as tmp:
         (tmp / "a").write_text("old")
     monkeypatch.setattr(io, "exchange", lambda a, b: False)
-    with io.atomic_dir(out) as tmp:
+    with atomic.atomic_dir(out) as tmp:
         (tmp / "a").write_text("new")
     assert snapshot(out) == {"a": b"new"} and [p.name for p in tmp_path.iterdir()] == ["out"]
     report(record_property, "publishing where renameat2 is missing", "recovered: two renames, nothing left behind")

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import make_tiny_llama, state
-from mergeflow.checkpoint import CheckpointReader, ShardedWriter, TensorSpec
+from mergeflow.model_files import CheckpointReader, ShardedWriter, TensorSpec
 from mergeflow.grams.collect import compute_grams
 from mergeflow.params import GramParams
 from mergeflow.merge import Checks, merge_models
@@ -198,13 +198,13 @@ def test_huge_finite_values_are_not_mistaken_for_inf():
 
 @pytest.mark.parametrize(("text", "size"), [("500MB", 500_000_000), ("5GiB", 5 * 2**30), ("1.5GB", 1_500_000_000), ("4096", 4096)])
 def test_parse_size(text, size):
-    from mergeflow.checkpoint import parse_size
+    from mergeflow.model_files import parse_size
 
     assert parse_size(text) == size
 
 
 def test_parse_size_refuses_nonsense():
-    from mergeflow.checkpoint import parse_size
+    from mergeflow.model_files import parse_size
 
     with pytest.raises(ValueError, match=r"'lots' is not a size such as 500MB.*merge\.max_shard_size"):
         parse_size("lots")

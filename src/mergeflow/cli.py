@@ -194,7 +194,7 @@ def merge(ctx, out_dir, config, method, models, out, grams_, fishers, calibs, ba
     Memory stays bounded by a few tensors (huge ones in blocks of rows) plus one Linear's grams.
     `mergeflow merge --config mergekit.yml OUT` runs a mergekit config (README "mergekit configs").
     """
-    from .checkpoint import parse_size
+    from .model_files import parse_size
     from .cli_methods import build_method, given_values
     from .merge import Checks, merge_models
 

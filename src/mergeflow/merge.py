@@ -30,14 +30,14 @@ from typing import Iterator, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import BLOCK_BYTES, CheckpointReader, ShardedWriter, TensorSpec, copy_model_files, model_config
+from .model_files import BLOCK_BYTES, CheckpointReader, ShardedWriter, TensorSpec, copy_model_files, model_config
 from .fisher.format import FisherDir, check_fisher_match
 from .grams import GramDir
 from .faults import fault_point
 from .finite import check_finite  # noqa: F401  (also this module's name for it)
 from .grams.format import check_grams_match
 from .grams.solve import JointSolve
-from .io import atomic_dir, check_replaceable, full_disk_reported, write_json
+from .atomic import atomic_dir, check_replaceable, full_disk_reported, write_json
 from .methods import MergeMethod
 
 log = logging.getLogger(__name__)
@@ -299,7 +299,7 @@ def merge_models(
 
     `lm_head`: gram methods solve the output layer too (RegMean; never when tied); `device`: where
     the method computes (cpu, cuda, auto). An existing `out` is replaced only with `overwrite` and
-    only if it is a merged model written by mergeflow that holds nothing else (`io.check_replaceable`).
+    only if it is a merged model written by mergeflow that holds nothing else (`atomic.check_replaceable`).
     Tensors are merged in the order of the method's `group` (work shared inside a group is done once).
     """
     out = Path(out)

@@ -360,7 +360,7 @@ def build_method(translation: Translation):
 
 def check_models(translation: Translation, experts: list[Path], base_model: Optional[Path]) -> None:
     """What the translation leaves to the models: `dtype`, a slice's layer range, the tokenizer."""
-    from .checkpoint import CheckpointReader
+    from .model_files import CheckpointReader
     from .merge import model_config
 
     stored = {str(s.dtype).removeprefix("torch.") for s in CheckpointReader(experts[0]).specs.values() if s.dtype.is_floating_point}

@@ -34,7 +34,7 @@ def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype
     import torch
     from transformers import AutoTokenizer
 
-    from .checkpoint import require_model_dir
+    from .model_files import require_model_dir
 
     model_dir = require_model_dir(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)

@@ -29,7 +29,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_file
+from .atomic import atomic_file
 from .params import Params
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .checkpoint import BLOCK_BYTES, CONFIG, NAMED_DTYPES, is_tied, model_config, require_model_dir, torch_dtype
+from .model_files import BLOCK_BYTES, CONFIG, NAMED_DTYPES, is_tied, model_config, require_model_dir, torch_dtype
 from .grams.accumulate import panel_bounds
 from .params import HubModel, Params
 

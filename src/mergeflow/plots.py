@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_file
+from .atomic import atomic_file
 
 SCORES_HEADER = ("model", "metric", "score")
 SWEEP_HEADER = ("method", "alpha", "metric", "score")

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .io import atomic_file
+from .atomic import atomic_file
 from .params import PIPELINE_PARAMS, Params, load_params
 from .pipeline import pin_hub_revisions, sync_dvc_yaml
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .evaluation.harness import expert_label, is_stderr
-from .io import atomic_file
+from .atomic import atomic_file
 from .plots import metric_rows
 
 log = logging.getLogger(__name__)

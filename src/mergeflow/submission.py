@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .io import atomic_file
+from .atomic import atomic_file
 from .params import EvalParams, SubmitParams
 
 log = logging.getLogger(__name__)

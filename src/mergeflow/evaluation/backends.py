@@ -14,7 +14,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import require_model_dir
+from ..model_files import require_model_dir
 from ..models import is_encoder_decoder
 from ..params import EvalParams
 

@@ -26,7 +26,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
-from ..checkpoint import torch_dtype
+from ..model_files import torch_dtype
 from ..grams.data import load_rows, tokenize
 from ..grams.format import model_identity, sha256_of
 from ..models import load_model
@@ -113,6 +113,6 @@ def compute_fisher(
 
 
 def _stored_names(model_dir: Path) -> list[str]:
-    from ..checkpoint import CheckpointReader
+    from ..model_files import CheckpointReader
 
     return CheckpointReader(model_dir).names()

@@ -25,9 +25,9 @@ from typing import Mapping, Optional, Sequence
 import torch
 from safetensors.torch import save_file
 
-from ..checkpoint import open_safetensors
+from ..model_files import open_safetensors
 from ..grams.format import disk_errors, file_for, file_record, model_identity, sha256_of
-from ..io import atomic_dir, check_replaceable, umask, write_json
+from ..atomic import atomic_dir, check_replaceable, umask, write_json
 
 FORMAT = "mergeflow.fisher/1"
 INDEX = "fisher.json"

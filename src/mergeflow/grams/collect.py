@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..checkpoint import CONFIG, parse_size, require_model_dir, torch_dtype
+from ..model_files import CONFIG, parse_size, require_model_dir, torch_dtype
 from ..models import is_encoder_decoder, load_model
 from ..params import GramParams
 from .accumulate import SUM_SUFFIX, GramAccumulator, probe

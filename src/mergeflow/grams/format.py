@@ -50,8 +50,8 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ..blocks import in_repeated_block, layer_index
-from ..checkpoint import open_safetensors
-from ..io import check_replaceable, full_disk_reported, umask, write_json
+from ..model_files import open_safetensors
+from ..atomic import check_replaceable, full_disk_reported, umask, write_json
 
 FORMAT = "mergeflow.grams/1"
 FORMAT_2 = "mergeflow.grams/2"  # adds Conv1D's `transposed` and the `input_sum` of inputs to biased Linears
@@ -313,7 +313,7 @@ def file_record(path: Path) -> dict:
 
 @contextlib.contextmanager
 def disk_errors(path: str | Path) -> Iterator[None]:
-    """A full disk while writing `path` as one line naming it and the fix (`io.full_disk_reported`),
+    """A full disk while writing `path` as one line naming it and the fix (`atomic.full_disk_reported`),
     instead of safetensors' `SafetensorError: ... IoError(StorageFull)` or a bare `[Errno 28]`
     without a path; any other safetensors write error names the path too."""
     try:

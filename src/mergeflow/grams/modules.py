@@ -177,7 +177,7 @@ def discover_dir(model_dir, *, include_lm_head: bool = False) -> tuple[ModuleMap
     tensor names (from the safetensors headers, or the module tree when it has no weights)."""
     from transformers import AutoConfig
 
-    from ..checkpoint import CheckpointReader, require_model_dir
+    from ..model_files import CheckpointReader, require_model_dir
 
     model_dir = require_model_dir(model_dir)
     model = skeleton(AutoConfig.from_pretrained(model_dir))

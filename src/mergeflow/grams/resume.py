@@ -12,12 +12,12 @@ file, before the checkpoint says the group is finished). A checkpoint made by a 
 
 Publishing is one atomic step, and the checkpoint survives it: the finished files are hard-linked
 (never moved) into a fresh `publish/` inside the checkpoint, grams.json is written there, and
-`io.publish` swaps `publish/` with the output (renameat2 RENAME_EXCHANGE: never an instant without
+`atomic.publish` swaps `publish/` with the output (renameat2 RENAME_EXCHANGE: never an instant without
 an output); only then is the checkpoint removed (its `fingerprint` first, so a half-removed
 checkpoint is never resumed). A kill at any instant leaves the output absent or complete (the old
 one or the new one), and the rerun publishes the same bytes again.
 
-`owner.json` (`io.claim_dir`, the format of io's `.tmp-` names) records who is writing the
+`owner.json` (`atomic.claim_dir`, the format of atomic's `.tmp-` names) records who is writing the
 checkpoint: a checkpoint whose owner may still run, or that holds files without an owner record,
 is never touched (the command refuses, in one line); one whose owner is provably dead is resumed or
 discarded, and the log says how we know it is dead.
@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..faults import fault_point
-from ..io import OWNER_FILE, atomic_file, claim_dir, publish, remove_path, umask, write_json
+from ..atomic import OWNER_FILE, atomic_file, claim_dir, publish, remove_path, umask, write_json
 from .format import FORMAT, INDEX, GramRef, GramWriter, disk_errors, file_record, save_tensors
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class Progress:
 class GramResume:
     """The resumable state of one `compute_grams` run beside its output (`.<out>.partial/`):
     finished layer files, each rank's partial sums and progress, keyed by the run's fingerprint.
-    (Not a model checkpoint: those are `checkpoint.py`'s.)"""
+    (Not a model checkpoint: those are `model_files.py`'s.)"""
 
     def __init__(self, out: Path, fingerprint: str, rank: int = 0):
         self.out = out
@@ -171,7 +171,7 @@ class GramResume:
 
     def publish(self, files: list[str], refs: Mapping[str, GramRef], **meta) -> None:
         """Put the finished `files` and their grams.json in the place of `out` in one atomic swap
-        (`io.publish`: never an instant without an output), then remove the checkpoint (rank 0
+        (`atomic.publish`: never an instant without an output), then remove the checkpoint (rank 0
         only). Every step can be interrupted and redone."""
         fault_point("grams:publish-begin")
         staging = self.root / "publish"

@@ -37,7 +37,7 @@ from ..blocks import layer_index
 from ..finite import check_finite
 
 if TYPE_CHECKING:
-    from ..checkpoint import CheckpointReader
+    from ..model_files import CheckpointReader
     from ..grams import GramDir
 
 GramLoader = Callable[[], torch.Tensor]

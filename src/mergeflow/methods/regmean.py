@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
-from ..checkpoint import is_tied, model_config
+from ..model_files import is_tied, model_config
 from ..determinism import lapack_one_thread
 from . import register
 from .base import WEIGHTS, GramHandle, GramLoader, MergeMethod, Param, weighted_sum
 
 if TYPE_CHECKING:
-    from ..checkpoint import CheckpointReader
+    from ..model_files import CheckpointReader
     from ..grams import GramDir
 
 log = logging.getLogger(__name__)

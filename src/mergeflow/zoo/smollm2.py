@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import write_jsonl
+from ..atomic import write_jsonl
 from ..params import SmolLM2Params
 from . import chat_skills, skills
 from .finetune import finetune

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ..io import atomic_dir, atomic_file, write_jsonl
+from ..atomic import atomic_dir, atomic_file, write_jsonl
 from ..params import ToyZooParams
 from ..submission import COLUMNS
 from . import skills
