@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from helpers import bytes_lost, dead_pid, killed_at, refused, report, run_cli, snapshot
-from mergeflow import io
+from mergeflow import atomic
 from mergeflow.grams import GramDir
 from mergeflow.grams.collect import compute_grams
 from mergeflow.params import GramParams

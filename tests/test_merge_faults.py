@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import bytes_lost, dead_pid, killed_at, refused, report, run_cli, snapshot
-from mergeflow import io
+from mergeflow import atomic
 from mergeflow.merge import MERGE_CONFIG, Checks, merge_models
 from mergeflow.methods import get_method
 
@@ -347,7 +347,7 @@ def test_publish_without_an_atomic_exchange_still_replaces_whole(tmp_path, monke
     out = tmp_path / "out"
     with atomic.atomic_dir(out) as tmp:
         (tmp / "a").write_text("old")
-    monkeypatch.setattr(io, "exchange", lambda a, b: False)
+    monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
     with atomic.atomic_dir(out) as tmp:
         (tmp / "a").write_text("new")
     assert snapshot(out) == {"a": b"new"} and [p.name for p in tmp_path.iterdir()] == ["out"]
