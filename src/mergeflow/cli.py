@@ -8,6 +8,7 @@
     mergeflow submit   --model DIR --test data/test.csv --out submission.csv
     mergeflow report   [--rev COMMIT | --all-commits | --exp-show exp.json] [--out-dir plots]
     mergeflow methods
+    mergeflow tune     [--max-trials N] [--timeout SECONDS] [--apply]
 """
 
 from __future__ import annotations
@@ -293,6 +294,53 @@ def methods() -> None:
     for name in available():
         doc = (sys.modules[get_method(name).__module__].__doc__ or "").strip().splitlines()[0]
         click.echo(f"{name:16s} {doc}")
+
+
+@main.command()
+@click.option("--params", "params_file", default="params.yaml", show_default=True, type=PATH, help="The params file whose `tune:` group declares the search.")
+@click.option("--max-trials", type=click.IntRange(min=0), default=None, help="Run at most N new trials now (the study keeps tune.trials as its target).")
+@click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Start no new trial after this many seconds (the running one finishes).")
+@click.option("--apply", "apply_", is_flag=True, help="Write the promoted trial's params into --params, so that `dvc repro` reproduces it.")
+@click.option("--plot", "plot_path", default=Path("plots/tune.png"), show_default=True, type=PATH, help="PNG of the objective and the params over trials.")
+def tune(params_file: Path, max_trials: int | None, timeout: float | None, apply_: bool, plot_path: Path) -> None:
+    """Search merge params (tune.space) for the best validation objective, one DVC experiment per trial.
+
+    Trials run as `dvc exp run --temp -S ...` (visible in `dvc exp show`; downloads, grams and
+    reference evaluations come from DVC's caches). Resumable: rerun the same command after a kill.
+    When the study has tune.trials trials, its best is evaluated once on every eval task, the
+    held-out ones included (experiment <study>-best-<trial>). Table: metrics/tune/<study>.csv.
+    """
+    from .tune.config import load_config
+    from .tune.results import apply_values, plot, write_table
+    from .tune.search import open_study, search
+
+    root = Path(".")
+    try:
+        config = load_config(params_file)
+    except ValueError as err:
+        raise ValueError(f"{params_file}: {err}") from None
+    outcome = search(root, config, max_trials=max_trials, timeout=timeout, progress=lambda line: click.echo(line, err=True))
+    study = open_study(root, config, create=False)
+    table = write_table(root, study)
+    plot(study, plot_path)
+    for name in outcome.recovered:
+        click.echo(f"recovered {name} from its experiment (finished before the last run stopped)", err=True)
+    click.echo(f"study {outcome.study}: {outcome.done}/{outcome.target} trials ({len(outcome.failed)} failed now); wrote {table} and {plot_path}")
+    if outcome.best:
+        click.echo(f"best: trial {outcome.best['trial']}, objective {outcome.best['objective']:.4g}: {outcome.best['values']}")
+    if outcome.stopped:
+        click.echo(f"stopped by {outcome.stopped}: rerun `mergeflow tune` to continue (or lower tune.trials to end the study here)")
+    promoted = outcome.promoted
+    if promoted:
+        held = ", ".join(f"{t} {v:.4g}" for t, v in promoted["held_out"].items()) or "none declared"
+        click.echo(f"promoted: trial {promoted['trial']} (experiment {promoted['experiment']}); held-out: {held}")
+    if apply_:
+        if not promoted:
+            raise ValueError(f"study {outcome.study} has {outcome.done} of {outcome.target} trials and no promoted trial yet; "
+                             "run `mergeflow tune` until it finishes (or lower tune.trials), then --apply")
+        items = apply_values(params_file, promoted["values"])
+        click.echo(f"{params_file}: {' '.join(items)}")
+        click.echo(f"next: `dvc repro` (reproduces experiment {promoted['experiment']} from the run cache), then commit params.yaml and dvc.lock")
 
 
 @main.command()
