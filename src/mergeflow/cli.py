@@ -378,8 +378,14 @@ def plan(params_file: Path, tflops: float, as_json: bool) -> None:
     from .params import load_params
     from .plan import format_plan, make_plan
 
-    result = make_plan(load_params(params_file), tflops=tflops)
-    click.echo(json.dumps(result, indent=2) if as_json else format_plan(result))
+    params = load_params(params_file)
+    result = make_plan(params, tflops=tflops)
+    if params.tune.objective and params.tune.space:
+        from .tune.config import load_config
+        from .tune.search import estimate
+
+        result["tune"] = estimate(Path("."), load_config(params_file))
+    click.echo(json.dumps(result, indent=2) if as_json else format_plan(result) + (f"\n{result['tune']}" if "tune" in result else ""))
 
 
 def run() -> None:

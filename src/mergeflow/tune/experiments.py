@@ -75,12 +75,14 @@ def read_summary(root: Path, baseline: str, name: str) -> Optional[dict]:
     return json.loads(proc.stdout) if proc.returncode == 0 else None
 
 
-def run_experiment(root: Path, name: str, overrides: Sequence[str], log_file: Path) -> tuple[bool, str]:
-    """Run one DVC experiment in a temporary directory; its output goes to `log_file`.
-    Returns (succeeded, the last line of its output, which says why when it failed)."""
+def run_experiment(root: Path, name: str, overrides: Sequence[str], log_file: Path, target: Optional[str] = None) -> tuple[bool, str]:
+    """Run one DVC experiment in a temporary directory (up to stage `target`, or the whole
+    pipeline); its output goes to `log_file`. Returns (succeeded, the last error line or line)."""
     cmd = [dvc_command(), "exp", "run", "--temp", "--name", name]
     for item in overrides:
         cmd += ["-S", item]
+    if target:
+        cmd.append(target)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "w") as fh:
         fh.write("$ " + " ".join(cmd) + "\n")

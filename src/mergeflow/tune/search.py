@@ -27,6 +27,7 @@ from .experiments import experiment_names, head_commit, override, read_summary, 
 
 log = logging.getLogger(__name__)
 STATE_DIR = Path(".mergeflow") / "tune"
+TRIAL_TARGET = "summary"  # the stage that writes the objective: trials stop there (no submission)
 
 
 @dataclass
@@ -83,7 +84,9 @@ def make_sampler(config: TuneConfig, recorded: int):
         return optuna.samplers.GridSampler(grid_space(config.dimensions, config.tune.grid_points), seed=seed)
     if config.tune.sampler == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-    return optuna.samplers.TPESampler(seed=seed)
+    # TPE samples at random until n_startup_trials are done: a third of the budget (at most its
+    # default 10), so that a 12-trial study models the objective for 8 of them
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, config.target // 3)))
 
 
 def counted(study) -> list:
@@ -140,7 +143,7 @@ def run_trial(root: Path, baseline: str, config: TuneConfig, study, outcome: Out
         trial.set_user_attr(key, value)
     outcome.ran.append(name)
     ok, last = run_experiment(root, name, [override(k, v) for k, v in values.items()] + config.trial_overrides,
-                              root / STATE_DIR / config.tune.study / f"{name}.txt")
+                              root / STATE_DIR / config.tune.study / f"{name}.txt", target=TRIAL_TARGET)
     fault_point("tune:experiment-done")
     if not ok:
         trial.set_user_attr("error", last)
@@ -247,3 +250,20 @@ def _line(trial) -> str:
     if trial.state.name == "COMPLETE":
         return f"trial {trial.number} ({values}): {trial.value:.4g}"
     return f"trial {trial.number} ({values}): failed: {trial.user_attrs.get('error', '')}"
+
+
+def estimate(root: Path, config: TuneConfig) -> str:
+    """One line for `mergeflow plan`: the time the study still needs, from its measured trials."""
+    path = storage_path(root, config.tune.study)
+    if not path.is_file():
+        return (f"tune: study {config.tune.study!r}, {config.target} trials of merge + evaluate each: not measured yet "
+                "(`mergeflow tune --max-trials 1` measures one trial; the plan then estimates the rest)")
+    study = open_study(root, config, create=False)
+    seconds = median_trial_seconds(study)
+    left = max(0, config.target - len(counted(study)))
+    extra = 1 if config.trial_overrides else 0  # the promoted trial on every task
+    if seconds is None:
+        return f"tune: study {config.tune.study!r}: {left} trials left, none finished yet to measure"
+    total = (left + extra) * seconds
+    return (f"tune: study {config.tune.study!r}: {left} of {config.target} trials left{' + 1 promoted run' if extra else ''} "
+            f"x {seconds:,.0f} s (median measured trial) = {total / 60:,.1f} min")
