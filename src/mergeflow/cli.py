@@ -319,7 +319,7 @@ def tune(params_file: Path, max_trials: int | None, timeout: float | None, apply
         config = load_config(params_file)
     except ValueError as err:
         raise ValueError(f"{params_file}: {err}") from None
-    outcome = search(root, config, max_trials=max_trials, timeout=timeout, progress=lambda line: click.echo(line, err=True))
+    outcome = search(root, config, max_trials=max_trials, timeout=timeout)
     study = open_study(root, config, create=False)
     table = write_table(root, study)
     plot(study, plot_path)

@@ -16,7 +16,6 @@ import logging
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -81,12 +80,29 @@ def make_sampler(config: TuneConfig, recorded: int):
 
     seed = config.tune.seed * 1_000_003 + recorded
     if config.tune.sampler == "grid":
-        return optuna.samplers.GridSampler(grid_space(config.dimensions, config.tune.grid_points), seed=seed)
+        return _AskTellGrid(grid_space(config.dimensions, config.tune.grid_points), seed=seed)
     if config.tune.sampler == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     # TPE samples at random until n_startup_trials are done: a third of the budget (at most its
     # default 10), so that a 12-trial study models the objective for 8 of them
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, config.target // 3)))
+
+
+def _grid_class():
+    import optuna
+
+    class AskTellGrid(optuna.samplers.GridSampler):
+        """Optuna's grid, which would call `study.stop()` when the grid is done: only allowed in
+        `study.optimize`; the tune loop stops at the grid's size itself."""
+
+        def after_trial(self, study, trial, state, values) -> None:
+            pass
+
+    return AskTellGrid
+
+
+def _AskTellGrid(search_space, seed):  # noqa: N802 - a class made on first use (optuna loads lazily)
+    return _grid_class()(search_space, seed=seed)
 
 
 def counted(study) -> list:
@@ -194,8 +210,7 @@ def median_trial_seconds(study) -> Optional[float]:
     return statistics.median(times) if times else None
 
 
-def search(root: Path, config: TuneConfig, *, max_trials: Optional[int] = None, timeout: Optional[float] = None,
-           progress: Callable[[str], None] = lambda line: None) -> Outcome:
+def search(root: Path, config: TuneConfig, *, max_trials: Optional[int] = None, timeout: Optional[float] = None) -> Outcome:
     """Run (or continue) the study until it has `target` trials or a budget ends; then promote."""
     from filelock import FileLock, Timeout
 
@@ -204,12 +219,12 @@ def search(root: Path, config: TuneConfig, *, max_trials: Optional[int] = None, 
     lock.parent.mkdir(parents=True, exist_ok=True)
     try:
         with FileLock(lock, timeout=0):
-            return _search(root, baseline, config, max_trials, timeout, progress)
+            return _search(root, baseline, config, max_trials, timeout)
     except Timeout:
         raise ValueError(f"{lock}: another `mergeflow tune` is running study {config.tune.study!r}; wait for it (or end it)") from None
 
 
-def _search(root, baseline, config, max_trials, timeout, progress) -> Outcome:
+def _search(root, baseline, config, max_trials, timeout) -> Outcome:
     from tqdm import tqdm
 
     study = open_study(root, config)
@@ -230,7 +245,7 @@ def _search(root, baseline, config, max_trials, timeout, progress) -> Outcome:
             done = len(counted(study))
             bar.update(1)
             _postfix(bar, study)
-            progress(_line(study.trials[-1]))
+            bar.write(_line(study.trials[-1]), file=sys.stderr)
     outcome.done = done
     best = best_trial(study)
     outcome.best = None if best is None else {"trial": best.number, "objective": best.value, "values": best.user_attrs.get("values")}
