@@ -13,7 +13,7 @@ class Median(MergeMethod):
     """The element-wise median of the experts."""
 
     name = "median"
-    reads = ()  # MergeOptions fields that define the result (saved with the model)
+    params = ()  # the knobs it reads, as `Param`s (params.yaml `merge.<name>`, `--param NAME=VALUE`); saved with the model
 
     def merge(self, name, tensors, *, grams=None, base=None):
         # tensors: the experts' versions of one tensor (or one block of its rows), same shape

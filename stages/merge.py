@@ -5,11 +5,9 @@ import mergeflow.pinned  # noqa: F401  first: pins the CPU kernels before torch 
 
 from pathlib import Path
 
-import torch
-
 from mergeflow.checkpoint import parse_size
 from mergeflow.merge import merge_models
-from mergeflow.methods import MergeOptions, get_method
+from mergeflow.methods import get_method
 from mergeflow.params import STAGE_PARAMS
 from mergeflow.pipeline import check_plugin
 from mergeflow.stage import run_stage
@@ -28,15 +26,13 @@ def add_arguments(parser):
 def main(args, params):
     check_plugin(params.method, args.dvc_yaml)
     m = params.merge
-    options = MergeOptions(
-        alpha=params.alpha, weights=tuple(m.weights) if m.weights else None, scaling=m.scaling, density=m.density,
-        solver_dtype=getattr(torch, m.solver_dtype), device=m.device,
-    )
-    method = get_method(params.method)(options)
+    cls = get_method(params.method)
+    given = {"alpha": params.alpha, **m.method_values()}  # params.yaml holds the knobs of every method: each takes its own
+    method = cls({name: value for name, value in given.items() if name in {p.name for p in cls.params}})
     merge_models(
         [args.experts / name for name in params.experts], method, args.out,
         grams=[args.grams / name for name in params.experts] if method.uses_grams else [],
-        base=args.base, lm_head=m.regmean_lm_head, max_shard_size=parse_size(m.max_shard_size), check_magnitudes=m.check_magnitude,
+        base=args.base, lm_head=m.regmean_lm_head, device=m.device, max_shard_size=parse_size(m.max_shard_size), check_magnitudes=m.check_magnitude,
     )
 
 

@@ -73,12 +73,12 @@ def test_lora_adapters_of_different_ranks_become_full_experts(adapter_zoo, tmp_p
 def test_weighted_merge_of_materialised_adapters(adapter_zoo, tmp_path):
     """The competition's example: two LoRAs of ranks 16 and 8 merged with weights 0.8/0.2."""
     from mergeflow.merge import merge_models
-    from mergeflow.methods import MergeOptions, get_method
+    from mergeflow.methods import get_method
 
     base, r16, r8 = adapter_zoo
     materialise(local_params(tmp_path, base, {"a": r16, "b": r8}), tmp_path / "models", tmp_path / "data")
     experts = [tmp_path / "models" / "experts" / e for e in ("a", "b")]
-    merge_models(experts, get_method("average")(MergeOptions(weights=(0.8, 0.2))), tmp_path / "merged")
+    merge_models(experts, get_method("average")({"weights": [0.8, 0.2]}), tmp_path / "merged")
     a, b, m = (state(p) for p in (*experts, tmp_path / "merged"))
     for name in m:
         torch.testing.assert_close(m[name], 0.8 * a[name] + 0.2 * b[name])

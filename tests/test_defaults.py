@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel
 
 from mergeflow.cli import ParamsOption, main
+from mergeflow.cli_methods import method_options
 from mergeflow.params import PIPELINE_PARAMS, Params, field_default, load_params, missing_keys
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +54,8 @@ def shipped(key: str):
 
 
 MIRRORS = [(name, option) for name, command in commands(main) for option in command.params if isinstance(option, ParamsOption)]
+# `mergeflow merge`'s method options, generated from the params the registered methods declare
+METHOD_OPTIONS = method_options()
 
 
 def test_every_option_named_like_a_params_key_mirrors_one():
@@ -60,7 +63,26 @@ def test_every_option_named_like_a_params_key_mirrors_one():
     unmirrored = [(name, option.name) for name, command in commands(main) for option in command.params
                   if isinstance(option, click.Option) and option.name in leaves and not isinstance(option, ParamsOption) and (name, option.name) not in NOT_MIRRORS]
     assert unmirrored == []
-    assert len(MIRRORS) >= 34  # grams compute 12, merge 8, evaluate 3 + 9 backend, submit 3 + 9, report 1
+    assert len(MIRRORS) >= 29  # grams compute 12, merge 3 engine options, evaluate 3 + 9 backend, submit 3 + 9, report 1
+    assert sorted(o.name for o in METHOD_OPTIONS) == ["alpha", "density", "scaling", "solver_dtype", "weights"]
+
+
+def params_key(name: str) -> str:
+    """Where a method param sits in params.yaml: `alpha` on top, the others in `merge`."""
+    return name if name == "alpha" else f"merge.{name}"
+
+
+@pytest.mark.parametrize("option", METHOD_OPTIONS, ids=lambda o: o.name)
+def test_method_option_defaults_are_the_declared_and_the_shipped_ones(option):
+    """One declaration: the generated option's default, every declaring method's default and the
+    value params.yaml ships are the same (the CLI passes only what the user gives, so a method
+    never sees the option's default instead of its own)."""
+    from mergeflow.methods import declared_params
+
+    declared = {repr(p.default) for _, p in declared_params()[option.name]}
+    assert len(declared) == 1, f"{option.name}: methods declare different defaults {declared}"
+    assert as_cli(option.default, option.multiple) == as_cli(option.param.default, option.multiple)
+    assert as_cli(shipped(params_key(option.name)), option.multiple) == as_cli(option.param.default, option.multiple), f"params.yaml {params_key(option.name)}"
 
 
 def as_cli(value, multiple: bool):
@@ -76,7 +98,7 @@ def test_cli_default_is_the_params_default_and_the_shipped_value(command, option
 
 
 def test_the_two_defaults_that_disagreed():
-    by_key = {option.params_key: option.default for _, option in MIRRORS}
+    by_key = {option.params_key: option.default for _, option in MIRRORS} | {o.name: o.default for o in METHOD_OPTIONS}
     assert by_key["alpha"] == 0.1 and by_key["submit.max_new_tokens"] == 16
 
 
@@ -121,14 +143,16 @@ def test_each_hub_expert_names_its_revision():
     assert missing_keys({"models": {"source": "hub", "hub": hub}}, ["models"]) == ["models.hub.experts.math.revision"]
 
 
-def test_merge_options_default_to_the_params_defaults():
-    import torch
+def test_a_method_built_with_no_values_takes_the_shipped_params():
+    """`get_method(name)()` merges as the shipped params.yaml does: the stage passes params.yaml's
+    values, the library the declared defaults, and they agree."""
+    from mergeflow.methods import available, get_method
 
-    from mergeflow.methods import MergeOptions
-
-    o = MergeOptions()
-    assert (o.alpha, o.weights, o.scaling, o.density, o.solver_dtype, o.device) == (0.1, None, 1.0, 0.2, torch.float32, "cpu")
-    assert (o.alpha, o.scaling, o.density, o.device) == tuple(field_default(k)[0] for k in ("alpha", "merge.scaling", "merge.density", "merge.device"))
+    for name in available():
+        cls = get_method(name)
+        assert cls().config() == {"method": name, **{p.name: shipped(params_key(p.name)) for p in cls.params}}
+    assert get_method("regmean")().config() == {"method": "regmean", "alpha": 0.1, "weights": None, "solver_dtype": "float32"}
+    assert field_default("alpha")[0] == get_method("regmean").param("alpha").default  # Params' top-level alpha: the declaration's
 
 
 def test_library_entry_points_default_to_the_params_defaults():

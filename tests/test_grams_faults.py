@@ -238,13 +238,13 @@ def test_sum_of_verified_shards_records_what_it_adds(shards, summed, record_prop
 
 def test_merge_refuses_grams_in_another_order_than_the_experts(experts, gram_dirs, tmp_path, record_property):
     from mergeflow.merge import merge_models
-    from mergeflow.methods import MergeOptions, get_method
+    from mergeflow.methods import get_method
 
     out = tmp_path / "merged"
-    merge_models(experts, get_method("average")(MergeOptions()), out)
+    merge_models(experts, get_method("average")(), out)
     before = snapshot(out)
     with pytest.raises(ValueError) as err:
-        merge_models(experts, get_method("regmean")(MergeOptions()), out, grams=[gram_dirs[1], gram_dirs[0]])
+        merge_models(experts, get_method("regmean")(), out, grams=[gram_dirs[1], gram_dirs[0]])
     assert str(err.value) == (
         f"{gram_dirs[1]}: holds the grams of {experts[1]}, but is given for {experts[0]}; "
         "list the gram directories in the order of the experts (--gram after --gram as --model after --model)"

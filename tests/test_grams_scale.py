@@ -193,7 +193,7 @@ def test_import_round_trips_a_reference_pickle_and_merges_like_own_grams(experts
     from helpers import state
 
     from mergeflow.merge import merge_models
-    from mergeflow.methods import MergeOptions, get_method
+    from mergeflow.methods import get_method
 
     pkls = [reference_pickle(g, tmp_path / f"gram{i}.pkl") for i, g in enumerate(gram_dirs)]
     index = import_grams(pkls[0], experts[0], tmp_path / "imported0")
@@ -206,9 +206,9 @@ def test_import_round_trips_a_reference_pickle_and_merges_like_own_grams(experts
     for m in own.modules:
         torch.testing.assert_close(imported.load_mean(m), own.load_mean(m))
     assert GramDir.open(tmp_path / "imported0").verify()
-    method = get_method("regmean")(MergeOptions(alpha=0.5))
+    method = get_method("regmean")({"alpha": 0.5})
     merge_models(experts, method, tmp_path / "own", grams=gram_dirs)
-    merge_models(experts, get_method("regmean")(MergeOptions(alpha=0.5)), tmp_path / "imp", grams=[tmp_path / "imported0", tmp_path / "imported1"])
+    merge_models(experts, get_method("regmean")({"alpha": 0.5}), tmp_path / "imp", grams=[tmp_path / "imported0", tmp_path / "imported1"])
     a, b = state(tmp_path / "own"), state(tmp_path / "imp")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
@@ -256,10 +256,10 @@ def test_corruption_and_disagreeing_index_are_detected(experts, gram_dirs, tmp_p
     with pytest.raises(ValueError, match=rf"layer_001\.safetensors: SHA-256 differs .*recompute it: `rm -rf {bad} && mergeflow grams --model {experts[0]} --data \S+calib\.jsonl --out {bad} --max-length 16`$"):
         GramDir.open(bad).verify()
     from mergeflow.merge import merge_models
-    from mergeflow.methods import MergeOptions, get_method
+    from mergeflow.methods import get_method
 
     with pytest.raises(ValueError, match=r"layer_001\.safetensors: SHA-256 differs"):  # the merge checks before it writes
-        merge_models(experts, get_method("regmean")(MergeOptions()), tmp_path / "merged", grams=[bad, gram_dirs[1]])
+        merge_models(experts, get_method("regmean")(), tmp_path / "merged", grams=[bad, gram_dirs[1]])
     assert not (tmp_path / "merged").exists()
     (bad / "layer_001.safetensors").write_bytes(bytes(data[:-100]))
     with pytest.raises(ValueError, match=r"layer_001\.safetensors: \d+ bytes, but .*grams\.json records \d+; the file is truncated"):

@@ -203,7 +203,7 @@ def test_values_of_the_wrong_type_are_not_coerced(tmp_path, record_property, tex
 @pytest.mark.faults
 def test_a_stage_refuses_a_params_file_missing_its_keys(tmp_path, record_property):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    del params["merge"]["density"], params["alpha"]
+    del params["merge"]["solver_dtype"], params["merge"]["density"], params["alpha"]  # density: a knob regmean does not read
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     load_params(path)  # the `mergeflow` commands take the defaults
@@ -211,7 +211,7 @@ def test_a_stage_refuses_a_params_file_missing_its_keys(tmp_path, record_propert
     proc = subprocess.run([sys.executable, "stages/merge.py", "--params", path, "--experts", tmp_path, "--grams", tmp_path, "--base", tmp_path, "--out", out],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 1
-    assert proc.stderr == (f"merge.py: error: {path}: missing keys alpha, merge.density; a stage reads every key of its params from the file, "
+    assert proc.stderr == (f"merge.py: error: {path}: missing keys alpha, merge.solver_dtype; a stage reads every key of its params from the file, "
                            "never a default: add them (the shipped params.yaml and recipes/*.yaml list every key)\n")
     assert not out.exists()
     record_property("fault", "stage run with a params file missing keys")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 
 import pytest
@@ -11,12 +12,12 @@ import torch
 from helpers import make_tiny_llama, state
 from mergeflow.grams import GramDir
 from mergeflow.merge import MERGE_CONFIG, merge_models
-from mergeflow.methods import MergeOptions, get_method
+from mergeflow.methods import get_method
 from mergeflow.methods.regmean import RegMean
 
 
 def regmean(alpha: float, **kw):
-    return get_method("regmean")(MergeOptions(alpha=alpha, **kw))
+    return get_method("regmean")({"alpha": alpha, **kw})
 
 
 def test_average_is_the_exact_mean(experts, tmp_path):
@@ -32,10 +33,10 @@ def test_average_is_the_exact_mean(experts, tmp_path):
 @pytest.mark.parametrize(
     ("method", "options"),
     [
-        ("average", MergeOptions()),
-        ("regmean", MergeOptions(alpha=0.5)),
-        ("task_arithmetic", MergeOptions(weights=(0.5, 0.5))),  # the mean task vector
-        ("ties", MergeOptions(density=1.0)),  # nothing trimmed: the agreeing mean is the task vector
+        ("average", {}),
+        ("regmean", {"alpha": 0.5}),
+        ("task_arithmetic", {"weights": [0.5, 0.5]}),  # the mean task vector
+        ("ties", {"density": 1.0}),  # nothing trimmed: the agreeing mean is the task vector
     ],
 )
 def test_identical_experts_give_back_the_expert(experts, gram_dirs, tmp_path, method, options):
@@ -54,7 +55,7 @@ def closed_form(weights, grams, alpha):
 
 @pytest.mark.parametrize(
     ("alpha", "solver_dtype", "tol"),
-    [(0.0, torch.float64, 1e-5), (0.1, torch.float64, 1e-5), (1.0, torch.float64, 1e-5), (0.1, torch.float32, 1e-3)],
+    [(0.0, "float64", 1e-5), (0.1, "float64", 1e-5), (1.0, "float64", 1e-5), (0.1, "float32", 1e-3)],
 )
 def test_regmean_matches_float64_closed_form(experts, gram_dirs, tmp_path, alpha, solver_dtype, tol):
     """Full grams of a random GQA model are ill-conditioned (heads sharing a kv head see almost
@@ -89,12 +90,12 @@ def test_regmean_alpha0_is_a_diagonal_weighted_average(experts, gram_dirs, tmp_p
 
 
 def test_regmean_falls_back_to_least_squares_on_singular_grams():
-    m = RegMean(MergeOptions(alpha=1.0))
+    m = RegMean({"alpha": 1.0})
     w = [torch.randn(3, 4), torch.randn(3, 4)]
     singular = torch.zeros(4, 4)
     singular[:2, :2] = torch.eye(2)
     out = m.merge("x.weight", w, grams=[singular.clone, singular.clone])
-    assert m.fell_back == ["x.weight"] and torch.isfinite(out).all()
+    assert m.fallbacks == ["x.weight"] and torch.isfinite(out).all()
     torch.testing.assert_close(out[:, :2], (w[0][:, :2] + w[1][:, :2]) / 2)
 
 
@@ -105,8 +106,9 @@ def test_unknown_method_lists_the_known_ones():
 
 @pytest.mark.parametrize("alpha", [-0.1, 1.5])
 def test_alpha_outside_unit_interval_is_refused(alpha):
-    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
+    with pytest.raises(ValueError) as err:
         regmean(alpha)
+    assert str(err.value) == f"regmean: alpha must be in [0, 1], got {alpha}"
 
 
 def test_experts_with_different_shapes_are_refused(experts, tmp_path):
@@ -167,3 +169,51 @@ def test_merged_model_loads_and_generates(experts, gram_dirs, tmp_path):
     assert model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] == ids["input_ids"].shape[1] + 3
     for name, tensor in state(out).items():
         assert torch.isfinite(tensor).all(), name
+
+
+def count_factorisations(monkeypatch) -> list:
+    """Record every Cholesky factorisation (RegMean's one per gram sum)."""
+    calls, real = [], torch.linalg.cholesky_ex
+
+    def counting(matrix, *args, **kwargs):
+        calls.append(tuple(matrix.shape))
+        return real(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", counting)
+    return calls
+
+
+def shuffle_tensor_order(monkeypatch, seed: int) -> None:
+    """Experts that list their tensors in a random order."""
+    from mergeflow.checkpoint import CheckpointReader
+
+    real = CheckpointReader.names
+    monkeypatch.setattr(CheckpointReader, "names", lambda self: random.Random(seed).sample(real(self), len(real(self))))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_regmean_factors_each_shared_input_once_whatever_the_tensor_order(experts, gram_dirs, tmp_path, monkeypatch, seed):
+    """RegMean groups the Linears that share an input (q/k/v, gate/up share a stored gram) and the
+    engine merges a group's tensors one after another, so each gram sum is factored once: 2 blocks
+    x 4 distinct inputs (attention, o_proj, mlp, down_proj) = 8, not one per Linear (14)."""
+    shuffle_tensor_order(monkeypatch, seed)
+    calls = count_factorisations(monkeypatch)
+    config = merge_models(experts, regmean(0.5), tmp_path / "rm", grams=gram_dirs)
+    assert config["solved_modules"] == 14 and len(calls) == 8
+
+
+def test_without_the_grouping_a_shuffled_order_factors_again(experts, gram_dirs, tmp_path, monkeypatch):
+    """The contract the test above relies on: ignore `group` (here: a shuffled order) and the
+    one-entry factor cache refactors every time the shared input changes between tensors."""
+    order = random.Random(3).sample(sorted(state(experts[0])), len(state(experts[0])))
+
+    class Ungrouped(RegMean):
+        def group(self, tensor: str) -> str:
+            return f"{order.index(tensor):04d}"
+
+    calls = count_factorisations(monkeypatch)
+    method = Ungrouped({"alpha": 0.5})
+    merge_models(experts, method, tmp_path / "rm", grams=gram_dirs)
+    keys = [method.solved[name][0].key for name in order if name in method.solved]
+    runs = 1 + sum(a != b for a, b in zip(keys, keys[1:]))  # a factorisation per run of one shared input
+    assert len(calls) == runs and runs > 8

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from helpers import bytes_lost, dead_pid, killed_at, refused, report, run_cli, snapshot
 from mergeflow import io
 from mergeflow.merge import MERGE_CONFIG, merge_models
-from mergeflow.methods import MergeOptions, get_method
+from mergeflow.methods import get_method
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.faults
@@ -33,7 +33,7 @@ POINTS = ["merge:checked", "merge:tensor-written", "merge:shards-written", "atom
 
 
 def average():
-    return get_method("average")(MergeOptions())
+    return get_method("average")()
 
 
 def git(repo: Path, *args: str) -> str:
@@ -59,7 +59,7 @@ def repo(experts, tmp_path) -> Path:
     git(repo, "init", "-q")
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "init")
-    merge_models(experts, get_method("average")(MergeOptions(weights=(0.8, 0.2))), repo / "models" / "merged")
+    merge_models(experts, get_method("average")({"weights": [0.8, 0.2]}), repo / "models" / "merged")
     return repo
 
 
@@ -142,7 +142,7 @@ def test_force_refuses_a_merged_model_with_foreign_files_naming_them(experts, tm
 
 def test_without_force_an_existing_merged_model_is_kept(experts, tmp_path, capsys, record_property):
     out = tmp_path / "merged"
-    merge_models(experts, get_method("average")(MergeOptions(weights=(0.8, 0.2))), out)
+    merge_models(experts, get_method("average")({"weights": [0.8, 0.2]}), out)
     lost = refused(merge_args(experts, out)[:-1], capsys, out, f"{out} already holds a merged model; pass --force to replace it")
     assert sorted(json.loads((out / MERGE_CONFIG).read_text())["files"]) == sorted(snapshot(out))  # what --force may replace
     report(record_property, "merge over an existing model without --force", "refused: pass --force", lost)
@@ -210,7 +210,7 @@ def corrupt(expert: Path, dest: Path, edit) -> Path:
 @pytest.fixture
 def earlier(experts, tmp_path) -> tuple[Path, dict[str, bytes]]:
     out = tmp_path / "merged"
-    merge_models(experts, get_method("average")(MergeOptions(weights=(0.8, 0.2))), out)
+    merge_models(experts, get_method("average")({"weights": [0.8, 0.2]}), out)
     return out, snapshot(out)
 
 

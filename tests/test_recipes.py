@@ -69,7 +69,7 @@ def test_use_switches_params_and_refuses_a_bad_recipe(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("alpha: 2\n")
     proc = run(bad)
-    assert proc.returncode == 1 and "bad.yaml: invalid parameters:\n  alpha: Input should be less than or equal to 1" in proc.stderr
+    assert proc.returncode == 1 and "bad.yaml: invalid parameters:\n  alpha must be in [0, 1], got 2.0\n" in proc.stderr
     assert params.read_text() == (ROOT / "recipes" / "llama3-code-math.yaml").read_text()
 
 

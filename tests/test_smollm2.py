@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from mergeflow.grams import GramDir
 from mergeflow.grams.collect import compute_grams
 from mergeflow.merge import merge_models
-from mergeflow.methods import MergeOptions, get_method
+from mergeflow.methods import get_method
 from mergeflow.params import SmolLM2Params, load_params
 from mergeflow.submission import read_test_csv
 from mergeflow.zoo import chat_skills
@@ -150,7 +150,7 @@ def test_grams_and_regmean_on_a_slice_of_the_real_model(slice_experts, tmp_path)
     experts, grams = slice_experts
     g = [GramDir.open(d) for d in grams]
     assert g[0].num_tokens > 12 * 30 and "lm_head" not in g[0].modules and len(g[0].modules) == 14
-    config = merge_models(experts, get_method("regmean")(MergeOptions(alpha=0.5, solver_dtype=torch.float64)), tmp_path / "merged", grams=grams)
+    config = merge_models(experts, get_method("regmean")({"alpha": 0.5, "solver_dtype": "float64"}), tmp_path / "merged", grams=grams)
     assert (config["solved_modules"], config["lm_head_solved"], config["least_squares_fallback"]) == (14, False, [])
     a, b, merged = state(experts[0]), state(experts[1]), state(tmp_path / "merged")
     assert "lm_head.weight" not in merged and torch.equal(merged["model.embed_tokens.weight"], a["model.embed_tokens.weight"])

@@ -17,13 +17,13 @@ from helpers import make_tiny_llama, state
 from mergeflow.checkpoint import CheckpointReader, ShardedWriter, TensorSpec
 from mergeflow.grams.collect import compute_grams
 from mergeflow.merge import merge_models
-from mergeflow.methods import MergeOptions, get_method
+from mergeflow.methods import get_method
 
 METHODS = {
-    "average": MergeOptions(),
-    "regmean": MergeOptions(alpha=0.3),
-    "task_arithmetic": MergeOptions(scaling=0.7),
-    "ties": MergeOptions(density=0.4),
+    "average": {},
+    "regmean": {"alpha": 0.3},
+    "task_arithmetic": {"scaling": 0.7},
+    "ties": {"density": 0.4},
 }
 
 
@@ -54,10 +54,11 @@ def test_writer_refuses_out_of_order_or_short_writes(tmp_path):
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_streaming_in_row_blocks_equals_whole_tensors(experts, gram_dirs, tmp_path, method):
+def test_streaming_in_row_blocks_equals_whole_tensors(experts, gram_dirs, tmp_path, monkeypatch, method):
     m = lambda: get_method(method)(METHODS[method])  # noqa: E731
     merge_models(experts, m(), tmp_path / "whole", grams=gram_dirs, base=experts[1])
-    merge_models(experts, m(), tmp_path / "blocks", grams=gram_dirs, base=experts[1], block_bytes=256, max_shard_size=10_000)
+    monkeypatch.setattr("mergeflow.merge.BLOCK_BYTES", 256)
+    merge_models(experts, m(), tmp_path / "blocks", grams=gram_dirs, base=experts[1], max_shard_size=10_000)
     whole, blocks = state(tmp_path / "whole"), state(tmp_path / "blocks")
     assert len(list((tmp_path / "blocks").glob("model-*.safetensors"))) > 1
     assert whole.keys() == blocks.keys()
@@ -70,8 +71,8 @@ def test_regmean_on_lm_head_when_asked(experts, calib_file, tmp_path):
     for i, e in enumerate(experts):
         compute_grams(e, calib_file, tmp_path / f"g{i}", max_length=16, include_lm_head=True)
         grams.append(tmp_path / f"g{i}")
-    plain = merge_models(experts, get_method("regmean")(MergeOptions(alpha=0.5)), tmp_path / "plain", grams=grams)
-    solved = merge_models(experts, get_method("regmean")(MergeOptions(alpha=0.5)), tmp_path / "head", grams=grams, lm_head=True)
+    plain = merge_models(experts, get_method("regmean")({"alpha": 0.5}), tmp_path / "plain", grams=grams)
+    solved = merge_models(experts, get_method("regmean")({"alpha": 0.5}), tmp_path / "head", grams=grams, lm_head=True)
     assert (plain["lm_head_solved"], plain["solved_modules"]) == (False, 14)
     assert (solved["lm_head_solved"], solved["solved_modules"]) == (True, 15)
     a, b, head = state(experts[0]), state(experts[1]), state(tmp_path / "head")
@@ -81,7 +82,7 @@ def test_regmean_on_lm_head_when_asked(experts, calib_file, tmp_path):
 
 def test_lm_head_without_its_grams_is_refused(experts, gram_dirs, tmp_path):
     with pytest.raises(ValueError, match=r"no gram for lm_head.*gram\.include_lm_head: true"):
-        merge_models(experts, get_method("regmean")(MergeOptions()), tmp_path / "out", grams=gram_dirs, lm_head=True)
+        merge_models(experts, get_method("regmean")(), tmp_path / "out", grams=gram_dirs, lm_head=True)
     assert not (tmp_path / "out").exists()
 
 
@@ -128,7 +129,7 @@ def test_non_finite_gram_is_refused_naming_file(experts, gram_dirs, tmp_path):
     tensors[key][1, 1] = float("inf")
     save_file(tensors, str(bad / "layer_000.safetensors"), metadata={"format": "mergeflow.grams/1"})  # same size as recorded
     with pytest.raises(ValueError, match=r"layer_000\.safetensors \(gram of model\.layers\.0\.mlp\.down_proj\): holds NaN or infinite"):
-        merge_models(experts, get_method("regmean")(MergeOptions()), tmp_path / "out", grams=[gram_dirs[0], bad], verify_grams=False)
+        merge_models(experts, get_method("regmean")(), tmp_path / "out", grams=[gram_dirs[0], bad], verify_grams=False)
     assert not (tmp_path / "out").exists()
 
 

@@ -17,15 +17,15 @@ from safetensors.torch import load_file, save_file
 
 from mergeflow.grams.collect import compute_grams
 from mergeflow.merge import merge_models
-from mergeflow.methods import MergeOptions, get_method
+from mergeflow.methods import get_method
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 CASES = {  # name: (method, options, lm_head asked for)
-    "average": ("average", MergeOptions(), False),
-    "regmean": ("regmean", MergeOptions(alpha=0.3), False),
-    "regmean_lm_head": ("regmean", MergeOptions(alpha=0.3), True),
-    "task_arithmetic": ("task_arithmetic", MergeOptions(scaling=0.7), False),
-    "ties": ("ties", MergeOptions(density=0.4), False),
+    "average": ("average", {}, False),
+    "regmean": ("regmean", {"alpha": 0.3}, False),
+    "regmean_lm_head": ("regmean", {"alpha": 0.3}, True),
+    "task_arithmetic": ("task_arithmetic", {"scaling": 0.7}, False),
+    "ties": ("ties", {"density": 0.4}, False),
 }
 
 

@@ -7,7 +7,7 @@
     mergeflow evaluate --model DIR --task toy_math --out metrics.json
     mergeflow submit   --model DIR --test data/test.csv --out submission.csv
     mergeflow report   [--rev COMMIT | --all-commits | --exp-show exp.json] [--out-dir plots]
-    mergeflow methods
+    mergeflow methods  [--describe regmean]
     mergeflow tune     [--max-trials N] [--timeout SECONDS] [--apply]
 """
 
@@ -20,6 +20,7 @@ import click
 
 from .determinism import pin_cpu_kernels
 from .logs import setup_logging
+from .cli_methods import MergeCommand
 from .params import field_default
 
 PATH = click.Path(path_type=Path)
@@ -143,36 +144,34 @@ def grams_verify(dirs) -> None:
         click.echo(f"{d}: ok ({len(files)} files)")
 
 
-@main.command()
+@main.command(cls=MergeCommand)
 @click.option("--method", required=True, help="Merge method: a name from `mergeflow methods`, or path/to/file.py:ClassName.")
 @click.option("--model", "models", required=True, multiple=True, type=EXISTING_DIR, help="An expert directory; repeat for each expert.")
 @click.option("--out", required=True, type=PATH, help="Output model directory (written atomically).")
 @click.option("--gram", "grams_", multiple=True, type=EXISTING_DIR, help="Gram directory of each expert, in --model order (regmean).")
 @click.option("--base", type=EXISTING_DIR, help="The experts' base model (task_arithmetic, ties).")
-@param_option("--alpha", key="alpha", type=float, help="regmean: scale of the grams' off-diagonals, in [0, 1].")
-@param_option("--weight", "weights", key="merge.weights", multiple=True, type=float, help="Weight of each expert, in --model order [default: equal].")
-@param_option("--scaling", key="merge.scaling", type=float, help="task_arithmetic, ties: lambda on the merged task vector.")
-@param_option("--density", key="merge.density", type=float, help="ties: fraction of each task vector kept.")
+@click.option("--param", "param_pairs", multiple=True, metavar="NAME=VALUE", help="A param of the method that has no option of its own (a plugin's); the value is YAML: 0.3, [0.1, 0.5], {mlp: 0.7}. Repeatable.")
 @param_option("--lm-head", key="merge.regmean_lm_head", is_flag=True, help="regmean: solve lm_head too (needs its grams; skipped when tied to the embeddings).")
-@param_option("--solver-dtype", key="merge.solver_dtype", type=click.Choice(["float32", "float64"]), help="dtype of RegMean's linear solves.")
-@param_option("--device", key="merge.device", help="Where RegMean solves: cpu, cuda or auto (cuda when visible; CUDA_VISIBLE_DEVICES picks the GPU).")
+@param_option("--device", key="merge.device", help="Where the method computes (RegMean's solves): cpu, cuda or auto (cuda when visible; CUDA_VISIBLE_DEVICES picks the GPU).")
 @param_option("--max-shard-size", key="merge.max_shard_size", help="Largest output shard, e.g. 500MB, 5GB.")
 @click.option("--force", is_flag=True, help="Replace --out if it holds a merged model mergeflow wrote and nothing else (never an input, a file or foreign files).")
 @click.option("--no-verify", is_flag=True, help="Skip checking the grams' SHA-256 against grams.json (about 3 s per GB).")
 @click.option("--no-magnitude-check", is_flag=True, help="Accept merged weights with |value| > 1e4 (refused by default: a flipped exponent bit in an expert).")
-def merge(method, models, out, grams_, base, alpha, weights, scaling, density, lm_head, solver_dtype, device, max_shard_size, force, no_verify, no_magnitude_check) -> None:
+@click.pass_context
+def merge(ctx, method, models, out, grams_, base, param_pairs, lm_head, device, max_shard_size, force, no_verify, no_magnitude_check, **method_values) -> None:
     """Merge experts tensor by tensor into one Hugging Face model directory.
 
+    The method options below come from the params each method declares (`mergeflow methods
+    --describe NAME`); a method takes only the ones given, the others keep its defaults.
     Memory stays bounded by a few tensors (huge ones in blocks of rows) plus one Linear's grams.
     """
-    import torch
-
     from .checkpoint import parse_size
+    from .cli_methods import build_method, given_values
     from .merge import merge_models
-    from .methods import MergeOptions, get_method
 
-    options = MergeOptions(alpha=alpha, weights=tuple(weights) or None, scaling=scaling, density=density, solver_dtype=getattr(torch, solver_dtype), device=device)
-    merge_models(models, get_method(method)(options), out, grams=grams_, base=base, lm_head=lm_head, max_shard_size=parse_size(max_shard_size), overwrite=force, verify_grams=not no_verify, check_magnitudes=not no_magnitude_check)
+    merger = build_method(method, given_values(ctx, method_values, param_pairs))
+    merge_models(models, merger, out, grams=grams_, base=base, lm_head=lm_head, device=device, max_shard_size=parse_size(max_shard_size), overwrite=force,
+                 verify_grams=not no_verify, check_magnitudes=not no_magnitude_check)
 
 
 BACKEND_OPTIONS = [
@@ -287,13 +286,12 @@ def report(exp_show_file: Path | None, repo: Path, revs: tuple[str, ...], all_co
 
 
 @main.command()
-def methods() -> None:
-    """List the registered merge methods."""
-    from .methods import available, get_method
+@click.option("--describe", "name", default=None, metavar="NAME", help="Show one method (a name, or path/to/file.py:ClassName): its paper and every param.")
+def methods(name: str | None) -> None:
+    """List the merge methods and the params each reads, or describe one."""
+    from .cli_methods import describe, listing
 
-    for name in available():
-        doc = (sys.modules[get_method(name).__module__].__doc__ or "").strip().splitlines()[0]
-        click.echo(f"{name:16s} {doc}")
+    click.echo(describe(name) if name else "\n".join(listing()))
 
 
 @main.command()

@@ -23,9 +23,8 @@ import fnmatch
 import json
 import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointReader, ShardedWriter, TensorSpec, copy_model_files
 from .grams import GramDir
 from .faults import fault_point
+from .finite import check_finite  # noqa: F401  (also this module's name for it)
 from .grams.format import check_grams_match
 from .io import atomic_dir, check_replaceable, full_disk_reported, write_json
 from .methods import MergeMethod
@@ -40,7 +40,6 @@ from .methods import MergeMethod
 log = logging.getLogger(__name__)
 MERGE_CONFIG = "mergeflow_merge.json"
 BLOCK_BYTES = 256 * 2**20
-LM_HEAD = "lm_head"
 # |weight| no trained LLM comes near (their weights are O(1), norms O(10)); an exponent bit flip
 # gives 1e19 or more. `check_magnitude=False` (--no-magnitude-check) turns the check off.
 MAX_ABS_WEIGHT = 1e4
@@ -171,38 +170,6 @@ def is_tied(model_dir: Path) -> bool:
     return bool(model_config(model_dir).get("tie_word_embeddings", False))
 
 
-def solved_modules(grams: Sequence[GramDir], reader: CheckpointReader, *, lm_head: bool) -> list[str]:
-    """The Linears RegMean solves: every block Linear with grams, plus `lm_head` when asked for.
-
-    `lm_head` needs grams of its own and is never solved when tied to the input embeddings (the
-    merged model's embeddings would no longer equal its output layer).
-    """
-    modules = set(grams[0].modules)
-    for g in grams[1:]:
-        if set(g.modules) != modules:
-            missing = sorted(modules - set(g.modules)) or sorted(set(g.modules) - modules)
-            raise ValueError(f"gram directories disagree: {g.path} and {grams[0].path} differ in modules {missing[:3]}; recompute grams for the same model")
-    names = set(reader.names())
-    for module in sorted(modules):
-        if f"{module}.weight" not in names and module != LM_HEAD:
-            raise ValueError(f"{grams[0].path}: has a gram for {module!r}, which is not a Linear of {reader.path}; were the grams computed for another model?")
-    solve = {m for m in modules if m != LM_HEAD}
-    if lm_head:
-        if is_tied(reader.path) or f"{LM_HEAD}.weight" not in names:
-            log.warning("lm_head is tied to the input embeddings in %s: averaging it instead of solving it", reader.path)
-        elif LM_HEAD not in modules:
-            raise ValueError(f"{grams[0].path}: no gram for lm_head, but RegMean on lm_head was asked for; compute grams with lm_head (params.yaml: gram.include_lm_head: true)")
-        else:
-            solve.add(LM_HEAD)
-    for module in sorted(solve):
-        in_features = reader.shape(f"{module}.weight")[-1]
-        for g in grams:
-            shape = g.shape(module)
-            if shape != (in_features, in_features):
-                raise ValueError(f"{g.path / g.modules[module].file}: gram of {module} has shape {shape}, expected ({in_features}, {in_features})")
-    return sorted(solve)
-
-
 def row_blocks(spec: TensorSpec, row_separable: bool, block_bytes: int) -> list[Optional[slice]]:
     """`[None]` (the whole tensor) or consecutive row slices of about `block_bytes` in float32."""
     as_float32 = spec.numel * 4
@@ -212,45 +179,54 @@ def row_blocks(spec: TensorSpec, row_separable: bool, block_bytes: int) -> list[
     return [slice(start, min(start + rows, spec.shape[0])) for start in range(0, spec.shape[0], rows)]
 
 
-def check_finite(tensor: torch.Tensor, where: str, chunk: int = 2**24) -> torch.Tensor:
-    """Refuse NaN/inf, 16M entries at a time (no full-size temporary for a huge gram).
+def open_experts(experts: Sequence[str | Path], method: MergeMethod, base: Optional[str | Path]) -> tuple[list[CheckpointReader], Optional[CheckpointReader]]:
+    """Readers of the experts and (for `uses_base` methods) the base, checked to share one architecture."""
+    if len(experts) < 2:
+        raise ValueError(f"need at least two experts to merge, got {len(experts)}")
+    readers = [CheckpointReader(e) for e in experts]
+    for other in readers[1:]:
+        check_same_tensors(readers[0], other, "experts")
+        check_same_config(readers[0].path, other.path, "experts")
+    warn_mixed_dtypes(readers)
+    if not method.uses_base:
+        return readers, None
+    if base is None:
+        raise ValueError(f"method {method.name!r} needs the base model the experts were fine-tuned from (--base, or models/base in the pipeline)")
+    base_reader = CheckpointReader(base)
+    check_same_tensors(readers[0], base_reader, "experts and base")
+    check_same_config(readers[0].path, base_reader.path, "experts and base")
+    return readers, base_reader
 
-    A finite sum proves every entry finite (inf and NaN propagate through a sum), and summing is
-    ~40x faster than `isfinite`; only a block whose sum overflows gets the exact element test.
-    """
-    if tensor.is_floating_point():
-        flat = tensor.reshape(-1)
-        for start in range(0, flat.numel(), chunk):
-            block = flat[start : start + chunk]
-            if not torch.isfinite(block.sum()) and not torch.isfinite(block).all():
-                raise ValueError(f"{where}: holds NaN or infinite values; fix or recompute it before merging")
-    return tensor
+
+def open_grams(grams: Sequence[str | Path], experts: Sequence[str | Path], method: MergeMethod, *, verify: bool) -> list[GramDir]:
+    """The experts' gram directories (one each, for `uses_grams` methods), matched to their experts
+    and, with `verify`, checked against their SHA-256 (DVC does not rehash what it pulls or caches)."""
+    if not method.uses_grams:
+        return []
+    if len(grams) != len(experts):
+        raise ValueError(f"method {method.name!r} needs one gram directory per expert: {len(experts)} experts, {len(grams)} gram dirs (--gram)")
+    gram_dirs = [GramDir.open(g) for g in grams]
+    check_grams_match(gram_dirs, experts)
+    if verify:
+        for g in tqdm(gram_dirs, desc="verify grams (SHA-256)", unit="dir"):
+            g.verify()
+    return gram_dirs
 
 
-@dataclass(frozen=True)
-class DiskGramLoader:
-    """Loads one expert's per-token mean gram of one module, checked finite, in `dtype` on `device`.
-
-    Summed grams are divided by their own token count and imported mean grams used as they are, so
-    experts weigh the same whichever way their grams were stored.
-
-    `key` names the stored tensor: modules that see the same input (q/k/v, gate/up) share it, so
-    a method can reuse work done for one of them (RegMean factors each gram sum once).
-    """
-
-    grams: GramDir
-    module: str
-    dtype: torch.dtype
-    device: str
-
-    @property
-    def key(self) -> tuple[str, str, str]:
-        ref = self.grams.modules[self.module]
-        return (str(self.grams.path), ref.file, ref.key)
-
-    def __call__(self) -> torch.Tensor:
-        gram = self.grams.load_mean(self.module, self.dtype, self.device)  # sums divided by their token count
-        return check_finite(gram, f"{self.grams.path / self.grams.modules[self.module].file} (gram of {self.module})")
+def merge_tensor(spec: TensorSpec, method: MergeMethod, readers: Sequence[CheckpointReader], base: Optional[CheckpointReader], *, check_magnitudes: bool) -> Iterator[torch.Tensor]:
+    """The merged tensor `spec`, block of rows by block of rows (one block unless huge and row-separable)."""
+    handles = method.gram_handles(spec.name) if method.uses_grams else None
+    for rows in row_blocks(spec, method.row_separable, BLOCK_BYTES):
+        tensors = [check_finite(r.get(spec.name, rows), f"{r.path}: {spec.name}") for r in readers]
+        base_tensor = check_finite(base.get(spec.name, rows), f"{base.path}: {spec.name}") if base else None
+        merged = check_finite(method.merge(spec.name, tensors, grams=handles, base=base_tensor), f"merged tensor {spec.name}")
+        if merged.shape != tensors[0].shape:
+            raise ValueError(f"method {method.name!r} returned shape {tuple(merged.shape)} for {spec.name}, expected {tuple(tensors[0].shape)}")
+        if check_magnitudes:
+            inputs = [(r.path, t) for r, t in zip(readers, tensors)] + ([(base.path, base_tensor)] if base else [])
+            check_magnitude(merged, spec.name, inputs, method.name)
+        del tensors, base_tensor
+        yield merged.to(spec.dtype)
 
 
 def merge_models(
@@ -261,48 +237,27 @@ def merge_models(
     grams: Sequence[str | Path] = (),
     base: Optional[str | Path] = None,
     lm_head: bool = False,
+    device: str = "cpu",
     max_shard_size: int = 5 * 2**30,
-    block_bytes: int = BLOCK_BYTES,
     overwrite: bool = True,
     verify_grams: bool = True,
     check_magnitudes: bool = True,
 ) -> dict:
     """Merge `experts` with `method` into the HF directory `out`; return the saved merge config.
 
-    An existing `out` is replaced only with `overwrite` and only if it is a merged model written by
-    mergeflow that holds nothing else (see `io.check_replaceable`)."""
+    `lm_head`: gram methods solve the output layer too (RegMean; never when tied); `device`: where
+    the method computes (cpu, cuda, auto). An existing `out` is replaced only with `overwrite` and
+    only if it is a merged model written by mergeflow that holds nothing else (`io.check_replaceable`).
+    Tensors are merged in the order of the method's `group` (work shared inside a group is done once).
+    """
     out = Path(out)
     check_replaceable(out, force=overwrite, inputs=[*experts, *grams, *([base] if base is not None else [])], owned_files=merged_files, what="merged model")
-    if len(experts) < 2:
-        raise ValueError(f"need at least two experts to merge, got {len(experts)}")
-    readers = [CheckpointReader(e) for e in experts]
-    for other in readers[1:]:
-        check_same_tensors(readers[0], other, "experts")
-        check_same_config(readers[0].path, other.path, "experts")
-    warn_mixed_dtypes(readers)
-    base_reader = None
-    if method.uses_base:
-        if base is None:
-            raise ValueError(f"method {method.name!r} needs the base model the experts were fine-tuned from (--base, or models/base in the pipeline)")
-        base_reader = CheckpointReader(base)
-        check_same_tensors(readers[0], base_reader, "experts and base")
-        check_same_config(readers[0].path, base_reader.path, "experts and base")
-    gram_dirs: list[GramDir] = []
-    solved: set[str] = set()
-    if method.uses_grams:
-        if len(grams) != len(experts):
-            raise ValueError(f"method {method.name!r} needs one gram directory per expert: {len(experts)} experts, {len(grams)} gram dirs (--gram)")
-        gram_dirs = [GramDir.open(g) for g in grams]
-        check_grams_match(gram_dirs, experts)
-        if verify_grams:  # DVC does not rehash what it pulls or caches: a flipped bit would merge silently
-            for g in tqdm(gram_dirs, desc="verify grams (SHA-256)", unit="dir"):
-                g.verify()
-        solved = set(solved_modules(gram_dirs, readers[0], lm_head=lm_head))
-    specs = [readers[0].specs[name] for name in readers[0].names()]
-    if solved:  # Linears sharing one gram (q/k/v, gate/up) next to each other: RegMean factors it once
-        shared = {f"{m}.weight": gram_dirs[0].modules[m].key for m in solved}
-        specs.sort(key=lambda spec: (shared.get(spec.name, spec.name), spec.name))
-    dtype, device = method.options.solver_dtype, method.options.device
+    readers, base_reader = open_experts(experts, method, base)
+    gram_dirs = open_grams(grams, experts, method, verify=verify_grams)
+    method.prepare(readers[0].names(), num_experts=len(experts), device=device)
+    if gram_dirs:
+        method.use_grams(gram_dirs, readers[0], lm_head=lm_head)
+    specs = sorted((readers[0].specs[name] for name in readers[0].names()), key=lambda spec: (method.group(spec.name), spec.name))
     needed = sum(spec.nbytes for spec in specs)
     check_disk_space(out, needed)
     fault_point("merge:checked")
@@ -310,22 +265,10 @@ def merge_models(
     with full_disk_reported(lambda: disk_full_message(out, needed)), atomic_dir(out) as tmp:
         writer = ShardedWriter(tmp, specs, max_shard_size)
         for spec in tqdm(specs, desc=f"merge ({method.name})", unit="tensor"):
-            module = spec.name.removesuffix(".weight")
-            loaders = None
-            if spec.name.endswith(".weight") and module in solved:
-                loaders = [DiskGramLoader(g, module, dtype, device) for g in gram_dirs]
-            for rows in row_blocks(spec, method.row_separable, block_bytes):
-                tensors = [check_finite(r.get(spec.name, rows), f"{r.path}: {spec.name}") for r in readers]
-                base_tensor = check_finite(base_reader.get(spec.name, rows), f"{base_reader.path}: {spec.name}") if base_reader else None
-                merged = check_finite(method.merge(spec.name, tensors, grams=loaders, base=base_tensor), f"merged tensor {spec.name}")
-                if merged.shape != tensors[0].shape:
-                    raise ValueError(f"method {method.name!r} returned shape {tuple(merged.shape)} for {spec.name}, expected {tuple(tensors[0].shape)}")
-                if check_magnitudes:
-                    inputs = [(r.path, t) for r, t in zip(readers, tensors)] + ([(base_reader.path, base_tensor)] if base_reader else [])
-                    check_magnitude(merged, spec.name, inputs, method.name)
-                writer.write(spec.name, merged.to(spec.dtype))
+            for merged in merge_tensor(spec, method, readers, base_reader, check_magnitudes=check_magnitudes):
+                writer.write(spec.name, merged)
                 fault_point("merge:tensor-written")
-                del tensors, base_tensor, merged
+                del merged
         writer.close()
         fault_point("merge:shards-written")
         copy_model_files(experts[0], tmp)
@@ -336,9 +279,7 @@ def merge_models(
             "grams": [str(g.path) for g in gram_dirs],
             "num_tokens": [g.num_tokens for g in gram_dirs],
             "gram_reductions": [g.reduction for g in gram_dirs],
-            "solved_modules": len(solved),
-            "lm_head_solved": LM_HEAD in solved,
-            "least_squares_fallback": list(getattr(method, "fell_back", [])),
+            **method.report(),
         }
         (tmp / "README.md").write_text(model_card(config))
         config["files"] = sorted({p.name for p in tmp.iterdir()} | {MERGE_CONFIG})  # what --force may replace later

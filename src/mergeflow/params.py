@@ -16,6 +16,7 @@ from typing import Any, Literal, Optional, Sequence, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class Strict(BaseModel):
@@ -113,16 +114,26 @@ class GramParams(Strict):
 
 
 class MergeParams(Strict):
-    """Options of the merge methods besides the two top-level knobs (see methods.base.MergeOptions)."""
+    """The merge engine's options; beside them sit the merge methods' own knobs (`weights`,
+    `scaling`, ...), each checked against the params the methods declare (`check_method_values`)."""
 
-    weights: Optional[list[float]] = None
-    scaling: float = 1.0
-    density: float = Field(0.2, gt=0.0, le=1.0)
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
+
     regmean_lm_head: bool = False
-    solver_dtype: Literal["float32", "float64"] = "float32"
     device: str = "cpu"
     max_shard_size: str = "5GB"
     check_magnitude: bool = True  # refuse merged weights with |value| > 1e4 (a flipped exponent bit)
+
+    def method_values(self) -> dict[str, Any]:
+        """The methods' knobs given in this group (not the engine's keys)."""
+        return dict(self.model_extra or {})
+
+    def method_value(self, name: str) -> Any:
+        """A method knob as given here, else its declared default (the registered methods')."""
+        from .methods import declared_params
+
+        values = self.method_values()
+        return values[name] if name in values else declared_params()[name][0][1].default
 
 
 class HFBackendParams(Strict):
@@ -188,7 +199,7 @@ class TuneParams(Strict):
 class Params(Strict):
     """The whole `params.yaml`: the two knobs users sweep on top, then one group per stage."""
 
-    alpha: float = Field(0.1, ge=0.0, le=1.0)
+    alpha: Any = Field(default_factory=lambda: _declared_default("alpha"))  # RegMean's (per layer: a list or mapping)
     method: str = "regmean"
     experts: list[str] = Field(["math", "code"], min_length=1)
     models: ModelsParams = ModelsParams()
@@ -203,8 +214,7 @@ class Params(Strict):
     def _experts_unique(self) -> "Params":
         if len(set(self.experts)) != len(self.experts):
             raise ValueError(f"experts must be distinct names, got {self.experts}")
-        if self.merge.weights is not None and len(self.merge.weights) != len(self.experts):
-            raise ValueError(f"merge.weights has {len(self.merge.weights)} values for {len(self.experts)} experts {self.experts}")
+        check_method_values(self.method, self.alpha, self.merge.method_values(), len(self.experts))
         source = self.models.source
         if source in ("hub", "local"):
             group = getattr(self.models, source)
@@ -217,6 +227,49 @@ class Params(Strict):
         if self.merge.regmean_lm_head and not self.gram.include_lm_head:
             raise ValueError("merge.regmean_lm_head needs grams of lm_head: set gram.include_lm_head: true as well")
         return self
+
+
+def _declared_default(name: str) -> Any:
+    from .methods import declared_params
+
+    return declared_params()[name][0][1].default
+
+
+def _load_method(method: str) -> Optional[type]:
+    """The class of `method` when it is a plugin that loads (to check its own params), else None."""
+    from .methods import available, get_method
+
+    if method in available():
+        return get_method(method)
+    try:
+        return get_method(method)
+    except (ValueError, OSError, ImportError):
+        return None  # the merge stage reports it; params of registered methods are still checked
+
+
+def check_method_values(method: str, alpha: Any, knobs: dict[str, Any], num_experts: int) -> None:
+    """Refuse a method knob no method declares (registered ones and the selected plugin), a value
+    its declaration refuses, or a per-expert list of the wrong length; one line naming the key.
+    `alpha` is the top-level key, `knobs` the `merge` group's method keys."""
+    from .methods import ParamError, declared_params
+
+    cls = _load_method(method)
+    declared = declared_params([cls] if cls is not None else [])
+    for key in ("alpha", "method"):
+        if key in knobs:
+            raise PydanticCustomError("method_param", f"merge.{key}: {key} is a top-level key (dvc exp run -S {key}=...); move it out of merge")
+    for key, value in [("alpha", alpha), *knobs.items()]:
+        where = key if key == "alpha" else f"merge.{key}"
+        if key not in declared:
+            known = ", ".join(["alpha (top level)", *sorted(k for k in declared if k != "alpha")])
+            raise PydanticCustomError("method_param", f"{where}: unknown key; the merge methods read {known}; the engine reads merge.{', merge.'.join(MergeParams.model_fields)}")
+        param = next((p for c, p in declared[key] if c is cls), declared[key][0][1])
+        try:
+            checked = param.check(value)
+        except ParamError as err:
+            raise PydanticCustomError("method_param", where + str(err).removeprefix(key)) from None
+        if param.per_expert and checked is not None and len(checked) != num_experts:
+            raise PydanticCustomError("method_param", f"{where} has {len(checked)} values for {num_experts} experts; give one per expert, in the order of `experts`")
 
 
 # The keys each DVC stage script reads, as its dvc.yaml entry's `params` lists them (a group: every
@@ -249,10 +302,17 @@ def field_default(key: str) -> tuple[Any, Optional[str]]:
     return (default.model_dump() if isinstance(default, BaseModel) else default), field.description
 
 
+def method_keys(method: str) -> list[str]:
+    """The `merge` keys `method` reads: its declared params but `alpha` (top level)."""
+    cls = _load_method(method)
+    return [p.name for p in (cls.params if cls is not None else ()) if p.name != "alpha"]
+
+
 def missing_keys(raw: Any, require: Sequence[str]) -> list[str]:
     """The keys under each of `require` (dotted: `merge`, `eval.hf`) that `raw` lacks; groups are
     walked down to their leaves, a mapping of groups (`models.hub.experts`) entry by entry.
-    `models` needs `source` and only the selected source's group."""
+    `models` needs `source` and only the selected source's group; `merge` the engine's keys and
+    the selected method's declared params."""
     missing: list[str] = []
 
     def walk(value: Any, model: Any, path: str) -> None:
@@ -267,11 +327,13 @@ def missing_keys(raw: Any, require: Sequence[str]) -> list[str]:
         names = list(model.model_fields)
         if model is ModelsParams:
             names = ["source", value.get("source", "toy")]
+        if model is MergeParams:  # the engine's keys and the selected method's own (alpha: top level)
+            names += method_keys(raw.get("method", "regmean") if isinstance(raw, dict) else "regmean")
         for name in names:
             key = f"{path}.{name}" if path else name
             if name not in value:
                 missing.append(key)
-            else:
+            elif name in model.model_fields:
                 walk(value[name], model.model_fields[name].annotation, key)
 
     for key in require:
@@ -309,7 +371,7 @@ def load_params(path: str | Path = "params.yaml", *, require: Sequence[str] = ()
     try:
         params = Params.model_validate(raw)
     except ValidationError as err:
-        lines = [f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}{_got(e)}" for e in err.errors()]
+        lines = [e["msg"] if e["type"] == "method_param" else f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}{_got(e)}" for e in err.errors()]
         raise ValueError(f"{path}: invalid parameters:\n  " + "\n  ".join(lines)) from None
     missing = missing_keys(raw, require)
     if missing:

@@ -206,7 +206,7 @@ def make_plan(params: Params, *, tflops: float, root: Path = Path(".")) -> dict:
             "device_bytes": shape.model_bytes(g.model_dtype) + (shape.gram_bytes(lm_head, g.dtype) if g.accumulate_on == "device" else 0),
         }
     regmean = params.method == "regmean"
-    peak = shape.merge_peak_bytes(experts, regmean and params.merge.regmean_lm_head, params.merge.solver_dtype, solves=regmean)
+    peak = shape.merge_peak_bytes(experts, regmean and params.merge.regmean_lm_head, params.merge.method_value("solver_dtype"), solves=regmean)
     stages["merge"] = {"disk_bytes": model_bytes, "peak_memory_bytes": peak}
     stages["evaluate"] = {"device_bytes": shape.model_bytes("bfloat16")}
     here = machine()

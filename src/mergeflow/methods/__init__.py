@@ -14,19 +14,42 @@ import difflib
 import importlib.util
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Iterable
 
-from .base import MergeMethod, MergeOptions
+from .base import WEIGHTS, GramHandle, MergeMethod, Param, ParamError
 
 _REGISTRY: dict[str, type[MergeMethod]] = {}
 ENTRY_POINT_GROUP = "mergeflow.methods"
 
 
 def register(cls: type[MergeMethod]) -> type[MergeMethod]:
-    """Class decorator adding a method under `cls.name`; a second class with that name is refused."""
+    """Class decorator adding a method under `cls.name`; a second class with that name is refused,
+    and so is a param whose name another method declares with another type or form (one name, one
+    CLI option, one params.yaml key: it must mean one kind of value)."""
     if cls.name in _REGISTRY:
         raise ValueError(f"merge method {cls.name!r} is already registered by {_REGISTRY[cls.name].__module__}")
+    check_consistent(cls, _REGISTRY.values())
     _REGISTRY[cls.name] = cls
     return cls
+
+
+def check_consistent(cls: type[MergeMethod], others) -> None:
+    """Refuse a param of `cls` that a method of `others` declares with another type or form."""
+    for p in cls.params:
+        for other in others:
+            q = next((q for q in other.params if q.name == p.name), None)
+            if q is not None and (q.type, q.per_expert, q.per_layer, q.choices) != (p.type, p.per_expert, p.per_layer, p.choices):
+                raise ValueError(f"merge method {cls.name!r}: param {p.name!r} differs in type or form from {other.name!r}'s; rename it or declare it alike")
+
+
+def declared_params(extra: Iterable[type[MergeMethod]] = ()) -> dict[str, list[tuple[type[MergeMethod], Param]]]:
+    """Every param name any registered method (and each of `extra`, e.g. a plugin) declares ->
+    the (method, Param) pairs declaring it, in registry order."""
+    out: dict[str, list[tuple[type[MergeMethod], Param]]] = {}
+    for cls in [*(_REGISTRY[n] for n in available()), *extra]:
+        for p in cls.params:
+            out.setdefault(p.name, []).append((cls, p))
+    return out
 
 
 def available() -> list[str]:
@@ -65,4 +88,4 @@ def get_method(name: str) -> type[MergeMethod]:
 
 from . import average, regmean, task_arithmetic, ties  # noqa: E402,F401  (registers the built-in methods)
 
-__all__ = ["MergeMethod", "MergeOptions", "available", "get_method", "register"]
+__all__ = ["WEIGHTS", "GramHandle", "MergeMethod", "Param", "ParamError", "available", "declared_params", "get_method", "register"]

@@ -7,12 +7,14 @@ from typing import Optional, Sequence
 import torch
 
 from . import register
-from .base import GramLoader, MergeMethod, weighted_sum
+from .base import WEIGHTS, GramLoader, MergeMethod, weighted_sum
 
 
 @register
 class Average(MergeMethod):
     name = "average"
+    paper = "https://arxiv.org/abs/2203.05482"
+    params = (WEIGHTS,)
 
     def merge(self, name: str, tensors: Sequence[torch.Tensor], *, grams: Optional[Sequence[GramLoader]] = None, base: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return weighted_sum(tensors, self.expert_weights(len(tensors), normalise=True))
+        return weighted_sum(tensors, self.expert_weights(name, len(tensors), normalise=True))

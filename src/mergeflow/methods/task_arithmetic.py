@@ -11,18 +11,21 @@ from typing import Optional, Sequence
 import torch
 
 from . import register
-from .base import GramLoader, MergeMethod
+from .base import WEIGHTS, GramLoader, MergeMethod, Param
+
+SCALING = Param("scaling", float, 1.0, "lambda: the factor on the merged task vector")
 
 
 @register
 class TaskArithmetic(MergeMethod):
     name = "task_arithmetic"
+    paper = "https://arxiv.org/abs/2212.04089"
     uses_base = True
-    reads = ("weights", "scaling")
+    params = (WEIGHTS, SCALING)
 
     def merge(self, name: str, tensors: Sequence[torch.Tensor], *, grams: Optional[Sequence[GramLoader]] = None, base: Optional[torch.Tensor] = None) -> torch.Tensor:
         base32 = base.to(torch.float32, copy=True)  # never modify the caller's tensor in place
         delta = torch.zeros_like(base32)
-        for t, w in zip(tensors, self.expert_weights(len(tensors), normalise=False)):
+        for t, w in zip(tensors, self.expert_weights(name, len(tensors), normalise=False)):
             delta.add_(t.to(torch.float32) - base32, alpha=w)
-        return base32.add_(delta, alpha=self.options.scaling)
+        return base32.add_(delta, alpha=self.value("scaling", name))

@@ -15,7 +15,10 @@ from typing import Optional, Sequence
 import torch
 
 from . import register
-from .base import GramLoader, MergeMethod
+from .base import WEIGHTS, GramLoader, MergeMethod, Param
+from .task_arithmetic import SCALING
+
+DENSITY = Param("density", float, 0.2, "fraction of each task vector kept (largest magnitudes)", low=0.0, high=1.0, low_open=True)
 
 
 def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
@@ -30,15 +33,17 @@ def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
 @register
 class Ties(MergeMethod):
     name = "ties"
+    paper = "https://arxiv.org/abs/2306.01708"
     uses_base = True
     row_separable = False
-    reads = ("weights", "scaling", "density")
+    params = (WEIGHTS, SCALING, DENSITY)
 
     def merge(self, name: str, tensors: Sequence[torch.Tensor], *, grams: Optional[Sequence[GramLoader]] = None, base: Optional[torch.Tensor] = None) -> torch.Tensor:
         base32 = base.to(torch.float32)
-        weights = self.expert_weights(len(tensors), normalise=False)
-        taus = torch.stack([trim((t.to(torch.float32) - base32) * w, self.options.density) for t, w in zip(tensors, weights)])
+        weights = self.expert_weights(name, len(tensors), normalise=False)
+        density = self.value("density", name)
+        taus = torch.stack([trim((t.to(torch.float32) - base32) * w, density) for t, w in zip(tensors, weights)])
         sign = torch.sign(taus.sum(dim=0))
         agree = (torch.sign(taus) == sign) & (taus != 0)
         merged = (taus * agree).sum(dim=0) / agree.sum(dim=0).clamp_min(1)
-        return base32 + self.options.scaling * merged
+        return base32 + self.value("scaling", name) * merged
