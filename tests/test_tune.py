@@ -36,12 +36,14 @@ def params_with_space(tmp_path: Path, space: dict, **tune) -> Path:
 
 
 @pytest.mark.parametrize(("space", "message"), [
-    ({"merge.densty": [0.1, 0.9]}, "tune.space.merge.densty: unknown parameter 'merge.densty'; a space may set alpha, method, merge.weights, merge.scaling, merge.density, merge.regmean_lm_head, merge.solver_dtype"),
+    ({"merge.densty": [0.1, 0.9]}, "tune.space.merge.densty: unknown parameter 'merge.densty'; a space may set alpha, method, merge.density, merge.scaling, merge.solver_dtype, merge.weights, merge.regmean_lm_head"),
     ({"alpha": [0.7, 0.7]}, "tune.space.alpha: empty range [0.7, 0.7]; give [low, high] with low < high"),
     ({"merge.weights": {"choices": [[0.5, 0.5], [0.8, 0.3]]}}, "tune.space.merge.weights: weights [0.8, 0.3] sum to 1.1, not 1; every choice must lie on the simplex"),
     ({"merge.weights": [0, 1]}, "tune.space.merge.weights: per-expert weights are `simplex` or {choices: [[w1, ..., w2], ...]} summing to 1, got [0, 1]"),
-    ({"alpha": [0.0, 2.0]}, "tune.space.alpha: 2.0 is not a valid alpha: Input should be less than or equal to 1"),
-    ({"merge.density": [0.0, 0.5]}, "tune.space.merge.density: 0.0 is not a valid merge.density: Input should be greater than 0"),
+    ({"alpha": [0.0, 2.0]}, "tune.space.alpha: 2.0 is not a valid alpha: alpha must be in [0, 1], got 2.0"),
+    ({"merge.weights": {"choices": [[0.5, 0.5, 0.0]]}}, "tune.space.merge.weights: [0.5, 0.5, 0.0] is not a valid merge.weights: merge.weights has 3 values for 2 experts; give one per expert, in the order of `experts`"),
+    ({"merge.solver_dtype": {"low": 0, "high": 1, "gradient": 3}}, "tune.space.merge.solver_dtype: not a per-layer param (no method declares it so); remove `gradient`"),
+    ({"merge.density": [0.0, 0.5]}, "tune.space.merge.density: 0.0 is not a valid merge.density: merge.density must be in (0, 1], got 0.0"),
 ])
 def test_bad_spaces_are_refused_before_any_trial(tmp_path, capsys, monkeypatch, space, message):
     path = params_with_space(tmp_path, space)
@@ -69,11 +71,34 @@ class FixedTrial:
 
 
 def test_simplex_weights_sum_to_one_with_one_weight_per_expert():
-    (dim,) = parse_space({"merge.weights": "simplex"}, yaml.safe_load((ROOT / "params.yaml").read_text()), experts=3)
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["experts"] = ["math", "code", "list"]
+    (dim,) = parse_space({"merge.weights": "simplex"}, raw, experts=3)
     weights = dim.suggest(FixedTrial([0.5, 0.25, 0.125]))
     # -log(u) normalised: ln2 : 2 ln2 : 3 ln2 = 1/6, 2/6, 3/6
     assert weights == [0.1667, 0.3333, 0.5] and sum(weights) == 1.0
     assert simplex_round([1 / 3, 1 / 3, 1 / 3]) == [0.3333, 0.3333, 0.3334]
+
+
+def test_per_layer_entries_become_gradients_that_params_yaml_accepts(tmp_path):
+    """`{low, high, gradient: 3}` is a 3-point list; `{simplex: true, gradient: 2}` one 2-point
+    list per expert whose points each lie on the simplex; both written as `dvc exp run -S` writes
+    them, into a params file that validates."""
+    from mergeflow.params import load_params
+    from mergeflow.tune.results import apply_values
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    alpha, weights = parse_space({"alpha": {"low": 0.0, "high": 1.0, "gradient": 3}, "merge.weights": {"simplex": True, "gradient": 2}}, raw, experts=2)
+    assert alpha.suggest(FixedTrial([0.1, 0.55556, 0.9])) == [0.1, 0.5556, 0.9]
+    # point 0: u = (0.5, 0.25) -> 1/3, 2/3; point 1: u = (0.25, 0.5) -> 2/3, 1/3
+    assert weights.suggest(FixedTrial([0.5, 0.25, 0.25, 0.5])) == [[0.3333, 0.6667], [0.6667, 0.3333]]
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text())
+    items = apply_values(path, {"alpha": [0.1, 0.5556, 0.9], "merge.weights": [[0.3333, 0.6667], [0.6667, 0.3333]]})
+    assert items == ["alpha=[0.1,0.5556,0.9]", "merge.weights=[[0.3333,0.6667],[0.6667,0.3333]]"]
+    params = load_params(path)
+    assert params.alpha == [0.1, 0.5556, 0.9] and params.merge.method_values()["weights"] == [[0.3333, 0.6667], [0.6667, 0.3333]]
+    assert "# RegMean: scale of the grams' off-diagonals" in path.read_text()  # the file's comments stay
 
 
 # --- one study, run through DVC ------------------------------------------------------------------

@@ -313,10 +313,7 @@ def tune(params_file: Path, max_trials: int | None, timeout: float | None, apply
     from .tune.search import open_study, search
 
     root = Path(".")
-    try:
-        config = load_config(params_file)
-    except ValueError as err:
-        raise ValueError(f"{params_file}: {err}") from None
+    config = load_config(params_file)
     outcome = search(root, config, max_trials=max_trials, timeout=timeout)
     study = open_study(root, config, create=False)
     table = write_table(root, study)

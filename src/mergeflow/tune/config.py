@@ -66,10 +66,13 @@ def check_tasks(params: Params) -> None:
 
 def load_config(params_file: Path) -> TuneConfig:
     """Read the params file and check the `tune:` group (space, tasks, grid); ValueError lines."""
-    params = load_params(params_file)
+    params = load_params(params_file)  # its errors name the file
     raw: dict[str, Any] = yaml.safe_load(Path(params_file).read_text()) or {}
-    check_tasks(params)
-    dimensions = parse_space(params.tune.space, raw, len(params.experts))
-    if params.tune.sampler == "grid":
-        grid_size(dimensions, params.tune.grid_points)  # refuses what cannot be gridded
+    try:
+        check_tasks(params)
+        dimensions = parse_space(params.tune.space, raw, len(params.experts))
+        if params.tune.sampler == "grid":
+            grid_size(dimensions, params.tune.grid_points)  # refuses what cannot be gridded
+    except ValueError as err:
+        raise ValueError(f"{params_file}: {err}") from None
     return TuneConfig(params=params, dimensions=dimensions)

@@ -51,7 +51,7 @@ def git(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
 def head_commit(root: Path) -> str:
     proc = git(root, "rev-parse", "HEAD", check=False)
     if proc.returncode != 0:
-        raise ValueError(f"{root}: not a git repository with a commit; tune runs DVC experiments, which start from a commit")
+        raise ValueError(f"{root.resolve()}: not a git repository with a commit; tune runs DVC experiments, which start from a commit")
     return proc.stdout.strip()
 
 

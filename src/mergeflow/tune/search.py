@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import optuna
+
 from ..faults import fault_point
 from .config import TuneConfig
 from .experiments import experiment_names, head_commit, override, read_summary, run_experiment, score
@@ -50,7 +52,6 @@ def storage_path(root: Path, study: str) -> Path:
 
 def open_study(root: Path, config: TuneConfig, *, create: bool = True):
     """The Optuna study of `tune.study` (created on first use), with its sampler."""
-    import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
@@ -74,8 +75,6 @@ def open_study(root: Path, config: TuneConfig, *, create: bool = True):
 def make_sampler(config: TuneConfig, recorded: int):
     """TPE, CMA-ES or a grid, seeded by `tune.seed` and the trials already recorded, so that a
     resumed study does not draw its first run's random start-up points again."""
-    import optuna
-
     from .space import grid_space
 
     seed = config.tune.seed * 1_000_003 + recorded
@@ -88,21 +87,12 @@ def make_sampler(config: TuneConfig, recorded: int):
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, config.target // 3)))
 
 
-def _grid_class():
-    import optuna
+class _AskTellGrid(optuna.samplers.GridSampler):
+    """Optuna's grid, which calls `study.stop()` once the grid is done: allowed only inside
+    `study.optimize`; the tune loop stops at the grid's size itself."""
 
-    class AskTellGrid(optuna.samplers.GridSampler):
-        """Optuna's grid, which would call `study.stop()` when the grid is done: only allowed in
-        `study.optimize`; the tune loop stops at the grid's size itself."""
-
-        def after_trial(self, study, trial, state, values) -> None:
-            pass
-
-    return AskTellGrid
-
-
-def _AskTellGrid(search_space, seed):  # noqa: N802 - a class made on first use (optuna loads lazily)
-    return _grid_class()(search_space, seed=seed)
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
 
 
 def counted(study) -> list:
