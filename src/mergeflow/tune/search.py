@@ -73,13 +73,13 @@ def open_study(root: Path, config: TuneConfig, *, create: bool = True):
 
 
 def make_sampler(config: TuneConfig, recorded: int):
-    """TPE, CMA-ES or a grid, seeded by `tune.seed` and the trials already recorded, so that a
-    resumed study does not draw its first run's random start-up points again."""
+    """TPE, CMA-ES or a grid, seeded by `tune.seed` (TPE and CMA-ES: and the trials already
+    recorded, so that a resumed study does not draw its first run's random points again)."""
     from .space import grid_space
 
+    if config.tune.sampler == "grid":  # the seed orders the grid, which trials name by index: never vary it
+        return _AskTellGrid(grid_space(config.dimensions, config.tune.grid_points), seed=config.tune.seed)
     seed = config.tune.seed * 1_000_003 + recorded
-    if config.tune.sampler == "grid":
-        return _AskTellGrid(grid_space(config.dimensions, config.tune.grid_points), seed=seed)
     if config.tune.sampler == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     # TPE samples at random until n_startup_trials are done: a third of the budget (at most its
