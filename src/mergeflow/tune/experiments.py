@@ -88,9 +88,10 @@ def run_experiment(root: Path, name: str, overrides: Sequence[str], log_file: Pa
         fh.write("$ " + " ".join(cmd) + "\n")
         fh.flush()
         proc = subprocess.run(cmd, cwd=root, stdout=fh, stderr=subprocess.STDOUT, check=False)
-    lines = [line for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
-    errors = [line for line in lines if "error" in line.lower()]
-    return proc.returncode == 0, ((errors or lines)[-1] if lines else "").strip()
+    lines = [line.strip() for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
+    own = [line for line in lines if ": error: " in line]  # a stage's one-line error says why; DVC's ERROR line only that it failed
+    dvc = [line for line in lines if line.startswith("ERROR")]
+    return proc.returncode == 0, (own or dvc or lines or [""])[-1]
 
 
 def score(summary: Mapping[str, Any], tasks: Mapping[str, str], name: str) -> dict[str, float]:
