@@ -266,7 +266,7 @@ def estimate(root: Path, config: TuneConfig) -> str:
     study = open_study(root, config, create=False)
     seconds = median_trial_seconds(study)
     left = max(0, config.target - len(counted(study)))
-    extra = 1 if config.trial_overrides else 0  # the promoted trial on every task
+    extra = 1 if config.trial_overrides and "promoted" not in study.user_attrs else 0  # the promoted trial on every task
     if seconds is None:
         return f"tune: study {config.tune.study!r}: {left} trials left, none finished yet to measure"
     total = (left + extra) * seconds
