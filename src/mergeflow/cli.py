@@ -12,6 +12,7 @@
     mergeflow methods  [--describe regmean]
     mergeflow use      recipes/smollm2-cpu.yaml
     mergeflow plan     [--params params.yaml] [--tflops 150]
+    mergeflow tune     [--max-trials N] [--timeout SECONDS] [--apply]
 """
 
 from __future__ import annotations
@@ -380,6 +381,50 @@ def methods(name: str | None) -> None:
 
 
 @main.command()
+@click.option("--params", "params_file", default="params.yaml", show_default=True, type=PATH, help="The params file whose `tune:` group declares the search.")
+@click.option("--max-trials", type=click.IntRange(min=0), default=None, help="Run at most N new trials now (the study keeps tune.trials as its target).")
+@click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Start no new trial after this many seconds (the running one finishes).")
+@click.option("--apply", "apply_", is_flag=True, help="Write the promoted trial's params into --params, so that `dvc repro` reproduces it.")
+@click.option("--plot", "plot_path", default=Path("plots/tune.png"), show_default=True, type=PATH, help="PNG of the objective and the params over trials.")
+def tune(params_file: Path, max_trials: int | None, timeout: float | None, apply_: bool, plot_path: Path) -> None:
+    """Search merge params (tune.space) for the best validation objective, one DVC experiment per trial.
+
+    Trials run as `dvc exp run --temp -S ...` (visible in `dvc exp show`; downloads, grams and
+    reference evaluations come from DVC's caches). Resumable: rerun the same command after a kill.
+    When the study has tune.trials trials, its best is evaluated once on every eval task, the
+    held-out ones included (experiment <study>-best-<trial>). Table: metrics/tune/<study>.csv.
+    """
+    from .tune.config import load_config
+    from .tune.results import apply_values, plot, write_table
+    from .tune.search import open_study, search
+
+    root = Path(".")
+    config = load_config(params_file)
+    outcome = search(root, config, max_trials=max_trials, timeout=timeout)
+    study = open_study(root, config, create=False)
+    table = write_table(root, study)
+    plot(study, plot_path)
+    for name in outcome.recovered:
+        click.echo(f"recovered {name} from its experiment (finished before the last run stopped)", err=True)
+    click.echo(f"study {outcome.study}: {outcome.done}/{outcome.target} trials ({len(outcome.failed)} failed now); wrote {table} and {plot_path}")
+    if outcome.best:
+        click.echo(f"best: trial {outcome.best['trial']}, objective {outcome.best['objective']:.4g}: {outcome.best['values']}")
+    if outcome.stopped:
+        click.echo(f"stopped by {outcome.stopped}: rerun `mergeflow tune` to continue (or lower tune.trials to end the study here)")
+    promoted = outcome.promoted
+    if promoted:
+        held = ", ".join(f"{t} {v:.4g}" for t, v in promoted["held_out"].items()) or "none declared"
+        click.echo(f"promoted: trial {promoted['trial']} (experiment {promoted['experiment']}); held-out: {held}")
+    if apply_:
+        if not promoted:
+            raise ValueError(f"study {outcome.study} has {outcome.done} of {outcome.target} trials and no promoted trial yet; "
+                             "run `mergeflow tune` until it finishes (or lower tune.trials), then --apply")
+        items = apply_values(params_file, promoted["values"])
+        click.echo(f"{params_file}: {' '.join(items)}")
+        click.echo(f"next: `dvc repro` (reproduces experiment {promoted['experiment']} from the run cache), then commit params.yaml and dvc.lock")
+
+
+@main.command()
 @click.argument("recipe", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--params", "params_file", default="params.yaml", show_default=True, type=PATH, help="The pipeline's params file to replace.")
 @click.option("--dvc-yaml", default="dvc.yaml", show_default=True, type=PATH, help="Pipeline whose download stages, merge deps and evaluate data deps follow the params.")
@@ -414,8 +459,14 @@ def plan(params_file: Path, tflops: float, as_json: bool) -> None:
     from .params import load_params
     from .plan import format_plan, make_plan
 
-    result = make_plan(load_params(params_file), tflops=tflops)
-    click.echo(json.dumps(result, indent=2) if as_json else format_plan(result))
+    params = load_params(params_file)
+    result = make_plan(params, tflops=tflops)
+    if params.tune.objective and params.tune.space:
+        from .tune.config import load_config
+        from .tune.search import estimate
+
+        result["tune"] = estimate(Path("."), load_config(params_file))
+    click.echo(json.dumps(result, indent=2) if as_json else format_plan(result) + (f"\n{result['tune']}" if "tune" in result else ""))
 
 
 def run() -> None:

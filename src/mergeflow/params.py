@@ -182,6 +182,25 @@ class SubmitParams(Strict):
     choice_delimiter: str = " "       # between input and each choice, as lm-eval's target_delimiter
 
 
+class TuneParams(Strict):
+    """`mergeflow tune`: a search over merge parameters, one DVC experiment per trial (README "Tuning").
+
+    `space` maps a params key (`alpha`, `method`, `merge.<name>`) to `[low, high]`, `{low, high,
+    log}`, `{choices: [...]}` or `simplex` (per-expert weights summing to 1); `objective` and
+    `held_out` map eval tasks to the metric of `metrics/summary.json` whose mean is the score.
+    """
+
+    study: str = Field("tune", pattern=r"^[A-Za-z0-9][A-Za-z0-9_]*$")
+    space: dict[str, Union[str, list[Any], dict[str, Any]]] = {}
+    objective: dict[str, str] = {}    # validation task -> metric: the search maximises their mean
+    held_out: dict[str, str] = {}     # task -> metric, evaluated once, for the promoted trial only
+    direction: Literal["maximize", "minimize"] = "maximize"
+    trials: int = Field(12, ge=1)
+    sampler: Literal["tpe", "cmaes", "grid"] = "tpe"
+    grid_points: int = Field(5, ge=2)  # grid sampler: evenly spaced points of each range
+    seed: int = 0
+
+
 class Params(Strict):
     """The whole `params.yaml`: the two knobs users sweep on top, then one group per stage."""
 
@@ -194,6 +213,7 @@ class Params(Strict):
     merge: MergeParams = MergeParams()
     eval: EvalParams = EvalParams()
     submit: SubmitParams = SubmitParams()
+    tune: TuneParams = TuneParams()
 
     @model_validator(mode="after")
     def _experts_unique(self) -> "Params":
