@@ -36,7 +36,7 @@ def params_with_space(tmp_path: Path, space: dict, **tune) -> Path:
 
 
 @pytest.mark.parametrize(("space", "message"), [
-    ({"merge.densty": [0.1, 0.9]}, "tune.space.merge.densty: unknown parameter 'merge.densty'; a space may set alpha, method, merge.density, merge.scaling, merge.solver_dtype, merge.weights, merge.regmean_lm_head"),
+    ({"merge.densty": [0.1, 0.9]}, "tune.space.merge.densty: unknown parameter 'merge.densty'; a space may set alpha, method, merge.convention, merge.density, merge.epsilon, merge.filter_wise, merge.fisher_floor, merge.gamma, merge.max_iter, merge.normalize, merge.nuslerp_flatten, merge.nuslerp_row_wise, merge.regmean_bias, merge.rescale, merge.scaling, merge.seed, merge.select_topk, merge.solver_dtype, merge.t, merge.tol, merge.use_base, merge.weights, merge.regmean_lm_head"),
     ({"alpha": [0.7, 0.7]}, "tune.space.alpha: empty range [0.7, 0.7]; give [low, high] with low < high"),
     ({"merge.weights": {"choices": [[0.5, 0.5], [0.8, 0.3]]}}, "tune.space.merge.weights: weights [0.8, 0.3] sum to 1.1, not 1; every choice must lie on the simplex"),
     ({"merge.weights": [0, 1]}, "tune.space.merge.weights: per-expert weights are `simplex` or {choices: [[w1, ..., w2], ...]} summing to 1, got [0, 1]"),

@@ -299,9 +299,8 @@ def merge_models(
 
     `lm_head`: gram methods solve the output layer too (RegMean; never when tied); `device`: where
     the method computes (cpu, cuda, auto). An existing `out` is replaced only with `overwrite` and
-    only if it is a merged model written by mergeflow that holds nothing else (`atomic.check_replaceable`).
-    Tensors are merged in the order of the method's `group` (work shared inside a group is done once).
-    """
+    only if it is a merged model written by mergeflow that holds nothing else (`atomic.check_replaceable`);
+    tensors go in the order of the method's `group` (work shared inside a group is done once)."""
     out = Path(out)
     check_replaceable(out, force=overwrite, inputs=[*experts, *grams, *fisher, *([base] if base is not None else [])], owned_files=merged_files, what="merged model")
     readers, base_reader = open_experts(experts, method, base)
