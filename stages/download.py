@@ -5,8 +5,8 @@ import mergeflow.pinned  # noqa: F401  first: pins the CPU kernels before torch 
 
 from pathlib import Path
 
-from mergeflow.params import STAGE_READS
 from mergeflow.atomic import atomic_file
+from mergeflow.params import STAGE_READS
 from mergeflow.pipeline import check_in_sync
 from mergeflow.stage import run_stage
 from mergeflow.zoo.sources import materialise_base, materialise_eval, materialise_expert

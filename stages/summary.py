@@ -5,8 +5,8 @@ import mergeflow.pinned  # noqa: F401  first: pins the CPU kernels before torch 
 
 from pathlib import Path
 
-from mergeflow.evaluation.harness import evaluation_summary, expert_label
 from mergeflow.atomic import write_json
+from mergeflow.evaluation.harness import evaluation_summary, expert_label
 from mergeflow.params import STAGE_READS
 from mergeflow.plots import SCORES_HEADER, SWEEP_HEADER, score_rows, sweep_rows, write_csv
 from mergeflow.stage import run_stage

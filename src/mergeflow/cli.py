@@ -50,6 +50,19 @@ def param_option(*decls: str, key: str, **kwargs):
     return click.option(*decls, cls=ParamsOption, params_key=key, **kwargs)
 
 
+def calibration_options(command):
+    """The options that choose and tokenise the calibration rows (params `gram.*`), shared by
+    `grams` and `fisher` so that both read the same rows the same way."""
+    for option in reversed([
+        param_option("--text-field", key="gram.text_field", help="Field with the text, or with chat messages [{role, content}] rendered by the model's chat template."),
+        param_option("--max-length", key="gram.max_length", type=click.IntRange(min=1), help="Truncate each text to this many tokens."),
+        param_option("--num-samples", key="gram.num_samples", type=click.IntRange(min=1), help="Use only N rows [default: all]: the first N, or N drawn with --seed."),
+        param_option("--seed", key="gram.seed", type=int, help="Shuffle the rows with this seed before taking --num-samples [default: file order]."),
+    ]):
+        command = option(command)
+    return command
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging (per-module solver residuals, ...).")
 @click.version_option(package_name="mergeflow")
@@ -97,12 +110,9 @@ def list_modules(ctx: click.Context, param: click.Parameter, model: Optional[Pat
 @click.option("--model", required=True, type=EXISTING_DIR, help="Expert: a Hugging Face model directory.")
 @click.option("--data", required=True, type=PATH, help="Calibration data: JSONL, JSON, Parquet or CSV with a text (or chat messages) field.")
 @click.option("--out", required=True, type=PATH, help="Gram directory to write (grams.json + one safetensors file per layer).")
-@param_option("--text-field", key="gram.text_field", help="Field with the text, or with chat messages [{role, content}] rendered by the model's chat template.")
+@calibration_options
 @param_option("--target-field", key="gram.target_field", help="Encoder-decoders (T5, BART): field with each row's target, on which the decoder is teacher-forced.")
-@param_option("--max-length", key="gram.max_length", type=click.IntRange(min=1), help="Truncate each text to this many tokens.")
 @param_option("--batch-size", key="gram.batch_size", type=click.IntRange(min=1), help="Texts per forward pass (sorted by length to limit padding).")
-@param_option("--num-samples", key="gram.num_samples", type=click.IntRange(min=1), help="Use only N rows [default: all]: the first N, or N drawn with --seed.")
-@param_option("--seed", key="gram.seed", type=int, help="Shuffle the rows with this seed before taking --num-samples [default: file order].")
 @param_option("--device", key="gram.device", help="Forward passes on cpu, cuda or auto. Under torchrun with cuda each rank takes GPU LOCAL_RANK of CUDA_VISIBLE_DEVICES.")
 @param_option("--model-dtype", key="gram.model_dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="dtype of the forward pass (bf16 is fine on a GPU: grams are accumulated in --gram-dtype).")
 @param_option("--gram-dtype", key="gram.dtype", type=click.Choice(["float32", "float64"]), help="dtype the grams are accumulated and stored in.")
@@ -356,13 +366,10 @@ def report(exp_show_file: Path | None, repo: Path, revs: tuple[str, ...], all_co
 @click.option("--model", required=True, type=EXISTING_DIR, help="Expert: a Hugging Face model directory.")
 @click.option("--data", required=True, type=PATH, help="Calibration data: JSONL, JSON, Parquet or CSV with a text (or chat messages) field.")
 @click.option("--out", required=True, type=PATH, help="Fisher directory to write (fisher.json + one safetensors file per layer); an earlier one is replaced.")
-@param_option("--text-field", key="gram.text_field", help="Field with the text, or with chat messages rendered by the model's chat template.")
-@param_option("--max-length", key="gram.max_length", type=click.IntRange(min=1), help="Truncate each text to this many tokens.")
-@param_option("--num-samples", key="gram.num_samples", type=click.IntRange(min=1), help="Use only N rows [default: all]: the first N, or N drawn with --seed.")
-@param_option("--seed", key="gram.seed", type=int, help="Shuffle the rows with this seed before taking --num-samples [default: file order].")
+@calibration_options
 @param_option("--device", key="gram.device", help="Forward and backward passes on cpu, cuda or auto.")
 @param_option("--model-dtype", key="gram.model_dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="dtype of the forward and backward pass.")
-@param_option("--dtype", key="gram.dtype", type=click.Choice(["float32", "float64"]), help="dtype the Fisher is accumulated and stored in.")
+@param_option("--gram-dtype", "dtype", key="gram.dtype", type=click.Choice(["float32", "float64"]), help="dtype the Fisher is accumulated and stored in (as the grams').")
 def fisher(model, data, out, text_field, max_length, num_samples, seed, device, model_dtype, dtype) -> None:
     """Compute an expert's diagonal Fisher (for `merge --method fisher`): the mean over calibration
     rows of each parameter's squared gradient of the row's log-likelihood, one row at a time."""

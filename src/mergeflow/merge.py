@@ -30,6 +30,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import atomic_dir, check_replaceable, full_disk_reported, write_json
 from .model_files import BLOCK_BYTES, CheckpointReader, ShardedWriter, TensorSpec, copy_model_files, model_config
 from .fisher.format import FisherDir, check_fisher_match
 from .grams import GramDir
@@ -37,7 +38,6 @@ from .faults import fault_point
 from .finite import check_finite  # noqa: F401  (also this module's name for it)
 from .grams.format import check_grams_match
 from .grams.solve import JointSolve
-from .atomic import atomic_dir, check_replaceable, full_disk_reported, write_json
 from .methods import MergeMethod
 
 log = logging.getLogger(__name__)

@@ -37,12 +37,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .atomic import atomic_dir, check_replaceable, full_disk_reported, remove_path, temporary_name, write_json
 from .model_files import CheckpointReader, ShardedWriter, copy_model_files, torch_dtype
 from .grams.accumulate import StopForward, add_gram, symmetric
 from .grams.batches import pad_batch
 from .grams.collect import length_sorted_batches
 from .grams.data import load_rows, tokenize
-from .atomic import atomic_dir, check_replaceable, full_disk_reported, remove_path, temporary_name, write_json
 from .finite import check_finite
 from .merge import (MERGE_CONFIG, check_disk_space, check_magnitude, check_same_config, check_same_tensors, disk_full_message,
                     merged_files, model_card)

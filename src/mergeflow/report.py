@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .evaluation.harness import expert_label, is_stderr
 from .atomic import atomic_file
+from .evaluation.harness import expert_label, is_stderr
 from .plots import metric_rows
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..model_files import require_model_dir
 from ..atomic import atomic_dir, check_replaceable, write_json
+from ..model_files import require_model_dir
 from ..models import is_encoder_decoder
 from ..params import EvalParams
 from .backends import make_lm, resolve_backend

@@ -25,9 +25,9 @@ from typing import Mapping, Optional, Sequence
 import torch
 from safetensors.torch import save_file
 
-from ..model_files import open_safetensors
-from ..grams.format import disk_errors, file_for, file_record, model_identity, sha256_of
 from ..atomic import atomic_dir, check_replaceable, umask, write_json
+from ..model_files import open_safetensors
+from ..grams.format import disk_errors, file_for, file_record, model_identity, read_index, sha256_of
 
 FORMAT = "mergeflow.fisher/1"
 INDEX = "fisher.json"
@@ -88,12 +88,8 @@ class FisherDir:
     def open(cls, path: str | Path) -> "FisherDir":
         path = Path(path)
         index = path / INDEX
-        if not index.is_file():
-            raise FileNotFoundError(f"{index}: not found; is {path} a Fisher directory written by `mergeflow fisher`?")
-        try:
-            meta = json.loads(index.read_text())
-        except ValueError as err:
-            raise ValueError(f"{index}: not valid JSON ({err}); recompute it with `mergeflow fisher` (or `dvc repro -f fisher@<expert>`)") from None
+        meta = read_index(index, "a Fisher directory written by `mergeflow fisher`",
+                          lambda: "recompute it with `mergeflow fisher` (or `dvc repro -f fisher@<expert>`)")
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ValueError(f"{index}: format {meta.get('format') if isinstance(meta, dict) else None!r} is not {FORMAT!r}")
         if meta.get("skipped"):

@@ -13,8 +13,8 @@ from typing import Sequence
 
 import torch
 
-from ..model_files import open_safetensors
 from ..atomic import atomic_dir
+from ..model_files import open_safetensors
 from .data import parse_shard
 from .format import INDEX, GramDir, GramWriter, check_gram_output
 

@@ -42,16 +42,16 @@ import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Literal, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Optional, Sequence
 
 import torch
 import yaml
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from ..atomic import check_replaceable, full_disk_reported, umask, write_json
 from ..blocks import in_repeated_block, layer_index
 from ..model_files import open_safetensors
-from ..atomic import check_replaceable, full_disk_reported, umask, write_json
 
 FORMAT = "mergeflow.grams/1"
 FORMAT_2 = "mergeflow.grams/2"  # adds Conv1D's `transposed` and the `input_sum` of inputs to biased Linears
@@ -104,6 +104,17 @@ def recompute_command(path: str | Path) -> str:
     if meta.get("shard"):
         args += ["--shard", meta["shard"]]
     return "rm -rf " + shlex.quote(str(path)) + " && " + " ".join(shlex.quote(str(a)) if not a.startswith("<") else a for a in args)
+
+
+def read_index(index: Path, what: str, advice: Callable[[], str]) -> Any:
+    """The JSON index file of an output directory mergeflow wrote (`what` says which kind), or one
+    line when it is missing or not JSON (`advice()`: how to replace it)."""
+    if not index.is_file():
+        raise FileNotFoundError(f"{index}: not found; is {index.parent} {what}?")
+    try:
+        return json.loads(index.read_text())
+    except ValueError as err:
+        raise ValueError(f"{index}: not valid JSON ({err}); {advice()}") from None
 
 
 def recover_advice(path: str | Path, file: Optional[str | Path] = None) -> str:
@@ -171,12 +182,7 @@ class GramDir:
     def open(cls, path: str | Path) -> "GramDir":
         path = Path(path)
         index = path / INDEX
-        if not index.is_file():
-            raise FileNotFoundError(f"{index}: not found; is {path} a gram directory written by `mergeflow grams`?")
-        try:
-            meta = json.loads(index.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{index}: not valid JSON ({err}); {recover_advice(path, index)}") from None
+        meta = read_index(index, "a gram directory written by `mergeflow grams`", lambda: recover_advice(path, index))
         if meta.get("format") not in FORMATS:
             raise ValueError(f"{index}: format {meta.get('format')!r} is not one of {', '.join(map(repr, FORMATS))}; a newer mergeflow wrote it: upgrade mergeflow")
         reduction = meta.get("reduction", "sum")

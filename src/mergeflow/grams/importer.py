@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..model_files import is_tied, model_config
 from ..atomic import atomic_dir
+from ..model_files import is_tied, model_config
 from .format import GramRef, GramWriter, by_file, check_gram_output, disk_errors, format_for, model_identity
 from .modules import SolvedModule, discover_dir
 

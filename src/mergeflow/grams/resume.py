@@ -37,8 +37,8 @@ from typing import Iterable, Mapping, Optional, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..faults import fault_point
 from ..atomic import OWNER_FILE, atomic_file, claim_dir, publish, remove_path, umask, write_json
+from ..faults import fault_point
 from .format import FORMAT, INDEX, GramRef, GramWriter, disk_errors, file_record, save_tensors
 
 log = logging.getLogger(__name__)

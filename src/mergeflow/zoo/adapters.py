@@ -13,8 +13,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from ..model_files import require_model_dir
 from ..atomic import atomic_dir
+from ..model_files import require_model_dir
 
 log = logging.getLogger(__name__)
 ADAPTER_CONFIG = "adapter_config.json"

@@ -23,9 +23,9 @@ import re
 import shutil
 from pathlib import Path
 
+from ..atomic import atomic_dir, atomic_file
 from ..model_files import require_model_dir
 from ..submission import COLUMNS, read_test_csv
-from ..atomic import atomic_dir, atomic_file
 from ..params import DataParams, HubModel, Params
 from .adapters import is_adapter, materialise_adapter
 
