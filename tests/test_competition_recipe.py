@@ -66,7 +66,7 @@ def test_competition_recipe_end_to_end_on_toy_stand_ins(tmp_path_factory):
     params = deep_update(yaml.safe_load((repo / "params.yaml").read_text()), CPU)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run(["dvc", "repro", "evaluate", "submit"], repo, env)  # the reference evaluations of base and experts are left out
-    assert ran(out) == {"download-base", "download@gsm8k", "download@fingpt", "download-eval", "gram@gsm8k", "gram@fingpt", "merge", "evaluate", "submit"}
+    assert ran(out) == {"download-base", "download@gsm8k", "download@fingpt", "download-eval", "gram@gsm8k", "gram@fingpt", "fisher@gsm8k", "fisher@fingpt", "merge", "evaluate", "submit"}
 
     merge_config = json.loads((repo / "models" / "merged" / "mergeflow_merge.json").read_text())
     assert merge_config["method"] == "average" and merge_config["weights"] == [0.8, 0.2]

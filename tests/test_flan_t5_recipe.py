@@ -58,7 +58,7 @@ def test_flan_t5_recipe_end_to_end_on_toy_stand_ins(tmp_path_factory):
     params = deep_update(yaml.safe_load((repo / "params.yaml").read_text()), CPU)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run(["dvc", "repro", "evaluate", "submit"], repo, env)
-    assert ran(out) == {"download-base", "download@wiki_qa", "download@hotpotqa", "download-eval", "gram@wiki_qa", "gram@hotpotqa", "merge", "evaluate", "submit"}
+    assert ran(out) == {"download-base", "download@wiki_qa", "download@hotpotqa", "download-eval", "gram@wiki_qa", "gram@hotpotqa", "fisher@wiki_qa", "fisher@hotpotqa", "merge", "evaluate", "submit"}  # fisher@: markers (method regmean)
 
     grams = json.loads((repo / "models" / "grams" / "wiki_qa" / "grams.json").read_text())
     assert grams["calibration"]["target_field"] == "target" and len(grams["modules"]) == 36  # every encoder and decoder Linear
