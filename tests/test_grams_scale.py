@@ -162,7 +162,8 @@ def test_torchrun_two_ranks_equal_one_process(experts, calib_file, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([*torchrun, "-m", "mergeflow", *map(str, args), "--out", tmp_path / "two"], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    first_failure = next((line for line in proc.stderr.splitlines() if "[rank0]" in line and "Error" in line), "")
+    assert proc.returncode == 0, f"{first_failure}\n{proc.stderr[-3000:]}"  # a rank that crashes first names itself
     assert_same_grams(tmp_path / "two", tmp_path / "one", exact=False)
 
 
