@@ -61,9 +61,9 @@ SELECT_TOPK = Param("select_topk", float, 1.0, "fraction of entries kept, those 
 class Sce(MergeMethod):
     name = "sce"
     paper = "https://arxiv.org/abs/2408.07990"
-    params = (SELECT_TOPK,)
     uses_base = True
-    row_separable = False
+    row_separable = False  # the variance ranking is over the whole tensor
+    params = (SELECT_TOPK,)
 
     def merge(self, name: str, tensors: Sequence[torch.Tensor], *, grams: Optional[Sequence[GramLoader]] = None, base: Optional[torch.Tensor] = None) -> torch.Tensor:
         return sce(base, tensors, select_topk=self.value("select_topk", name))
