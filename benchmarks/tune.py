@@ -61,7 +61,7 @@ def main() -> None:
         (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
         cold, _ = timed(["dvc", "repro"], repo, env)
         run(["git", "add", "-A"], repo, env)
-        run(["git", "commit", "-qm", "repro"], repo, env)
+        run(["git", "commit", "-qm", "repro", "--allow-empty"], repo, env)
         baseline = head_commit(repo)
         grid, grid_seconds = {}, 0.0
         for alpha in GRID:
