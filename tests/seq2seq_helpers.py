@@ -50,18 +50,9 @@ def make_tiny_t5(path: Path, seed: int, *, d_model: int = 16, layers: int = 2, d
 
 def make_t5_lora(base: Path, out: Path, rank: int, alpha: int, seed: int) -> Path:
     """A LoRA adapter on q and v (as the lorahub Flan-T5 experts) with random, non-zero A and B."""
-    from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoModelForSeq2SeqLM
+    from test_adapters import make_lora
 
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForSeq2SeqLM.from_pretrained(base),
-                           LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q", "v"], task_type=TaskType.SEQ_2_SEQ_LM))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    model.save_pretrained(out)
-    return out
+    return make_lora(base, out, rank, alpha, seed, seq2seq=True)
 
 
 def make_tiny_bart(path: Path, seed: int) -> Path:

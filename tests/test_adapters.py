@@ -13,13 +13,16 @@ from mergeflow.params import Params
 from mergeflow.zoo.sources import materialise
 
 
-def make_lora(base: Path, out: Path, rank: int, alpha: int, seed: int) -> Path:
-    """A LoRA adapter on q/v and down_proj with random (non-zero) A and B, as training leaves them."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+def make_lora(base: Path, out: Path, rank: int, alpha: int, seed: int, *, seq2seq: bool = False) -> Path:
+    """A LoRA adapter with random (non-zero) A and B, as training leaves them: on q/v and down_proj
+    of a Llama, or (`seq2seq`) on q and v of a T5, as the lorahub Flan-T5 experts."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "v_proj", "down_proj"]))
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q", "v"], task_type=TaskType.SEQ_2_SEQ_LM) if seq2seq else (
+        LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "v_proj", "down_proj"]))
+    model = get_peft_model((AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(base), config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:

@@ -6,8 +6,6 @@ competition's CSVs. Only what cannot run on 2 CPU cores is overridden (device, d
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -16,6 +14,7 @@ import yaml
 from helpers import copy_repo, ran, run, state
 from seq2seq_helpers import make_t5_lora, make_tiny_t5
 from test_competition_recipe import competition_csvs, deep_update
+from test_sources import fill_hub_cache
 
 pytestmark = pytest.mark.slow
 CPU = {"gram": {"device": "cpu", "model_dtype": "float32", "num_samples": 8, "max_length": 32, "dtype": "float64"},
@@ -23,19 +22,6 @@ CPU = {"gram": {"device": "cpu", "model_dtype": "float32", "num_samples": 8, "ma
        "eval": {"backend": "auto", "limit": 2, "max_gen_toks": 4, "hf": {"dtype": "float32", "batch_size": 8, "device": "cpu"}},
        "submit": {"max_new_tokens": 4}}
 MAIN = "0123456789abcdef0123456789abcdef01234567"
-
-
-def fill_hub_cache(cache: Path, repo_id: str, model_dir: Path, commit: str) -> None:
-    """Lay `model_dir` out as huggingface_hub does at `commit`: blobs/, snapshots/<commit>/ links, refs/main."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    snap = repo / "snapshots" / commit
-    for folder in (repo / "refs", snap, repo / "blobs"):
-        folder.mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    for i, f in enumerate(sorted(model_dir.iterdir())):
-        blob = repo / "blobs" / f"blob{i}"
-        blob.write_bytes(f.read_bytes())
-        os.symlink(os.path.relpath(blob, snap), snap / f.name)
 
 
 def test_flan_t5_recipe_end_to_end_on_toy_stand_ins(tmp_path_factory):

@@ -14,14 +14,13 @@ from mergeflow.zoo.sources import materialise
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
 
-def fill_hub_cache(cache, repo_id, model_dir):
-    """Lay `model_dir` out as huggingface_hub does: blobs/, snapshots/<sha>/ links, refs/main."""
+def fill_hub_cache(cache, repo_id, model_dir, commit=SHA):
+    """Lay `model_dir` out as huggingface_hub does at `commit`: blobs/, snapshots/<commit>/ links, refs/main."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(SHA)
-    snap = repo / "snapshots" / SHA
-    snap.mkdir(parents=True)
-    (repo / "blobs").mkdir()
+    snap = repo / "snapshots" / commit
+    for folder in (repo / "refs", snap, repo / "blobs"):
+        folder.mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
     for i, f in enumerate(sorted(model_dir.iterdir())):
         blob = repo / "blobs" / f"blob{i}"
         blob.write_bytes(f.read_bytes())
