@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -176,3 +177,21 @@ def refused(args: list[str], capsys, victim: Path, message: str) -> int:
     assert (code, err) == (1, f"mergeflow: error: {message}\n")
     assert snapshot(victim) == before
     return bytes_lost(before, victim)
+
+
+@contextmanager
+def input_grams(linears: dict[str, torch.nn.Module]):
+    """Sums of x x^T of each module's inputs over the forward passes run inside the block (the
+    direct computation the gram tests compare with); yields the dict they accumulate in."""
+    sums: dict[str, torch.Tensor] = {}
+
+    def add(name: str, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        sums[name] = sums.get(name, 0) + x.T @ x
+
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: add(name, args[0])) for name, m in linears.items()]
+    try:
+        yield sums
+    finally:
+        for h in hooks:
+            h.remove()

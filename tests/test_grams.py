@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import input_grams
 
 from mergeflow.grams import FORMAT, GramDir
 from mergeflow.grams.collect import compute_grams
@@ -19,21 +20,12 @@ def direct_grams(model_dir, texts, max_length):
     """One unpadded text at a time, float64: sum of x x^T of every block Linear's input."""
     model, tok = load_model(model_dir)
     model.double()
-    sums: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name, linear in discover(model).linears().items():
-        def hook(mod, args, name=name):
-            x = args[0].reshape(-1, args[0].shape[-1])
-            sums[name] = sums.get(name, 0) + x.T @ x
-        hooks.append(linear.register_forward_pre_hook(hook))
     tokens = 0
-    with torch.no_grad():
+    with input_grams(discover(model).linears()) as sums, torch.no_grad():
         for text in texts:
             ids = tok(text, truncation=True, max_length=max_length, return_tensors="pt")
             model(**ids)
             tokens += ids["input_ids"].numel()
-    for h in hooks:
-        h.remove()
     return sums, tokens
 
 

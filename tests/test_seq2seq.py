@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from helpers import state
+from helpers import input_grams, state
 from mergeflow.grams import GramDir
 from mergeflow.grams.collect import compute_grams
 from mergeflow.params import GramParams
@@ -59,23 +59,14 @@ def direct_grams(model_dir, rows, max_length):
     shifted right behind its start token; sum of x x^T of every block Linear's input."""
     model, tok = load_model(model_dir)
     model.double()
-    sums: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name, linear in block_linears(model).items():
-        def hook(mod, args, name=name):
-            x = args[0].reshape(-1, args[0].shape[-1])
-            sums[name] = sums.get(name, 0) + x.T @ x
-        hooks.append(linear.register_forward_pre_hook(hook))
     tokens = 0
-    with torch.no_grad():
+    with input_grams(block_linears(model)) as sums, torch.no_grad():
         for row in rows:
             ids = tok(row["input"], truncation=True, max_length=max_length)["input_ids"]
             labels = tok(text_target=row["target"], truncation=True, max_length=max_length)["input_ids"] if "target" in row else []
             decoder = [model.config.decoder_start_token_id, *labels[:-1]]
             model(input_ids=torch.tensor([ids]), decoder_input_ids=torch.tensor([decoder]), use_cache=False)
             tokens += len(ids)
-    for h in hooks:
-        h.remove()
     return sums, tokens
 
 
