@@ -276,9 +276,10 @@ def accumulate_group(run: GramPass, g: int, ckpt: GramResume, ranks: "Distribute
     if ranks.main:
         write_group(ckpt, acc.result(), run.modules, run.dtype, format_for(run.refs().values()))
         ckpt.save(Progress(g + 1, 0, int(count)), {})
-    ranks.barrier()
+    ranks.barrier()  # rank 0's finished files come first: no rank's checkpoint claims a group done/ lacks
     if not ranks.main:
         ckpt.save(Progress(g + 1, 0, int(count)), {})
+    ranks.barrier()  # and every rank's checkpoint is written before rank 0 may publish and remove it
     return int(count)
 
 
