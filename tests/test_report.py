@@ -181,3 +181,10 @@ def test_reference_tables_name_the_models_and_metrics_report_produces(recipe):
         assert model in labels or re.fullmatch(r"regmean alpha=\d+(\.\d+)?", model), model
         assert {m.split(".", 1)[0] for m in metrics} <= set(params["eval"]["tasks"]), (model, metrics)
         assert all(0.0 <= v <= 1.0 for v in metrics.values())
+
+
+def test_a_per_layer_alpha_is_left_out_of_the_sweep_with_a_warning(doc):
+    doc[1]["experiments"].append(exp("9" * 40, "tune-trial-3", [0.1, 0.9], "regmean", (0.3, 0.3)))
+    sweep = collect(doc)
+    assert [n for _, n, _ in sweep.points] == ["exp-zero", "main", "exp-half", "exp-one"]
+    assert "tune-trial-3: alpha [0.1, 0.9] is per layer, not one number; left out of the sweep" in sweep.warnings

@@ -163,7 +163,11 @@ def collect(doc: list[dict], method: str = "regmean") -> Sweep:
         models = run.models()
         merged = models.get("merged", {})
         if run.params.get("method") == method and merged and "alpha" in run.params:
-            alpha = float(run.params["alpha"])
+            alpha = run.params["alpha"]
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):  # a per-layer alpha (a tune trial): no point on the axis
+                warnings.append(f"{run.name}: alpha {alpha!r} is per layer, not one number; left out of the sweep")
+                continue
+            alpha = float(alpha)
             if alpha in by_alpha:
                 if by_alpha[alpha][1] != merged:
                     warnings.append(f"alpha={alpha:g}: {by_alpha[alpha][0]} and {run.name} differ (other params changed?); keeping {by_alpha[alpha][0]}")
