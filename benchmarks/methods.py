@@ -13,6 +13,13 @@ subprocess whose tree `memory.py` polls for peak anonymous memory. With `--evalu
 model is scored on the recipe's lm-eval tasks (params.yaml `eval`, no sample logs), and the table
 shows base, experts and every method with lm-eval's standard errors. Results go to
 benchmarks/results/methods-<name>.json and a Markdown table on stdout.
+
+The methods that read the calibration data (`regmean_pp`; `fisher`, whose Fisher directories are
+computed first, once per expert, into the work folder and timed apart) run as the pipeline runs
+them: `stages/merge.py` (and `stages/fisher.py`) of `--root` with a copy of its params.yaml whose
+`method` is theirs, so their rows are chosen and tokenised as the recipe's grams were.
+`--sweep FILE` adds runs with one parameter changed: a YAML mapping `method: {param: [values]}`
+(e.g. `ties: {density: [0.5, 0.8]}`, `regmean: {alpha: [0.5, 0.9]}`), each value one merge.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,11 +50,16 @@ evaluate_model(model, e.tasks, out, params=e, data_root=root)
 """
 
 
-def merge_command(method: str, root: Path, experts: list[str], out: Path) -> list[str]:
+STAGED = ("regmean_pp", "fisher")  # read calibration rows: run through the root's stages and gram params
+
+
+def merge_command(method: str, root: Path, experts: list[str], out: Path, values: dict | None = None) -> list[str]:
     from mergeflow.methods import get_method
 
     cls = get_method(method)
     cmd = [sys.executable, "-m", "mergeflow", "merge", "--method", method, "--out", str(out), "--force"]
+    for name, value in (values or {}).items():
+        cmd += ["--param", f"{name}={json.dumps(value)}"]
     for e in experts:
         cmd += ["--model", str(root / "models" / "experts" / e)]
     if cls.uses_grams:
@@ -65,16 +78,58 @@ def evaluate(root: Path, model: Path, out: Path) -> tuple[dict, float]:
     return json.loads(out.read_text()), time.perf_counter() - start
 
 
-def run_method(method: str, root: Path, experts: list[str], work: Path, evaluate_it: bool) -> dict:
-    out = work / method
+def staged_params(root: Path, method: str, values: dict, path: Path) -> Path:
+    """A copy of the root's params.yaml with `method` and `values` (alpha top level, the rest in `merge`)."""
+    import yaml
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["method"] = method
+    for name, value in values.items():
+        (params if name == "alpha" else params["merge"])[name] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def fisher_dirs(root: Path, experts: list[str], work: Path) -> float:
+    """Each expert's Fisher under work/fisher-dirs/ (once), as the `fisher@<expert>` stage computes it; its seconds."""
+    params, start = staged_params(root, "fisher", {}, work / "params-fisher.yaml"), time.perf_counter()
+    for e in experts:
+        if not (work / "fisher-dirs" / e / "fisher.json").is_file():
+            subprocess.run([sys.executable, "stages/fisher.py", "--params", str(params), "--model", f"models/experts/{e}", "--data", f"data/calib/{e}.jsonl",
+                            "--out", str(work / "fisher-dirs" / e)], cwd=root, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def stage_command(method: str, root: Path, work: Path, label: str, values: dict) -> list[str]:
+    params = staged_params(root, method, values, work / f"params-{label}.yaml")
+    return [sys.executable, "stages/merge.py", "--params", str(params), "--experts", "models/experts", "--grams", "models/grams", "--fisher", str(work / "fisher-dirs"),
+            "--calib", "data/calib", "--base", "models/base", "--out", str(work / label)]
+
+
+def label_of(method: str, values: dict) -> str:
+    return " ".join([method, *(f"{k}={json.dumps(v)}" for k, v in values.items())])
+
+
+def run_method(method: str, root: Path, experts: list[str], work: Path, evaluate_it: bool, values: dict | None = None) -> dict:
+    values = values or {}
+    label = label_of(method, values)
+    out = work / label
+    row = {"method": method, "label": label, "values": values}
+    if method in STAGED:
+        if method == "fisher":
+            row["fisher_seconds"] = round(fisher_dirs(root, experts, work), 2)
+        shutil.rmtree(out, ignore_errors=True)  # the stage replaces only what mergeflow wrote: a merged model of an earlier run
+        cmd, cwd = stage_command(method, root, work, label, values), root
+    else:
+        cmd, cwd = merge_command(method, root, experts, out, values), None
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    m = measure(merge_command(method, root, experts, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    m = measure(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime  # user + sys of the merge: less sensitive to other load than wall time
-    row = {"method": method, "seconds": round(m.seconds, 2), "cpu_seconds": round(cpu, 2), "peak_anon_mib": round(m.peak_anon_bytes / MIB, 1),
-           "peak_rss_mib": round(m.peak_rss_bytes / MIB, 1), "returncode": m.returncode}
+    row.update({"seconds": round(m.seconds, 2), "cpu_seconds": round(cpu, 2), "peak_anon_mib": round(m.peak_anon_bytes / MIB, 1),
+                "peak_rss_mib": round(m.peak_rss_bytes / MIB, 1), "returncode": m.returncode})
     if m.returncode == 0 and evaluate_it:
-        row["metrics"], row["eval_seconds"] = evaluate(root, out, work / f"{method}.json")
+        row["metrics"], row["eval_seconds"] = evaluate(root, out, work / f"{label}.json")
     print(json.dumps(row), file=sys.stderr, flush=True)
     return row
 
@@ -96,10 +151,10 @@ def table(result: dict) -> str:
             rows.append([name, "", "", "", *(score_text(metrics, t, m) for t, m in columns)])
     for row in result["methods"]:
         if row["returncode"]:
-            rows.append([row["method"], f"failed (exit {row['returncode']})", "", "", *("-" for _ in columns)])
+            rows.append([row.get("label", row["method"]), f"failed (exit {row['returncode']})", "", "", *("-" for _ in columns)])
             continue
         cpu = f" ({row['cpu_seconds']:.1f})" if "cpu_seconds" in row else ""
-        rows.append([row["method"], f"{row['seconds']:.1f}{cpu}", f"{row['peak_anon_mib']:.0f}", f"{row['peak_rss_mib']:.0f}",
+        rows.append([row.get("label", row["method"]), f"{row['seconds']:.1f}{cpu}", f"{row['peak_anon_mib']:.0f}", f"{row['peak_rss_mib']:.0f}",
                      *(score_text(row.get("metrics"), t, m) for t, m in columns)])
     return "\n".join("| " + " | ".join(cells) + " |" for cells in rows)
 
@@ -119,6 +174,16 @@ def synthetic_root(case: str) -> Path:
     return root
 
 
+def sweep_runs(path: Path | None) -> list[tuple[str, dict]]:
+    """(method, {param: value}) for each value of each param of a `--sweep` file."""
+    if path is None:
+        return []
+    import yaml
+
+    spec = yaml.safe_load(path.read_text()) or {}
+    return [(method, {name: value}) for method, params in spec.items() for name, values in params.items() for value in values]
+
+
 def read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -131,6 +196,7 @@ def main() -> None:
     parser.add_argument("--methods", default=None, help="comma-separated subset [default: every registered method]")
     parser.add_argument("--evaluate", action="store_true", help="score each merged model on params.yaml's eval tasks")
     parser.add_argument("--work", type=Path, default=None, help="where the merged models go [default: a temporary folder, removed]")
+    parser.add_argument("--sweep", type=Path, default=None, help="YAML `method: {param: [values]}`: one more merge per value (one param changed at a time)")
     args = parser.parse_args()
 
     from mergeflow.methods import available
@@ -145,7 +211,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mergeflow-methods-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        rows = [run_method(m, root, experts, work, args.evaluate) for m in methods]
+        runs = [(m, {}) for m in methods] + sweep_runs(args.sweep)
+        rows = [run_method(m, root, experts, work, args.evaluate, values) for m, values in runs]
     result = {
         "root": root.name, "experts": {e: read_json(root / "metrics" / "experts" / f"{e}.json") for e in experts},
         "base": read_json(root / "metrics" / "base.json"), "methods": rows,
