@@ -47,23 +47,26 @@ from .finite import check_finite
 from .merge import (MERGE_CONFIG, check_disk_space, check_magnitude, check_same_config, check_same_tensors, disk_full_message,
                     merged_files, model_card)
 from .models import load_model
+from .params import GramParams
 
 log = logging.getLogger(__name__)
 HIDDEN_MEMORY = 2 * 2**30  # hidden states kept in memory before they go to disk
 _LAYER = re.compile(r"^(.*?layers)\.(\d+)\.")
+_GRAM_DEFAULTS = GramParams()  # the calibration defaults: params.yaml's `gram` group, one place
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """Each expert's calibration file, and how rows are chosen and forwarded (as for grams)."""
+    """Each expert's calibration file, and how rows are chosen and forwarded (as for grams: the
+    defaults are `GramParams`', params.yaml's `gram` group)."""
 
     files: tuple[Path, ...]
-    text_field: str = "text"
-    max_length: int = 64
-    num_samples: Optional[int] = None
-    seed: Optional[int] = None
-    batch_size: int = 32
-    model_dtype: str = "float32"
+    text_field: str = _GRAM_DEFAULTS.text_field
+    max_length: int = _GRAM_DEFAULTS.max_length
+    num_samples: Optional[int] = _GRAM_DEFAULTS.num_samples
+    seed: Optional[int] = _GRAM_DEFAULTS.seed
+    batch_size: int = _GRAM_DEFAULTS.batch_size
+    model_dtype: str = _GRAM_DEFAULTS.model_dtype
 
 
 class HiddenStore:
