@@ -212,13 +212,14 @@ def main() -> None:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         runs = [(m, {}) for m in methods] + sweep_runs(args.sweep)
-        rows = [run_method(m, root, experts, work, args.evaluate, values) for m, values in runs]
-    result = {
-        "root": root.name, "experts": {e: read_json(root / "metrics" / "experts" / f"{e}.json") for e in experts},
-        "base": read_json(root / "metrics" / "base.json"), "methods": rows,
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"methods-{args.name or args.synthetic or 'toy'}.json").write_text(json.dumps(result, indent=2) + "\n")
+        result = {
+            "root": root.name, "experts": {e: read_json(root / "metrics" / "experts" / f"{e}.json") for e in experts},
+            "base": read_json(root / "metrics" / "base.json"), "methods": [],
+        }
+        RESULTS.mkdir(exist_ok=True)
+        for m, values in runs:  # the file after every run: a long run stopped half way keeps what it measured
+            result["methods"].append(run_method(m, root, experts, work, args.evaluate, values))
+            (RESULTS / f"methods-{args.name or args.synthetic or 'toy'}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
 
 
