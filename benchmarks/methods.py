@@ -193,7 +193,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("."), help="a checkout whose pipeline has run (read only)")
     parser.add_argument("--synthetic", default=None, help="a case of synthetic.py instead of --root (no evaluation)")
     parser.add_argument("--name", default=None, help="results go to benchmarks/results/methods-NAME.json [default: the --synthetic case, else toy]")
-    parser.add_argument("--methods", default=None, help="comma-separated subset [default: every registered method]")
+    parser.add_argument("--methods", default=None, help="comma-separated subset; \"\" for none (with --sweep: only the sweep) [default: every registered method]")
     parser.add_argument("--evaluate", action="store_true", help="score each merged model on params.yaml's eval tasks")
     parser.add_argument("--work", type=Path, default=None, help="where the merged models go [default: a temporary folder, removed]")
     parser.add_argument("--sweep", type=Path, default=None, help="YAML `method: {param: [values]}`: one more merge per value (one param changed at a time)")
@@ -207,7 +207,7 @@ def main() -> None:
     else:
         root = args.root.resolve()
         experts = load_params(root / "params.yaml").experts
-    methods = args.methods.split(",") if args.methods else available()
+    methods = [m for m in args.methods.split(",") if m] if args.methods is not None else available()  # --methods "": the sweep only
     with tempfile.TemporaryDirectory(prefix="mergeflow-methods-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
