@@ -159,6 +159,12 @@ def check_disk_space(out: Path, needed: int) -> None:
         raise OSError(f"{out}: the merged model needs {human_size(needed)} but only {human_size(free)} is free there; free space or choose --out on a larger disk")
 
 
+#: A streaming method's working set per block (`MergeMethod.block_copies` float32 copies of it):
+#: a quarter of BLOCK_BYTES keeps every method under RegMean's peak on SmolLM2's shapes, where
+#: RegMean holds one float32 copy of the 108 MiB embedding (benchmarks/README.md, "Merge methods").
+STREAM_BYTES = BLOCK_BYTES // 4
+
+
 def row_blocks(spec: TensorSpec, row_separable: bool, block_bytes: int) -> list[Optional[slice]]:
     """`[None]` (the whole tensor) or consecutive row slices of about `block_bytes` in float32."""
     as_float32 = spec.numel * 4
@@ -220,18 +226,38 @@ def open_fishers(method: MergeMethod, fisher: Sequence[str | Path], readers: Seq
     return dirs
 
 
+def stream_blocks(spec: TensorSpec, method: MergeMethod, inputs: int) -> list[Optional[slice]]:
+    """The row blocks `merge_tensor` reads: for a streaming method (`block_copies`), blocks whose
+    working set fits STREAM_BYTES; else whole tensors, or BLOCK_BYTES blocks when row-separable."""
+    copies = method.block_copies(inputs)
+    if copies is None:
+        return row_blocks(spec, method.row_separable, BLOCK_BYTES)
+    return row_blocks(spec, True, STREAM_BYTES // max(1, copies))
+
+
 def merge_tensor(spec: TensorSpec, method: MergeMethod, readers: Sequence[CheckpointReader], base: Optional[CheckpointReader], *, check_magnitudes: bool,
                  joint: Optional[JointSolve] = None, fishers: Sequence[FisherDir] = ()) -> Iterator[torch.Tensor]:
-    """The merged tensor `spec`, block of rows by block of rows (one block unless huge and row-separable);
-    methods that read a Fisher get each expert's Fisher of the same rows (`fishers`)."""
+    """The merged tensor `spec`, block of rows by block of rows (one block unless huge and row-separable,
+    or streaming); methods that read a Fisher get each expert's Fisher of the same rows (`fishers`);
+    streaming methods with `statistics` get them gathered over every block first (`stats=`)."""
     if joint and joint.module_of(spec.name):
         yield from merge_joint(spec, joint, method, readers, base, check_magnitudes=check_magnitudes)
         return
     handles = method.gram_handles(spec.name) if method.uses_grams else None
-    for rows in row_blocks(spec, method.row_separable, BLOCK_BYTES):
-        tensors = [check_finite(r.get(spec.name, rows), f"{r.path}: {spec.name}") for r in readers]
-        base_tensor = check_finite(base.get(spec.name, rows), f"{base.path}: {spec.name}") if base else None
+    inputs = len(readers) + (base is not None)
+    blocks = stream_blocks(spec, method, inputs)
+    read = lambda rows: ([check_finite(r.get(spec.name, rows), f"{r.path}: {spec.name}") for r in readers],  # noqa: E731
+                         check_finite(base.get(spec.name, rows), f"{base.path}: {spec.name}") if base else None)
+    stats = method.statistics(spec.name, spec.shape) if method.block_copies(inputs) is not None else None
+    for step in range(stats.passes if stats is not None else 0):
+        for rows in blocks:
+            stats.observe(step, *read(rows))
+        stats.end_pass(step)
+    for rows in blocks:
+        tensors, base_tensor = read(rows)
         extra = {"fisher": [f.get(spec.name, rows) for f in fishers]} if fishers else {}
+        if stats is not None:
+            extra["stats"] = stats
         merged = check_finite(method.merge(spec.name, tensors, grams=handles, base=base_tensor, **extra), f"merged tensor {spec.name}")
         if merged.shape != tensors[0].shape:
             raise ValueError(f"method {method.name!r} returned shape {tuple(merged.shape)} for {spec.name}, expected {tuple(tensors[0].shape)}")
