@@ -12,7 +12,8 @@ import torch
 
 from mergeflow import merge
 from mergeflow.merge import merge_models
-from mergeflow.methods import get_method
+from mergeflow.methods import MergeMethod, get_method
+from mergeflow.methods.streaming import Statistics, gather
 
 from helpers import make_tiny_llama, state
 
@@ -82,3 +83,41 @@ def test_methods_without_the_protocol_keep_their_blocks(experts, tmp_path, monke
     monkeypatch.setattr(merge, "STREAM_BYTES", 2048)
     merge_models(experts, get_method("average")(), tmp_path / "avg")
     assert set(blocks.values()) == {1}
+
+
+class Total(Statistics):
+    """The sum and count of the first expert's entries, over every block."""
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def observe(self, step, tensors, base):
+        self.total += float(tensors[0].double().sum())
+        self.count += tensors[0].numel()
+
+
+class Centred(MergeMethod):
+    """A plugin using the protocol: the first expert minus its whole tensor's mean."""
+
+    name = "centred"
+
+    def block_copies(self, inputs):
+        return inputs + 2
+
+    def statistics(self, name, shape):
+        return Total()
+
+    def merge(self, name, tensors, *, grams=None, base=None, stats=None):
+        stats = stats or gather(Total(), tensors, base)
+        return tensors[0].to(torch.float32) - stats.total / stats.count
+
+
+def test_a_plugin_gets_statistics_of_the_whole_tensor_in_blocks(experts, tmp_path, monkeypatch):
+    """The plugin's blocks are centred by the mean of the whole tensor, not of their own rows."""
+    blocks = count_blocks(monkeypatch)
+    monkeypatch.setattr(merge, "STREAM_BYTES", 1024)
+    merge_models(experts, Centred(), tmp_path / "out")
+    assert blocks["model.embed_tokens.weight"] > 10
+    merged, first = state(tmp_path / "out"), state(experts[0])
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, first[name] - first[name].double().mean().float(), rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic import atomic_dir, check_replaceable, full_disk_reported, write_json
-from .model_files import BLOCK_BYTES, CheckpointReader, ShardedWriter, TensorSpec, copy_model_files, model_config
+from .model_files import BLOCK_BYTES, STREAM_BYTES, CheckpointReader, ShardedWriter, TensorSpec, copy_model_files, model_config
 from .fisher.format import FisherDir, check_fisher_match
 from .grams import GramDir
 from .faults import fault_point
@@ -157,12 +157,6 @@ def check_disk_space(out: Path, needed: int) -> None:
     free = usage.free
     if usage.total and free < needed:  # total 0: a filesystem that reports nothing (some FUSE mounts)
         raise OSError(f"{out}: the merged model needs {human_size(needed)} but only {human_size(free)} is free there; free space or choose --out on a larger disk")
-
-
-#: A streaming method's working set per block (`MergeMethod.block_copies` float32 copies of it):
-#: a quarter of BLOCK_BYTES keeps every method under RegMean's peak on SmolLM2's shapes, where
-#: RegMean holds one float32 copy of the 108 MiB embedding (benchmarks/README.md, "Merge methods").
-STREAM_BYTES = BLOCK_BYTES // 4
 
 
 def row_blocks(spec: TensorSpec, row_separable: bool, block_bytes: int) -> list[Optional[slice]]:

@@ -13,7 +13,7 @@ for methods that need numbers of the whole tensor (norms, angles, magnitude rank
 - `block_copies(inputs)`: how many float32 copies of one block the method holds at its peak,
   its `inputs` (experts and base) upcast included. A method returning a number (None: not
   streaming, as above) gets blocks of rows sized so that all those copies fit `STREAM_BYTES`
-  (`merge.py`): the larger its working set, the smaller its blocks. Blocks follow from shapes and
+  (`model_files.py`): the larger its working set, the smaller its blocks. Blocks follow from shapes and
   constants only, never from the machine, so results do not change from one machine to another.
 - `statistics(name, shape)`: None, or a `streaming.Statistics` the engine feeds every block of
   the tensor, `passes` times over, before merging them; `merge` then receives it as `stats=`
