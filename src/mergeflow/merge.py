@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic import atomic_dir, check_replaceable, full_disk_reported, write_json
+from .heap import fix_mmap_threshold
 from .model_files import BLOCK_BYTES, STREAM_BYTES, CheckpointReader, ShardedWriter, TensorSpec, copy_model_files, model_config
 from .fisher.format import FisherDir, check_fisher_match
 from .grams import GramDir
@@ -322,6 +323,7 @@ def merge_models(
     only if it is a merged model written by mergeflow that holds nothing else (`atomic.check_replaceable`);
     tensors go in the order of the method's `group` (work shared inside a group is done once)."""
     out = Path(out)
+    fix_mmap_threshold()  # row blocks freed go back to the OS, not into a fragmented heap (heap.py)
     check_replaceable(out, force=overwrite, inputs=[*experts, *grams, *fisher, *([base] if base is not None else [])], owned_files=merged_files, what="merged model")
     readers, base_reader = open_experts(experts, method, base)
     gram_dirs = open_grams(grams, experts, method, verify=checks.verify_inputs)
