@@ -16,6 +16,13 @@ choice; DARE's and DELLA's papers divide each kept entry by its keep probability
 same in expectation). Random sparsifiers draw from the `torch.Generator` they are given, in
 exactly mergekit's calls, so that with a generator seeded like torch's global one they keep
 the same entries as mergekit does (the tests rely on this).
+
+The engine streams these methods in row blocks (`MergeMethod.statistics`): each sparsifier is a
+`Thinning`, which finds what it needs of the whole tensor in passes over the blocks first (exact
+magnitude ranks, `RankThinning`; the generator states of each expert's draw, `RandomThinning`;
+the L1 norms for `rescale`, in float64) and then thins each block as the whole tensor would be:
+the same entries kept, the rescale factor equal to float rounding. `magnitude`,
+`magnitude_outliers`, `bernoulli` and `della_magprune` do the same on one whole tensor.
 """
 
 from __future__ import annotations
