@@ -347,22 +347,27 @@ def merge_models(
         writer.close()
         fault_point("merge:shards-written")
         copy_model_files(experts[0], tmp)
-        config = {
-            **method.config(),
-            "experts": [str(e) for e in experts],
-            "base": str(base) if base_reader else None,
-            "grams": [str(g.path) for g in gram_dirs],
-            "num_tokens": [g.num_tokens for g in gram_dirs],
-            "gram_reductions": [g.reduction for g in gram_dirs],
-            **({"fisher": [str(f.path) for f in fisher_dirs]} if fisher_dirs else {}),
-            **method.report(),
-        }
+        config = merge_config(method, experts, base if base_reader else None, gram_dirs, fisher_dirs)
         (tmp / "README.md").write_text(model_card(config))
         config["files"] = sorted({p.name for p in tmp.iterdir()} | {MERGE_CONFIG})  # what --force may replace later
         write_json(tmp / MERGE_CONFIG, config)
         fault_point("merge:files-written")
     log.info("merged %d tensors of %d experts with %s -> %s", len(specs), len(experts), method.name, out)
     return config
+
+
+def merge_config(method: MergeMethod, experts: Sequence[str | Path], base: Optional[str | Path], gram_dirs: Sequence[GramDir], fisher_dirs: Sequence[FisherDir]) -> dict:
+    """What mergeflow_merge.json records: the method and its params, the inputs it read, its report."""
+    return {
+        **method.config(),
+        "experts": [str(e) for e in experts],
+        "base": str(base) if base is not None else None,
+        "grams": [str(g.path) for g in gram_dirs],
+        "num_tokens": [g.num_tokens for g in gram_dirs],
+        "gram_reductions": [g.reduction for g in gram_dirs],
+        **({"fisher": [str(f.path) for f in fisher_dirs]} if fisher_dirs else {}),
+        **method.report(),
+    }
 
 
 def model_card(config: dict) -> str:
