@@ -14,6 +14,7 @@ from mergeflow import merge
 from mergeflow.merge import merge_models
 from mergeflow.methods import MergeMethod, get_method
 from mergeflow.methods.streaming import Statistics, gather
+from mergeflow.model_files import STREAM_BYTES, TensorSpec
 
 from helpers import make_tiny_llama, state
 
@@ -121,3 +122,17 @@ def test_a_plugin_gets_statistics_of_the_whole_tensor_in_blocks(experts, tmp_pat
     merged, first = state(tmp_path / "out"), state(experts[0])
     for name, tensor in merged.items():
         torch.testing.assert_close(tensor, first[name] - first[name].double().mean().float(), rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_stream_blocks_fit_the_working_set():
+    """SmolLM2's embedding (49152 x 576) under ties with two experts and a base (12 block copies):
+    consecutive blocks of the most rows whose 12 float32 copies fit STREAM_BYTES; average keeps
+    the whole tensor (108 MiB < BLOCK_BYTES), as before the protocol."""
+    spec = TensorSpec("model.embed_tokens.weight", (49152, 576), torch.bfloat16)
+    ties = get_method("ties")()
+    blocks = merge.stream_blocks(spec, ties, 3)
+    row_bytes = 576 * 4 * ties.block_copies(3)
+    rows = blocks[0].stop
+    assert ties.block_copies(3) == 12 and rows * row_bytes <= STREAM_BYTES < (rows + 1) * row_bytes
+    assert [(b.start, b.stop) for b in blocks] == [(s, min(s + rows, 49152)) for s in range(0, 49152, rows)]
+    assert merge.stream_blocks(spec, get_method("average")(), 2) == [None]
