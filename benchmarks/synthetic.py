@@ -8,6 +8,7 @@ format (`X^T X + ridge`, one key shared by q/k/v and by gate/up, as `mergeflow g
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,7 +16,28 @@ from safetensors.torch import save_file
 
 from mergeflow.model_files import ShardedWriter, TensorSpec
 from mergeflow.grams.format import FORMAT, file_for
-from mergeflow.plan import Shape
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes of a synthetic Llama (mergeflow.plan.Shape reads real configs; this one is written by hand)."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    dtype: str
+
+    @property
+    def linears(self) -> list[tuple[str, int, int]]:
+        """(name, in, out) of one layer's Linears."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        h, i = self.hidden, self.intermediate
+        return [("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h), ("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h)]
 
 
 CASES = {

@@ -31,7 +31,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic import atomic_dir, check_replaceable, full_disk_reported, write_json
-from .model_files import BLOCK_BYTES, CheckpointReader, ShardedWriter, TensorSpec, copy_model_files, model_config
+from .heap import fix_mmap_threshold
+from .model_files import BLOCK_BYTES, STREAM_BYTES, CheckpointReader, ShardedWriter, TensorSpec, copy_model_files, model_config
 from .fisher.format import FisherDir, check_fisher_match
 from .grams import GramDir
 from .faults import fault_point
@@ -220,18 +221,38 @@ def open_fishers(method: MergeMethod, fisher: Sequence[str | Path], readers: Seq
     return dirs
 
 
+def stream_blocks(spec: TensorSpec, method: MergeMethod, inputs: int) -> list[Optional[slice]]:
+    """The row blocks `merge_tensor` reads: for a streaming method (`block_copies`), blocks whose
+    working set fits STREAM_BYTES; else whole tensors, or BLOCK_BYTES blocks when row-separable."""
+    copies = method.block_copies(inputs)
+    if copies is None:
+        return row_blocks(spec, method.row_separable, BLOCK_BYTES)
+    return row_blocks(spec, True, STREAM_BYTES // max(1, copies))
+
+
 def merge_tensor(spec: TensorSpec, method: MergeMethod, readers: Sequence[CheckpointReader], base: Optional[CheckpointReader], *, check_magnitudes: bool,
                  joint: Optional[JointSolve] = None, fishers: Sequence[FisherDir] = ()) -> Iterator[torch.Tensor]:
-    """The merged tensor `spec`, block of rows by block of rows (one block unless huge and row-separable);
-    methods that read a Fisher get each expert's Fisher of the same rows (`fishers`)."""
+    """The merged tensor `spec`, block of rows by block of rows (one block unless huge and row-separable,
+    or streaming); methods that read a Fisher get each expert's Fisher of the same rows (`fishers`);
+    streaming methods with `statistics` get them gathered over every block first (`stats=`)."""
     if joint and joint.module_of(spec.name):
         yield from merge_joint(spec, joint, method, readers, base, check_magnitudes=check_magnitudes)
         return
     handles = method.gram_handles(spec.name) if method.uses_grams else None
-    for rows in row_blocks(spec, method.row_separable, BLOCK_BYTES):
-        tensors = [check_finite(r.get(spec.name, rows), f"{r.path}: {spec.name}") for r in readers]
-        base_tensor = check_finite(base.get(spec.name, rows), f"{base.path}: {spec.name}") if base else None
+    inputs = len(readers) + (base is not None)
+    blocks = stream_blocks(spec, method, inputs)
+    read = lambda rows: ([check_finite(r.get(spec.name, rows), f"{r.path}: {spec.name}") for r in readers],  # noqa: E731
+                         check_finite(base.get(spec.name, rows), f"{base.path}: {spec.name}") if base else None)
+    stats = method.statistics(spec.name, spec.shape) if method.block_copies(inputs) is not None else None
+    for step in range(stats.passes if stats is not None else 0):
+        for rows in blocks:
+            stats.observe(step, *read(rows))
+        stats.end_pass(step)
+    for rows in blocks:
+        tensors, base_tensor = read(rows)
         extra = {"fisher": [f.get(spec.name, rows) for f in fishers]} if fishers else {}
+        if stats is not None:
+            extra["stats"] = stats
         merged = check_finite(method.merge(spec.name, tensors, grams=handles, base=base_tensor, **extra), f"merged tensor {spec.name}")
         if merged.shape != tensors[0].shape:
             raise ValueError(f"method {method.name!r} returned shape {tuple(merged.shape)} for {spec.name}, expected {tuple(tensors[0].shape)}")
@@ -302,6 +323,7 @@ def merge_models(
     only if it is a merged model written by mergeflow that holds nothing else (`atomic.check_replaceable`);
     tensors go in the order of the method's `group` (work shared inside a group is done once)."""
     out = Path(out)
+    fix_mmap_threshold()  # row blocks freed go back to the OS, not into a fragmented heap (heap.py)
     check_replaceable(out, force=overwrite, inputs=[*experts, *grams, *fisher, *([base] if base is not None else [])], owned_files=merged_files, what="merged model")
     readers, base_reader = open_experts(experts, method, base)
     gram_dirs = open_grams(grams, experts, method, verify=checks.verify_inputs)
@@ -325,22 +347,27 @@ def merge_models(
         writer.close()
         fault_point("merge:shards-written")
         copy_model_files(experts[0], tmp)
-        config = {
-            **method.config(),
-            "experts": [str(e) for e in experts],
-            "base": str(base) if base_reader else None,
-            "grams": [str(g.path) for g in gram_dirs],
-            "num_tokens": [g.num_tokens for g in gram_dirs],
-            "gram_reductions": [g.reduction for g in gram_dirs],
-            **({"fisher": [str(f.path) for f in fisher_dirs]} if fisher_dirs else {}),
-            **method.report(),
-        }
+        config = merge_config(method, experts, base if base_reader else None, gram_dirs, fisher_dirs)
         (tmp / "README.md").write_text(model_card(config))
         config["files"] = sorted({p.name for p in tmp.iterdir()} | {MERGE_CONFIG})  # what --force may replace later
         write_json(tmp / MERGE_CONFIG, config)
         fault_point("merge:files-written")
     log.info("merged %d tensors of %d experts with %s -> %s", len(specs), len(experts), method.name, out)
     return config
+
+
+def merge_config(method: MergeMethod, experts: Sequence[str | Path], base: Optional[str | Path], gram_dirs: Sequence[GramDir], fisher_dirs: Sequence[FisherDir]) -> dict:
+    """What mergeflow_merge.json records: the method and its params, the inputs it read, its report."""
+    return {
+        **method.config(),
+        "experts": [str(e) for e in experts],
+        "base": str(base) if base is not None else None,
+        "grams": [str(g.path) for g in gram_dirs],
+        "num_tokens": [g.num_tokens for g in gram_dirs],
+        "gram_reductions": [g.reduction for g in gram_dirs],
+        **({"fisher": [str(f.path) for f in fisher_dirs]} if fisher_dirs else {}),
+        **method.report(),
+    }
 
 
 def model_card(config: dict) -> str:

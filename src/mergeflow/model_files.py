@@ -38,6 +38,10 @@ CODES = {dtype: code for code, dtype in DTYPES.items()}
 NAMED_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Largest block of rows a tensor is streamed in (reading, merging, writing): memory per tensor.
 BLOCK_BYTES = 256 * 2**20
+# A streaming merge method's working set per block (`MergeMethod.block_copies` float32 copies of
+# it): a quarter of BLOCK_BYTES keeps every method under RegMean's peak on SmolLM2's shapes, where
+# RegMean holds one float32 copy of the 108 MiB embedding (benchmarks/README.md, "Merge methods").
+STREAM_BYTES = BLOCK_BYTES // 4
 CONFIG = "config.json"
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .model_files import BLOCK_BYTES, CONFIG, NAMED_DTYPES, is_tied, model_config, require_model_dir, torch_dtype
+from .model_files import BLOCK_BYTES, CONFIG, STREAM_BYTES, NAMED_DTYPES, is_tied, model_config, require_model_dir, torch_dtype
 from .grams.accumulate import panel_bounds
 from .params import HubModel, Params
 
@@ -99,7 +99,7 @@ class Shape:
     def merge_peak_bytes(self, experts: int, lm_head: bool, solver_dtype: str = "float32", *, solves: bool = True) -> int:
         s = torch_dtype(solver_dtype).itemsize
         largest = 4 * max([self.vocab * self.hidden] + [n * o for n, o in self.solved])
-        streamed = (experts + 2) * min(largest, BLOCK_BYTES)
+        streamed = max((experts + 2) * min(largest, BLOCK_BYTES), STREAM_BYTES)  # average's blocks; the data-free methods' working sets
         if not solves:
             return RUNTIME_BYTES + streamed
         solved = list(self.solved) + ([(self.hidden, self.vocab)] if lm_head and not self.tied else [])

@@ -5,7 +5,22 @@ same shape, in the experts' order) and, when the method asks for them, the base 
 (`uses_base`) and handles of the per-token mean grams of the Linear that owns the tensor
 (`uses_grams`). A `row_separable` method computes each output row from the same rows of its
 inputs, so the engine may hand it a huge tensor (a 128256-row embedding) one block of rows at a
-time; other methods always get whole tensors.
+time (blocks of about `BLOCK_BYTES` in float32); other methods get whole tensors.
+
+The streaming protocol bounds a method's memory by a few row blocks, whatever the tensor, also
+for methods that need numbers of the whole tensor (norms, angles, magnitude ranks):
+
+- `block_copies(inputs)`: how many float32 copies of one block the method holds at its peak,
+  its `inputs` (experts and base) upcast included. A method returning a number (None: not
+  streaming, as above) gets blocks of rows sized so that all those copies fit `STREAM_BYTES`
+  (`model_files.py`): the larger its working set, the smaller its blocks. Blocks follow from shapes and
+  constants only, never from the machine, so results do not change from one machine to another.
+- `statistics(name, shape)`: None, or a `streaming.Statistics` the engine feeds every block of
+  the tensor, `passes` times over, before merging them; `merge` then receives it as `stats=`
+  (and must gather it itself, `streaming.gather`, when called on whole tensors without it).
+
+A plugin that declares neither keeps the old contract (whole tensors, or row blocks when
+`row_separable`), so `merge(stats=...)` is passed only to methods whose `statistics` returned one.
 
 Adding a method is one small file with one subclass decorated with `@register`, or a file of
 your own passed as `method: path/to/file.py:ClassName` (see `methods/__init__.py`). A method
@@ -309,6 +324,16 @@ class MergeMethod(ABC):
         """The gram handles (one per expert) `merge` receives for `tensor`, or None."""
         return None
 
+    def block_copies(self, inputs: int) -> Optional[int]:
+        """Streaming methods: float32 copies of one block of rows held at the peak of `merge` (and of
+        `statistics`' passes), the `inputs` tensors (experts and base) included; None: not streaming."""
+        return None
+
+    def statistics(self, name: str, shape: tuple[int, ...]) -> Optional[Any]:
+        """Streaming methods: the tensor-wide numbers `merge` needs for tensor `name`, as a
+        `streaming.Statistics` the engine fills in passes over the row blocks; None: none needed."""
+        return None
+
     def group(self, tensor: str) -> str:
         """Tensors with one group share work (RegMean: one factorisation for q/k/v): the engine
         merges them one after another, in the order of (group, name)."""
@@ -329,6 +354,7 @@ class MergeMethod(ABC):
         callables (`GramHandle`s in the engine), one per expert, each returning that expert's
         `[in, in]` per-token mean gram, as a new tensor on every call (methods may modify it in
         place); otherwise None. `base` is the base model's tensor (same rows) for `uses_base`.
+        Streaming methods whose `statistics` gave one also receive `stats=` (module docstring).
         """
 
     def config(self) -> dict:

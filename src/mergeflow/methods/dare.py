@@ -11,7 +11,8 @@ entry's sign and keeping the agreeing entries (`dare_ties`); `normalize` divides
 the (agreeing) weights; `base + scaling * merged`.
 
 Random: the mask of each tensor comes from a generator seeded by (`seed`, the tensor's name), so a
-merge is reproducible byte for byte and independent of the order tensors are merged in. mergekit
+merge is reproducible byte for byte and independent of the order tensors are merged in, and of
+the row blocks the engine streams it in (`sparsify.RandomThinning`). mergekit
 draws from torch's global generator; with that seeded alike it keeps the same entries (tested).
 
 mergekit mapping (`dare_linear`, `dare_ties`): `weight` -> `weights`, `lambda` -> `scaling`,
@@ -22,11 +23,14 @@ if need be); mergekit has no `seed`.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
+
+import torch
 
 from . import register
 from .base import WEIGHTS
-from .sparsify import NORMALIZE, RESCALE, SEED, Sparsifier, TaskVectorMethod, bernoulli, tensor_generator
+from .sparsify import NORMALIZE, RESCALE, SEED, RandomThinning, TaskVectorMethod, Thinning, tensor_generator
 from .task_arithmetic import SCALING
 from .ties import DENSITY
 
@@ -38,10 +42,12 @@ class DareLinear(TaskVectorMethod):
     params = (WEIGHTS, SCALING, DENSITY, NORMALIZE, RESCALE, SEED)
     default_rescale = True
 
-    def sparsifier(self, name: str) -> Optional[Sparsifier]:
-        density, rescale = self.value("density", name), self.flag("rescale", name)
+    def thinning(self, name: str, shape: tuple[int, ...]) -> Optional[Thinning]:
+        density = self.value("density", name)
+        if density >= 1:
+            return None
         generator = tensor_generator(self.value("seed", name), name)
-        return lambda delta, i: bernoulli(delta, density, generator, rescale)
+        return RandomThinning(generator, math.prod(shape), lambda delta: torch.full_like(delta, density), rescale=self.flag("rescale", name))
 
 
 @register

@@ -22,11 +22,12 @@ need be); mergekit has no `seed`.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 from . import register
 from .base import WEIGHTS, ParamError
-from .sparsify import EPSILON, NORMALIZE, RESCALE, SEED, Sparsifier, TaskVectorMethod, della_magprune, tensor_generator
+from .sparsify import EPSILON, NORMALIZE, RESCALE, SEED, RandomThinning, TaskVectorMethod, Thinning, check_band, della_probabilities, tensor_generator
 from .task_arithmetic import SCALING
 from .ties import DENSITY
 
@@ -48,10 +49,17 @@ class Della(TaskVectorMethod):
             if density < 1 and not 0 < density - epsilon < density + epsilon < 1:
                 raise ParamError(f"{self.name}: density +/- epsilon must lie in (0, 1), got density {density:g} and epsilon {epsilon:g} for {name}", "epsilon")
 
-    def sparsifier(self, name: str) -> Optional[Sparsifier]:
-        density, epsilon, rescale = self.value("density", name), self.value("epsilon", name), self.flag("rescale", name)
+    def block_copies(self, inputs: int) -> int:
+        return 2 * inputs + 14  # the task vectors' stack and sums, and per block two argsorts (int64) of magnitudes
+
+    def thinning(self, name: str, shape: tuple[int, ...]) -> Optional[Thinning]:
+        density, epsilon = self.value("density", name), self.value("epsilon", name)
+        if density >= 1:
+            return None
+        check_band(density, epsilon)
         generator = tensor_generator(self.value("seed", name), name)
-        return lambda delta, i: della_magprune(delta, density, epsilon, generator, rescale)
+        probabilities = lambda delta: della_probabilities(delta, density, epsilon)  # noqa: E731  (ranks within rows: any row blocks)
+        return RandomThinning(generator, math.prod(shape), probabilities, rescale=self.flag("rescale", name))
 
 
 @register

@@ -7,7 +7,9 @@ Each tensor is split into its norm and its unit direction; the weighted mean dir
 by fixed-point (Riemannian gradient) iterations from the normalised linear mean, at most
 `max_iter` of them, stopping when the tangent step is below `tol`; the result is that direction
 times the weighted mean norm. Tensors of norm <= `tol` are left out of the direction. It
-generalises SLERP to any number of models, and needs no base.
+generalises SLERP to any number of models, and needs no base. The iteration needs only the
+tensors' inner products (float64, one pass over the row blocks): it runs on the coefficients of
+the mean in the span of the tensors, and the blocks are then merged as that combination.
 
 mergekit mapping: `max_iter`, `tol` as named. mergekit always weights the models equally; here
 `weights` (normalised) may differ, and equal weights are mergekit's.
@@ -15,55 +17,68 @@ mergekit mapping: `max_iter`, `tol` as named. mergekit always weights the models
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
 
 from . import register
 from .base import WEIGHTS, GramLoader, MergeMethod, Param
-from .sparsify import serial_reductions
+from .streaming import Products, gather
 
 
-def _unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    norm = torch.linalg.vector_norm(x)
-    return (x / norm if float(norm) > 0 else torch.zeros_like(x)), norm
+def karcher_coefficients(gram: torch.Tensor, weights: Sequence[float], *, max_iter: int, tol: float) -> list[float]:
+    """c with Karcher mean = sum_i c_i t_i, from the tensors' inner products `gram` (float64).
+
+    The mean direction starts in the span of the unit tensors u_i and every fixed-point step stays
+    there (the tangent is a combination of the u_i and the mean), so the iteration runs on its
+    coefficients beta (mean = sum_i beta_i u_i, <u_i, u_j> = G_ij / (|t_i| |t_j|)): one pass over
+    the tensor for `gram`, none per iteration."""
+    n = len(weights)
+    norms = gram.diagonal().sqrt()
+    valid = [i for i in range(n) if float(norms[i]) > tol]
+    if not valid:
+        return [0.0] * n
+    units = gram[valid][:, valid] / torch.outer(norms[valid], norms[valid])
+    total = sum(weights[i] for i in valid)
+    alphas = torch.tensor([weights[i] / total for i in valid], dtype=torch.float64)
+    length = lambda beta: float(beta @ units @ beta) ** 0.5  # noqa: E731
+    beta = alphas.clone() if length(alphas) >= tol else torch.eye(len(valid), dtype=torch.float64)[0]
+    beta = beta / length(beta)
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(beta)
+        for k, a in enumerate(alphas):
+            dot = min(1.0, max(-1.0, float(beta @ units[:, k])))
+            theta = math.acos(dot)
+            if theta < tol:
+                continue
+            tangent -= float(a) * theta / math.sin(theta) * dot * beta
+            tangent[k] += float(a) * theta / math.sin(theta)
+        step = length(tangent)
+        if step < tol:
+            break
+        beta = math.cos(step) * beta + math.sin(step) * (tangent / step)
+        if length(beta) > tol:
+            beta = beta / length(beta)
+    scale = sum(w * float(norm) for w, norm in zip(weights, norms))
+    coefficients = [0.0] * n
+    for k, i in enumerate(valid):
+        coefficients[i] = scale * float(beta[k]) / float(norms[i])
+    return coefficients
 
 
-def karcher_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
-    """The weighted Karcher mean of whole tensors, in float32; `weights` sum to 1."""
-    with serial_reductions():  # norms and dots all through
-        return _karcher_mean(tensors, weights, max_iter=max_iter, tol=tol)
-
-
-def _karcher_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, max_iter: int, tol: float) -> torch.Tensor:
+def karcher_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, max_iter: int = 10, tol: float = 1e-5,
+                 products: Optional[Products] = None) -> torch.Tensor:
+    """The weighted Karcher mean of whole tensors (or of blocks of them, given the whole tensors'
+    `products`), in float32; `weights` sum to 1."""
     if len(tensors) == 1:
         return tensors[0].to(torch.float32)
-    units, norms = zip(*(_unit(t.to(torch.float32)) for t in tensors))
-    valid = [i for i, n in enumerate(norms) if float(n) > tol]
-    if not valid:
-        return torch.zeros_like(units[0])
-    total = sum(weights[i] for i in valid)
-    alphas = [weights[i] / total for i in valid]
-    dirs = [units[i] for i in valid]
-    mean = sum(a * u for a, u in zip(alphas, dirs))
-    mean_norm = torch.linalg.vector_norm(mean)
-    mean = dirs[0].clone() if float(mean_norm) < tol else mean / mean_norm
-    for _ in range(max_iter):
-        tangent = torch.zeros_like(mean)
-        for a, u in zip(alphas, dirs):
-            dot = torch.clamp(torch.dot(mean.flatten(), u.flatten()), -1.0, 1.0)
-            theta = torch.arccos(dot)
-            if float(theta) < tol:
-                continue
-            tangent += a * (theta / torch.sin(theta)) * (u - dot * mean)
-        step = torch.linalg.vector_norm(tangent)
-        if float(step) < tol:
-            break
-        mean = torch.cos(step) * mean + torch.sin(step) * (tangent / step)
-        unit_norm = torch.linalg.vector_norm(mean)
-        if float(unit_norm) > tol:
-            mean = mean / unit_norm
-    return sum(w * n for w, n in zip(weights, norms)) * mean
+    gram = (products or gather(Products(), tensors, None)).gram
+    coefficients = karcher_coefficients(gram, weights, max_iter=max_iter, tol=tol)
+    out = torch.zeros(tensors[0].shape, dtype=torch.float32)
+    for c, t in zip(coefficients, tensors):
+        out.add_(t.to(torch.float32), alpha=c)
+    return out
 
 
 MAX_ITER = Param("max_iter", int, 10, "most fixed-point iterations", low=1, per_layer=False)
@@ -75,8 +90,15 @@ class Karcher(MergeMethod):
     name = "karcher"
     paper = "https://doi.org/10.1002/cpa.3160300502"
     params = (WEIGHTS, MAX_ITER, TOL)
-    row_separable = False
+    row_separable = False  # norms and angles of whole tensors: streamed with their inner products
 
-    def merge(self, name: str, tensors: Sequence[torch.Tensor], *, grams: Optional[Sequence[GramLoader]] = None, base: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def block_copies(self, inputs: int) -> int:
+        return inputs + 2  # the output and one expert's float32 copy
+
+    def statistics(self, name: str, shape: tuple[int, ...]) -> Products:
+        return Products()
+
+    def merge(self, name: str, tensors: Sequence[torch.Tensor], *, grams: Optional[Sequence[GramLoader]] = None, base: Optional[torch.Tensor] = None,
+              stats: Optional[Products] = None) -> torch.Tensor:
         weights = self.expert_weights(name, len(tensors), normalise=True)
-        return karcher_mean(tensors, weights, max_iter=self.value("max_iter", name), tol=self.value("tol", name))
+        return karcher_mean(tensors, weights, max_iter=self.value("max_iter", name), tol=self.value("tol", name), products=stats)

@@ -23,6 +23,9 @@ class TaskArithmetic(MergeMethod):
     uses_base = True
     params = (WEIGHTS, SCALING)
 
+    def block_copies(self, inputs: int) -> int:
+        return inputs + 3  # the base's float32 copy, the summed delta, one expert's delta
+
     def merge(self, name: str, tensors: Sequence[torch.Tensor], *, grams: Optional[Sequence[GramLoader]] = None, base: Optional[torch.Tensor] = None) -> torch.Tensor:
         base32 = base.to(torch.float32, copy=True)  # never modify the caller's tensor in place
         delta = torch.zeros_like(base32)
