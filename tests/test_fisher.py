@@ -15,6 +15,7 @@ from mergeflow.fisher import FISHER_METHODS, needs_fisher
 from mergeflow.fisher.compute import compute_fisher
 from mergeflow.fisher.format import FisherDir, write_marker
 from mergeflow.grams.data import load_rows, tokenize
+from mergeflow import merge
 from mergeflow.merge import merge_models
 from mergeflow.methods import available, get_method
 
@@ -83,6 +84,18 @@ def test_fisher_merge_is_the_fisher_weighted_average(experts, hand, fisher_dirs,
     torch.testing.assert_close(merged[emb][unseen], 0.3 * thetas[0][emb][unseen] + 0.7 * thetas[1][emb][unseen])
     # and different from plain averaging where the Fisher differs
     assert not torch.allclose(merged["model.layers.0.mlp.up_proj.weight"], 0.3 * thetas[0]["model.layers.0.mlp.up_proj.weight"] + 0.7 * thetas[1]["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_fisher_merge_streamed_in_tiny_row_blocks_equals_whole_tensors(experts, fisher_dirs, tmp_path, monkeypatch):
+    method = lambda: get_method("fisher")({"weights": [0.3, 0.7]})  # noqa: E731
+    merge_models(experts, method(), tmp_path / "whole", fisher=fisher_dirs)
+    real, blocks = merge.stream_blocks, {}
+    monkeypatch.setattr(merge, "stream_blocks", lambda spec, m, inputs: blocks.setdefault(spec.name, real(spec, m, inputs)))
+    monkeypatch.setattr(merge, "STREAM_BYTES", 2048)  # the embedding and every Linear in many blocks of rows, each with its Fisher's rows
+    merge_models(experts, method(), tmp_path / "blocks", fisher=fisher_dirs)
+    assert len(blocks["model.embed_tokens.weight"]) > 10
+    whole, streamed = state(tmp_path / "whole"), state(tmp_path / "blocks")
+    assert all(torch.equal(streamed[name], whole[name]) for name in whole)  # elementwise: the same bytes
 
 
 def test_one_expert_weighted_fully_returns_it(experts, fisher_dirs, tmp_path):

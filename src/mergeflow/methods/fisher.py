@@ -11,7 +11,8 @@ where `F_i` is expert i's diagonal Fisher on its own calibration data (the `fish
 row moves (embeddings of unseen tokens: F = 0 for every expert) at the weighted average instead of
 0/0. FusionBench adds its `minimal_fisher_weight` (1e-6) instead of flooring; the two differ by at
 most the floor. A tensor no Fisher covers (none stored for it) is weighted-averaged.
-Row-separable: the engine streams huge tensors and their Fisher in the same blocks of rows.
+Streaming (`block_copies`): the engine hands it every tensor and its Fisher in the same blocks of
+rows, sized so that its working set stays within `STREAM_BYTES`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class Fisher(MergeMethod):
     paper = "https://arxiv.org/abs/2111.09832"
     params = (WEIGHTS, FLOOR)
     uses_fisher = True  # the engine passes `fisher=`: one tensor (or None) per expert, the same rows
+
+    def block_copies(self, inputs: int) -> int:
+        return 2 * inputs + 4  # each expert's block and its Fisher's, num, den, one weighted Fisher, one upcast expert
 
     def merge(self, name: str, tensors: Sequence[torch.Tensor], *, grams: Optional[Sequence[GramLoader]] = None,
               base: Optional[torch.Tensor] = None, fisher: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
