@@ -36,10 +36,15 @@ def make_tiny_llama(path: Path, seed: int, *, hidden: int = 16, layers: int = 2,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # random norms too, so averaging them is a real test
+    return save_with_random_norms(LlamaForCausalLM(config), tokenizer, path, "norm")
+
+
+def save_with_random_norms(model, tokenizer, path: Path, norm_key: str) -> Path:
+    """Save a freshly built tiny model and its tokenizer, its norm weights (parameters whose name
+    holds `norm_key`) drawn in [0.5, 1.5] first: random norms too, so averaging them is a real test."""
+    with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if norm_key in name:
                 p.uniform_(0.5, 1.5)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -10,6 +10,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
+from helpers import save_with_random_norms
+
 CORPUS = [
     "the quick brown fox jumps over the lazy dog. Question: Answer: Summary: Article: yes no true false",
     "Anna went to the shop because she needed milk. She paid and walked home. 0123456789 + - = ?",
@@ -38,14 +40,7 @@ def make_tiny_t5(path: Path, seed: int, *, d_model: int = 16, layers: int = 2, d
         feed_forward_proj="gated-gelu", tie_word_embeddings=False, n_positions=64,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
     )
-    model = T5ForConditionalGeneration(config)
-    with torch.no_grad():  # random norms too, so averaging them is a real test
-        for name, p in model.named_parameters():
-            if "layer_norm" in name:
-                p.uniform_(0.5, 1.5)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_with_random_norms(T5ForConditionalGeneration(config), tokenizer, path, "layer_norm")
 
 
 def make_t5_lora(base: Path, out: Path, rank: int, alpha: int, seed: int) -> Path:
